@@ -1,0 +1,27 @@
+# The two commands: `make demo` (the embedded default) and `make test`. Both create .venv on a
+# fresh machine: torch/torchvision are installed first at the pinned versions this machine holds
+# on disk (x86_64, Python 3.11), so pip never resolves a different multi-GB build.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tailforge-installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tailforge demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

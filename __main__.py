@@ -1,0 +1,3 @@
+from tailforge.cli import main
+
+raise SystemExit(main())

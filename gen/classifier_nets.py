@@ -1,0 +1,110 @@
+"""Classifier networks, registered the timm way, and their safetensors checkpoints.
+
+They live in ``gen`` because generation needs them too (the guidance classifier of seed 000 runs
+inside the sampler). Every network exposes timm's interface: ``forward_features`` (a feature map),
+``forward_head(x, pre_logits=True)`` (the embedding used for hardness, OOD, density and
+memorization features) and ``reset_classifier``; any timm model name works wherever these do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import register_model
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, load_module_state, read_json, save_module
+from .errors import ConfigError
+
+CLASSIFIER_CONFIG = "classifier.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinyCNN(nn.Module):
+    """A four-conv CNN for tiny images (8x8 digits): two 3x3 conv pairs around one 2x2 max-pool,
+    global average pooling to a `widths[-1]`-d embedding, then a linear head."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, int] = (32, 64),
+                 drop_rate: float = 0.0, **_: Any):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = widths[1]
+        self.drop_rate = drop_rate
+        self.features = nn.Sequential(
+            _conv_bn(in_chans, widths[0]), _conv_bn(widths[0], widths[0]), nn.MaxPool2d(2),
+            _conv_bn(widths[0], widths[1]), _conv_bn(widths[1], widths[1]))
+        self.fc = nn.Linear(widths[1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3))
+        if pre_logits:
+            return x
+        return self.fc(nn.functional.dropout(x, self.drop_rate, self.training))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+@register_model
+def tinycnn(pretrained: bool = False, **kwargs: Any) -> TinyCNN:
+    """TinyCNN with a 64-d embedding (the guidance classifier size in DESIGN.md's reference runs)."""
+    if pretrained:
+        raise ConfigError("tinycnn has no pretrained weights")
+    return TinyCNN(**kwargs)
+
+
+@register_model
+def tinycnn_wide(pretrained: bool = False, **kwargs: Any) -> TinyCNN:
+    """A wider TinyCNN (48/96 channels): a different network for independent evaluation features."""
+    if pretrained:
+        raise ConfigError("tinycnn_wide has no pretrained weights")
+    return TinyCNN(widths=(48, 96), **kwargs)
+
+
+def create_classifier(name: str, *, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+    """Any timm model by name (never pretrained: nothing is downloaded)."""
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown classifier {name!r}: not a timm model name (ours: tinycnn, tinycnn_wide)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def save_classifier(folder: str | os.PathLike, model: nn.Module, config: dict[str, Any]) -> None:
+    """Weights as safetensors plus a JSON config that must hold the model name, num_classes and
+    in_chans (so the loader can rebuild the network), and whatever else describes the run."""
+    missing = [k for k in ("model", "num_classes", "in_chans") if k not in config]
+    if missing:
+        raise ConfigError(f"classifier config lacks {missing}")
+    save_module(model, folder, config, weights_name=CLASSIFIER_WEIGHTS, config_name=CLASSIFIER_CONFIG)
+
+
+def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved classifier (eval mode) and return it with its config."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"classifier folder does not exist: {folder}")
+    config = read_json(folder / CLASSIFIER_CONFIG, "classifier config")
+    try:
+        model = create_classifier(config["model"], num_classes=int(config["num_classes"]),
+                                  in_chans=int(config["in_chans"]), **config.get("model_kwargs", {}))
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder / CLASSIFIER_CONFIG} does not describe a classifier: {err}") from err
+    load_module_state(model, folder / CLASSIFIER_WEIGHTS)
+    return model.to(device).eval(), config

@@ -1,0 +1,163 @@
+"""Generation jobs on a pool of Ray actors.
+
+A job is a list of ShardSpecs planned up front and a *source*: an object, built once per actor
+by a picklable factory, whose ``samples(spec)`` yields the encoded samples of one shard and whose
+``model_evals`` counts denoiser evaluations. Actors are thin (DESIGN.md): ``__init__`` builds the
+source (loads the model once), ``write_shard`` calls the pure shard writer. The driver is the only
+writer of records and of the manifest, so there is never a race on them.
+
+The same job runs in-process with ``actors=0`` (no Ray), which is also the baseline the `ray`
+benchmark compares the pool against.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import ray
+from tqdm import tqdm
+
+from .shards import (ShardRecord, ShardSpec, load_records, prepare_job_folder, save_record, write_manifest,
+                     write_shard)
+
+
+class SampleSource(Protocol):
+    model_evals: int
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]: ...
+
+
+SourceFactory = Callable[[], SampleSource]
+
+
+def produce_shard(source: SampleSource, root: str, spec: ShardSpec, worker: str) -> ShardRecord:
+    """Write one shard from `source` and describe it (sha256, size, time, model evaluations)."""
+    start_time, start_evals = time.perf_counter(), source.model_evals
+    sha256, size = write_shard(root, spec, source.samples(spec))
+    return ShardRecord(name=spec.name, index=spec.index, start=spec.start, count=spec.count, sha256=sha256,
+                       size_bytes=size, seconds=round(time.perf_counter() - start_time, 4),
+                       model_evals=source.model_evals - start_evals, worker=worker)
+
+
+@ray.remote
+class GenerateActor:
+    """Holds one source (one model) and writes the shards it is given."""
+
+    def __init__(self, make_source: SourceFactory):
+        self.source = make_source()
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def write_shard(self, root: str, spec: ShardSpec) -> ShardRecord:
+        return produce_shard(self.source, root, spec, self.worker)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS); without one, start a local instance.
+
+    A local instance is started explicitly (``address="local"``) rather than attaching to whatever
+    `ray start` cluster happens to run on this machine.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                 object_store_memory=1 << 30)
+
+
+def actor_options(num_actors: int) -> dict[str, Any]:
+    """One GPU per actor when the cluster has GPUs; otherwise the CPUs split evenly (Ray then sets
+    OMP_NUM_THREADS to each actor's share). Actors restart after a crash and their in-flight shard
+    is retried: a shard write is idempotent (temp file + rename), so a retry cannot duplicate."""
+    resources = ray.cluster_resources()
+    options: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3}
+    if resources.get("GPU", 0) >= 1:
+        options.update(num_gpus=1, num_cpus=1)
+    else:
+        options.update(num_cpus=max(1, int(resources.get("CPU", 1)) // num_actors))
+    return options
+
+
+def default_num_actors() -> int:
+    """One actor per GPU; two CPU actors on a machine without GPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus if gpus else 2
+
+
+def _usable_records(root: Path, specs: Sequence[ShardSpec]) -> dict[int, ShardRecord]:
+    """Records whose shard file is present with the recorded size; anything else is redone."""
+    planned = {s.index: s for s in specs}
+    usable = {}
+    for index, record in load_records(root).items():
+        spec = planned.get(index)
+        path = root / record.name
+        if spec and record.name == spec.name and record.count == spec.count and path.is_file() \
+                and path.stat().st_size == record.size_bytes:
+            usable[index] = record
+    return usable
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    for tmp in root.glob(".*.tar.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence[ShardSpec],
+            make_source: SourceFactory, *, actors: int | None = None, address: str | None = None,
+            manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> list[ShardRecord]:
+    """Produce every planned shard that has no record yet, then write the manifest.
+
+    ``actors=0`` runs in this process; otherwise a pool of GenerateActors (default: one per GPU,
+    or two on a CPU-only machine). Re-running the same job skips recorded shards.
+    """
+    root = prepare_job_folder(root, job_config)
+    _remove_stale_temporaries(root)
+    records = _usable_records(root, specs)
+    pending = [s for s in specs if s.index not in records]
+    bar = tqdm(total=sum(s.count for s in specs), initial=sum(r.count for r in records.values()),
+               unit="img", desc=f"gen {specs[0].job}" if specs else "gen", disable=not progress)
+
+    def finish(record: ShardRecord) -> None:
+        save_record(root, record)
+        records[record.index] = record
+        bar.update(record.count)
+
+    if pending and actors == 0:
+        source = make_source()
+        for spec in pending:
+            finish(produce_shard(source, str(root), spec, worker=f"{socket.gethostname()}:{os.getpid()}"))
+    elif pending:
+        connect(address)
+        count = min(actors or default_num_actors(), len(pending))
+        pool = [GenerateActor.options(**actor_options(count)).remote(make_source) for _ in range(count)]
+        _drain(pool, str(root), pending, finish)
+    bar.close()
+    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config})
+    return [records[i] for i in sorted(records)]
+
+
+def _drain(pool: list, root: str, pending: Sequence[ShardSpec], finish: Callable[[ShardRecord], None]) -> None:
+    """Keep two shards in flight per actor (one running, one queued, so an actor never idles
+    between shards) and record each as it completes, in completion order."""
+    queue = list(reversed(pending))
+    in_flight: dict[Any, tuple[Any, ShardSpec]] = {}
+
+    def submit(actor) -> None:
+        if queue:
+            spec = queue.pop()
+            in_flight[actor.write_shard.remote(root, spec)] = (actor, spec)
+
+    for actor in pool:
+        submit(actor)
+        submit(actor)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        actor, _spec = in_flight.pop(done[0])
+        finish(ray.get(done[0]))
+        submit(actor)

@@ -1,0 +1,205 @@
+"""Diffusion-model training: epsilon prediction (Ho et al. 2020, Eq. 14, L_simple), AdamW, EMA,
+safetensors checkpoints and exact resume.
+
+Every step's minibatch, timesteps and noise come from a generator seeded by (seed, step), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have (no RNG state has
+to be pickled), and the training data order does not depend on when the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..gen.checkpoint import (CheckpointError, ModelMeta, config_dict, load_module_state, load_optimizer,
+                              load_safetensors, read_json, save_diffusion_model, save_optimizer)
+from ..gen.datasets import LabeledImages, load_dataset
+from ..gen.schedules import BETA_SCHEDULES
+from ..gen.unet import build_unet, default_preset
+from ..gen.errors import ConfigError
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainConfig:
+    """`tailforge train diffusion`; copied into the model's tailforge.json."""
+
+    dataset: str = "digits"  # dataset spec (training split is used)
+    preset: str | None = None  # U-Net preset; None picks tiny (<= 16 px) or small
+    beta_schedule: str = "linear"  # linear (DDPM) or cosine (improved DDPM)
+    num_train_timesteps: int = 1000  # T
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 128  # images per step
+    lr: float = 2e-3  # AdamW learning rate after warmup (2e-3 suits the tiny net; DDPM used 2e-4 at 35.7M)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear learning-rate warmup (DDPM warms up over 5000 of 800k steps)
+    grad_clip: float = 1.0  # gradient-norm clip (DDPM, Appendix B)
+    ema_decay: float = 0.999  # EMA of the weights used for sampling (0.9999 in DDPM at 800k steps)
+    class_conditional: bool = True  # learn a class embedding (False: unconditional model)
+    hflip: bool | None = None  # random horizontal flips; None: only if the dataset allows it
+    checkpoint_every: int = 500  # steps between checkpoints (and resumable points)
+    keep_checkpoints: int = 2  # how many step-N checkpoints to keep
+    seed: int = 0  # seeds initialisation and every step's batch / noise
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "num_train_timesteps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"unknown beta schedule {self.beta_schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
+
+
+def training_batch(data: LabeledImages, images: torch.Tensor, scheduler: DDPMScheduler, batch_size: int,
+                   gen: torch.Generator, hflip: bool):
+    """(x_t, t, labels, eps) for one step: images drawn uniformly with replacement, t ~ U{0..T-1},
+    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (Ho et al. 2020, Algorithm 1)."""
+    index = torch.randint(len(data), (batch_size,), generator=gen)
+    x0 = images[index]
+    if hflip:
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    return scheduler.add_noise(x0, eps, t), t, data.labels[index], eps
+
+
+def _lr_at(step: int, config: DiffusionTrainConfig) -> float:
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    folder = out / CHECKPOINTS
+    return sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+
+
+def _save_checkpoint(out: Path, step: int, unet: UNet2DModel, ema: EMAModel, optimizer, config_json: dict,
+                     keep: int) -> None:
+    """Write checkpoints/step-N atomically (a temp folder renamed into place), keep the newest `keep`."""
+    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out / CHECKPOINTS, prefix=".tmp-"))
+    try:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        names = [n for n, _ in unet.named_parameters()]
+        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)}, str(staging / "ema.safetensors"))
+        save_optimizer(optimizer, staging)
+        (staging / "state.json").write_text(json.dumps({"step": step, "config": config_json}, indent=2))
+        staging.rename(out / CHECKPOINTS / f"step-{step:07d}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in _checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resumable_fields(config_json: dict) -> dict:
+    """The config fields a resumed run must share with the checkpoint; more --steps may be asked
+    for (the learning rate is constant after warmup, so extending a run is the same run)."""
+    return {k: v for k, v in config_json.items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
+
+
+def _resume(out: Path, unet: UNet2DModel, ema: EMAModel, optimizer, config_json: dict) -> int:
+    """Load the newest checkpoint if there is one; returns the step to continue from."""
+    checkpoints = _checkpoint_dirs(out)
+    if not checkpoints:
+        return 0
+    latest = checkpoints[-1]
+    state = read_json(latest / "state.json", "checkpoint state")
+    if _resumable_fields(state.get("config") or {}) != _resumable_fields(config_json):
+        raise CheckpointError(
+            f"{latest} was written by a run with a different config; use a new --out folder "
+            "or the same settings to resume")
+    load_module_state(unet, latest / "unet" / "diffusion_pytorch_model.safetensors")
+    shadow = load_safetensors(latest / "ema.safetensors")
+    ema.shadow_params = [shadow[n].to(p.device) for n, p in unet.named_parameters()]
+    ema.optimization_step = int(state["step"])
+    load_optimizer(optimizer, latest)
+    return int(state["step"])
+
+
+def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: str | None = None,
+                    progress: bool = True, log_every: int = 50) -> Path:
+    """Train a class-conditional DDPM on `config.dataset` and export the EMA model folder to `out`."""
+    config.validate()
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_dataset(config.dataset, "train")
+    info = data.info
+    preset = config.preset or default_preset(info.image_size)
+    resolved = dataclasses.replace(config, preset=preset)
+    config_json = config_dict(resolved)
+    torch.manual_seed(config.seed)
+    unet = build_unet(preset, image_size=info.image_size, channels=info.channels,
+                      num_classes=info.num_classes if config.class_conditional else None).to(device)
+    scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps,
+                              beta_schedule=BETA_SCHEDULES[config.beta_schedule])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    out.mkdir(parents=True, exist_ok=True)
+    start = _resume(out, unet, ema, optimizer, config_json)
+    images = data.float_images()
+    hflip = info.flip_augment if config.hflip is None else config.hflip
+    labels_on = config.class_conditional
+    log = (out / "train_log.jsonl").open("a")
+    bar = tqdm(total=config.steps, initial=start, desc="train diffusion", unit="step", disable=not progress)
+    window, started = [], time.perf_counter()
+    unet.train()
+    for step in range(start, config.steps):
+        x_t, t, labels, eps = training_batch(data, images, scheduler, config.batch_size,
+                                             step_generator(config.seed, step), hflip)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        pred = unet(x_t.to(device), t.to(device), class_labels=labels.to(device) if labels_on else None).sample
+        loss = F.mse_loss(pred, eps.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step} (dataset {config.dataset!r}); "
+                                     "lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.step(unet.parameters())
+        window.append(loss.item())
+        bar.update(1)
+        done = step + 1
+        if done % log_every == 0 or done == config.steps:
+            mean_loss = float(np.mean(window))
+            log.write(json.dumps({"step": done, "loss": mean_loss, "lr": _lr_at(step, config),
+                                  "seconds": round(time.perf_counter() - started, 2)}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            window = []
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            _save_checkpoint(out, done, unet, ema, optimizer, config_json, config.keep_checkpoints)
+    bar.close()
+    log.close()
+    ema_unet = build_unet(preset, image_size=info.image_size, channels=info.channels,
+                          num_classes=info.num_classes if config.class_conditional else None)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema.copy_to(ema_unet.parameters())
+    meta = ModelMeta(image_size=info.image_size, channels=info.channels,
+                     num_classes=info.num_classes if config.class_conditional else None,
+                     class_names=info.class_names, dataset=config.dataset, train_config=config_json,
+                     step=config.steps)
+    save_diffusion_model(out, ema_unet, scheduler, meta)
+    return out
+
