@@ -34,6 +34,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .bench import register as register_bench
+
     group = add_group(sub, "eval", "evaluate classifiers and shard sets")
     accuracy = add_command(
         group, "accuracy", "top-1, per-class accuracy and ECE of a classifier on a dataset", run_accuracy,
@@ -59,3 +61,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--diffusion-steps", type=int, default=defaults.diffusion_steps, help="diffusion training steps")
     demo.add_argument("--num-samples", type=int, default=defaults.num_samples, help="baseline samples to generate")
     demo.add_argument("--actors", type=int, default=defaults.actors, help="Ray actors for generation")
+    register_bench(sub)
