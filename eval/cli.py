@@ -10,9 +10,8 @@ from ..gen.cliutil import add_command, add_group, print_json
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
-    from ..gen.classifier_nets import load_classifier
+    from ..gen.classifier_nets import load_classifier, predict_logits
     from ..gen.datasets import load_dataset
-    from ..train.classifier import predict_logits
     from .accuracy import accuracy_report
 
     model, config = load_classifier(args.classifier)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
 from ..gen.checkpoint import config_dict, load_diffusion_model, read_json
-from ..gen.classifier_nets import CLASSIFIER_CONFIG, load_classifier
+from ..gen.classifier_nets import CLASSIFIER_CONFIG, load_classifier, predict_logits
 from ..gen.datasets import load_dataset
 from ..gen.jobs import run_job
 from ..gen.shards import plan_shards
-from ..train.classifier import ClassifierTrainConfig, predict_logits, train_classifier
+from ..train.classifier import ClassifierTrainConfig, train_classifier
 from ..train.diffusion import DiffusionTrainConfig, train_diffusion
 from .accuracy import accuracy_report
 

@@ -18,6 +18,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_module_state, read_json, save_module
+from .datasets import uint8_to_float
 from .errors import ConfigError
 
 CLASSIFIER_CONFIG = "classifier.json"
@@ -108,3 +109,26 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
         raise CheckpointError(f"{folder / CLASSIFIER_CONFIG} does not describe a classifier: {err}") from err
     load_module_state(model, folder / CLASSIFIER_WEIGHTS)
     return model.to(device).eval(), config
+
+
+def _batched(model: nn.Module, images: Tensor, batch_size: int, head) -> Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            batch = uint8_to_float(batch) if batch.dtype == torch.uint8 else batch
+            outputs.append(head(batch.to(device)).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits for uint8 (or [-1, 1] float) NCHW images, in eval mode, batched, returned on the CPU."""
+    return _batched(model, images, batch_size, model)
+
+
+def embed(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """The classifier's own embedding (timm's ``forward_head(forward_features(x), pre_logits=True)``),
+    the feature space for hardness, density, OOD and memorization measurements."""
+    return _batched(model, images, batch_size, lambda x: model.forward_head(model.forward_features(x), pre_logits=True))

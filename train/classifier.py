@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from ..gen.checkpoint import config_dict
-from ..gen.classifier_nets import create_classifier, save_classifier
-from ..gen.datasets import LabeledImages, load_dataset, uint8_to_float
+from ..gen.classifier_nets import create_classifier, predict_logits, save_classifier
+from ..gen.datasets import LabeledImages, load_dataset
 from ..gen.errors import ConfigError
 
 
@@ -39,19 +39,6 @@ class ClassifierTrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
-    """Logits for uint8 (or [-1, 1] float) NCHW images, in eval mode, on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        batch = uint8_to_float(batch) if batch.dtype == torch.uint8 else batch
-        outputs.append(model(batch.to(device)).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 def fit_classifier(config: ClassifierTrainConfig, train: LabeledImages, test: LabeledImages | None = None, *,
