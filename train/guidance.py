@@ -1,0 +1,200 @@
+"""`tailforge train guidance`: the two guidance models of seed 000 (Sehwag et al. 2022, Sec. 3.2, 4).
+
+1. An embedding classifier on the real training split, with one Gaussian per class of its
+   embeddings (Eq. 3; Ledoit-Wolf shrinkage where the sample covariance is singular).
+2. A real-vs-synthetic discriminator trained on the real training split (class 1) and an equal
+   number of baseline samples of the diffusion model (class 0; Sec. 4: "we first uniformly sample
+   synthetic images equal to the size of the training dataset"), with its own class Gaussians
+   (H' of Eq. 6).
+
+``input`` decides what both networks see while sampling (gen.guidance): "x0" trains plain
+classifiers on clean images (they score x0_hat); "xt" trains timestep-aware classifiers on images
+diffused to a uniformly drawn timestep (Dhariwal & Nichol 2021's noisy classifiers; the paper's
+classifiers are "conditioned on the diffusion process timestep") and fits the class Gaussians
+separately at ``levels`` noise levels. Everything goes into one folder (gen.guidance.save_guidance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
+from ..gen.checkpoint import config_dict, load_diffusion_model
+from ..gen.classifier_nets import create_classifier, embed, predict_logits
+from ..gen.datasets import DatasetInfo, LabeledImages, load_dataset
+from ..gen.errors import ConfigError
+from ..gen.guidance import GUIDANCE_INPUTS, GuidanceNet, noisy_net_input, save_guidance
+from ..gen.hardness import SHRINKAGE, fit_class_gaussians
+from .classifier import ClassifierTrainConfig, fit_classifier
+
+SYNTHETIC, REAL = 0, 1  # discriminator classes (Eq. 6: class one is real)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceTrainConfig:
+    """`tailforge train guidance`; copied into guidance.json."""
+
+    dataset: str = "digits"  # dataset spec: its training split is the real data
+    model: str = ""  # diffusion model folder whose baseline samples are the discriminator's synthetic class
+    input: str = "x0"  # what the nets see while sampling: "x0" (x0_hat) or "xt" (noisy x_t, timestep-aware)
+    classifier: str = "tinycnn"  # timm name of the embedding classifier (hardness, L_g1)
+    discriminator: str = "tinycnn"  # timm name of the real-vs-synthetic discriminator (H', L_g2)
+    epochs: int = 30  # passes over each network's training data
+    batch_size: int = 128  # images per step
+    lr: float = 3e-3  # AdamW peak learning rate (cosine decay)
+    shrinkage: str = "auto"  # class covariances: auto (Ledoit-Wolf where singular) | ledoit_wolf | none
+    levels: int = 10  # "xt" only: noise levels (evenly spaced timesteps) with their own class Gaussians
+    synthetic: SamplingConfig = SamplingConfig()  # sampler of the baseline samples (paper: 250 DDPM steps)
+    synthetic_shards: str = ""  # optional: read the baseline samples from this shard set instead
+    synthetic_seed: int = 1_000_000  # job seed of those samples, away from the seeds generation jobs use
+    holdout: float = 0.15  # fraction of real + synthetic images held out to measure the discriminator
+    seed: int = 0  # initialisation, data order, noise and the holdout split
+
+    def validate(self) -> None:
+        if self.input not in GUIDANCE_INPUTS:
+            raise ConfigError(f"input must be one of {GUIDANCE_INPUTS}, got {self.input!r}")
+        if self.shrinkage not in SHRINKAGE:
+            raise ConfigError(f"shrinkage must be one of {SHRINKAGE}, got {self.shrinkage!r}")
+        if not self.model:
+            raise ConfigError("a diffusion model folder is needed (--model): its samples train the discriminator")
+        if not 0 < self.holdout < 0.5:
+            raise ConfigError(f"holdout must be in (0, 0.5), got {self.holdout}")
+        if self.levels < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("levels, epochs and batch_size must be >= 1")
+
+
+def baseline_samples(model_dir: str, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
+                     progress: bool = True) -> LabeledImages:
+    """`num` class-balanced baseline samples (uint8), sample i seeded by (seed, i) as in a baseline job."""
+    model = load_diffusion_model(model_dir)
+    meta = model.meta
+    if meta.num_classes is None:
+        raise ConfigError(f"{model_dir} is unconditional; guidance needs a class-conditional model")
+    batches = []
+    for first in tqdm(range(0, num, batch_size), desc="baseline samples", unit="batch", disable=not progress):
+        indices = list(range(first, min(first + batch_size, num)))
+        batches.append(generate_batch(model, sampling, seed, indices, balanced_labels(indices, meta.num_classes)))
+    info = DatasetInfo(spec=f"baseline:{model_dir}", image_size=meta.image_size, channels=meta.channels,
+                       num_classes=meta.num_classes, class_names=meta.class_names, flip_augment=False)
+    return LabeledImages(images=torch.cat(batches), labels=balanced_labels(range(num), meta.num_classes),
+                         keys=[f"baseline-{i:09d}" for i in range(num)], info=info, split="train")
+
+
+def real_vs_synthetic(real: LabeledImages, synthetic: LabeledImages, holdout: float, seed: int,
+                      ) -> tuple[LabeledImages, LabeledImages]:
+    """The discriminator's data (real = 1, synthetic = 0), split into training and held-out parts
+    with the same real/synthetic proportions."""
+    if real.images.shape[1:] != synthetic.images.shape[1:]:
+        raise ConfigError(f"real images {tuple(real.images.shape[1:])} and synthetic images "
+                          f"{tuple(synthetic.images.shape[1:])} differ in shape")
+    info = dataclasses.replace(real.info, spec="real-vs-synthetic", num_classes=2, class_names=("synthetic", "real"))
+    both = LabeledImages(images=torch.cat([real.images, synthetic.images]),
+                         labels=torch.cat([torch.full((len(real),), REAL), torch.full((len(synthetic),), SYNTHETIC)]),
+                         keys=real.keys + synthetic.keys, info=info, split="train")
+    rng = np.random.default_rng(seed)
+    held = np.concatenate([rng.permutation(np.flatnonzero(both.labels.numpy() == c))[:round(holdout * n)]
+                           for c, n in ((REAL, len(real)), (SYNTHETIC, len(synthetic)))])
+    keep = np.setdiff1d(np.arange(len(both)), held)
+    return both.subset(keep), dataclasses.replace(both.subset(np.sort(held)), split="test")
+
+
+def noise_levels(train_sigmas: Tensor, levels: int) -> Tensor:
+    """`levels` sigmas at evenly spaced trained timesteps, t = 0 .. T-1 (ascending)."""
+    t = torch.linspace(0, len(train_sigmas) - 1, levels).round().long()
+    return train_sigmas.cpu()[t]
+
+
+def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, config: GuidanceTrainConfig, *,
+                         progress: bool = True) -> nn.Module:
+    """A timestep-aware classifier (input "xt"): each step draws a batch of images and, per image, a
+    timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.guidance.noisy_net_input
+    (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps."""
+    torch.manual_seed(config.seed)
+    net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).train()
+    x0, labels, train_sigmas = data.float_images(), data.labels, train_sigmas.cpu()
+    steps = config.epochs * math.ceil(len(data) / config.batch_size)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    gen = torch.Generator().manual_seed(config.seed)
+    for _ in tqdm(range(steps), desc=f"train noisy {name}", unit="step", disable=not progress):
+        index = torch.randint(len(data), (config.batch_size,), generator=gen)
+        sigma = train_sigmas[torch.randint(len(train_sigmas), (config.batch_size,), generator=gen)]
+        x = x0[index] + sigma.view(-1, 1, 1, 1) * torch.randn(x0[index].shape, generator=gen)
+        loss = F.cross_entropy(net(noisy_net_input(x, sigma)), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return net.eval()
+
+
+def net_inputs(data: LabeledImages, sigma: float, input: str, seed: int) -> Tensor:
+    """What a guidance net sees for `data` at noise level `sigma` (noise drawn from `seed`)."""
+    x0 = data.float_images()
+    if input == "x0":
+        return x0
+    return noisy_net_input(x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), sigma)
+
+
+def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, config: GuidanceTrainConfig,
+                     level_sigmas: Tensor, train_sigmas: Tensor, *, progress: bool = True,
+                     ) -> tuple[GuidanceNet, dict[str, float]]:
+    """Train one guidance net for `config.input`, fit its class Gaussians at every level, and
+    measure its held-out accuracy at every level (clean images for "x0"), keyed by sigma."""
+    if config.input == "x0":
+        classifier_config = ClassifierTrainConfig(dataset=train.info.spec, model=name, epochs=config.epochs,
+                                                  batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+        net = fit_classifier(classifier_config, train, test, progress=progress)
+    else:
+        net = fit_noisy_classifier(name, train, train_sigmas, config, progress=progress)
+    gaussians, accuracy = [], {}
+    for level, sigma in enumerate(level_sigmas.tolist()):
+        features = embed(net, net_inputs(train, sigma, config.input, config.seed + level))
+        gaussians.append(fit_class_gaussians(features, train.labels, train.info.num_classes, config.shrinkage))
+        logits = predict_logits(net, net_inputs(test, sigma, config.input, config.seed + 10_000 + level))
+        accuracy[f"{sigma:.4g}"] = round(float((logits.argmax(1) == test.labels).float().mean()), 4)
+    return GuidanceNet(net, gaussians, level_sigmas, config.input), accuracy
+
+
+def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, progress: bool = True) -> dict:
+    """Train both guidance nets and save them with their class Gaussians in `out`; returns guidance.json."""
+    config.validate()
+    real, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
+    model = load_diffusion_model(config.model)
+    meta = model.meta
+    if (meta.image_size, meta.channels, meta.num_classes) != (real.info.image_size, real.info.channels,
+                                                             real.info.num_classes):
+        raise ConfigError(f"model {config.model} makes {meta.channels}x{meta.image_size}px images of "
+                          f"{meta.num_classes} classes but dataset {config.dataset!r} has {real.info.channels}x"
+                          f"{real.info.image_size}px images of {real.info.num_classes} classes")
+    if config.synthetic_shards:
+        synthetic = load_dataset(f"shards:{config.synthetic_shards}", "train")
+    else:
+        synthetic = baseline_samples(config.model, len(real), config.synthetic, config.synthetic_seed, progress=progress)
+    train_sigmas = model.denoiser.train_sigmas.cpu()
+    level_sigmas = torch.zeros(1) if config.input == "x0" else noise_levels(train_sigmas, config.levels)
+    classifier, classifier_acc = fit_guidance_net(config.classifier, real, test, config, level_sigmas, train_sigmas,
+                                                  progress=progress)
+    disc_train, disc_held = real_vs_synthetic(real, synthetic, config.holdout, config.seed)
+    discriminator, disc_acc = fit_guidance_net(config.discriminator, disc_train, disc_held, config, level_sigmas,
+                                               train_sigmas, progress=progress)
+    common = {"in_chans": real.info.channels + (config.input == "xt"),
+              "image_size": real.info.image_size, "train_config": config_dict(config)}
+    info = {"config": config_dict(config), "model_hash": model.model_hash, "num_real": len(real),
+            "num_synthetic": len(synthetic),
+            "classifier_test_accuracy": classifier_acc, "discriminator_holdout_accuracy": disc_acc,
+            "classifier_shrinkage": [g.shrinkage.tolist() for g in classifier.gaussians],
+            "discriminator_shrinkage": [g.shrinkage.tolist() for g in discriminator.gaussians]}
+    return save_guidance(
+        out, classifier, {**common, "model": config.classifier, "num_classes": real.info.num_classes,
+                          "class_names": list(real.info.class_names)},
+        discriminator, {**common, "model": config.discriminator, "num_classes": 2,
+                        "class_names": ["synthetic", "real"]}, info)
