@@ -11,13 +11,16 @@ from ..gen.cliutil import add_command, add_group, print_json
 
 def run_accuracy(args: argparse.Namespace) -> int:
     from ..gen.classifier_nets import load_classifier, predict_logits
-    from ..gen.datasets import load_dataset
+    from ..gen.datasets import load_dataset, with_option
     from .accuracy import accuracy_report
 
     model, config = load_classifier(args.classifier)
-    data = load_dataset(args.dataset, args.split)
+    spec = with_option(args.dataset, "skip_bad_shards", "1") if args.skip_bad_shards else args.dataset
+    data = load_dataset(spec, args.split)
     report = {"classifier": args.classifier, "dataset": args.dataset, "split": args.split,
               **accuracy_report(predict_logits(model, data.images), data.labels, int(config["num_classes"]))}
+    if data.read_report:
+        report["shard_read"] = data.read_report  # shards read and skipped (--skip-bad-shards)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print_json(report)
@@ -45,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--dataset", required=True, help="dataset spec, e.g. digits or shards:OUT")
     accuracy.add_argument("--split", default="test", help="split to evaluate (shard sets have only 'train')")
     accuracy.add_argument("--json", default=None, help="also write the report to this file")
+    accuracy.add_argument("--skip-bad-shards", action="store_true",
+                          help="shards: datasets: skip damaged shards (logged, counted in the report's shard_read) "
+                               "instead of stopping at the first one")
 
     from .demo import DemoConfig
 

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import DiffusionModel, load_diffusion_model
 from .datasets import float_to_uint8
-from .denoiser import ClampDenoised
+from .denoiser import CheckFinite, ClampDenoised
 from .noise import PerSampleNoise
 from .samplers import get_sampler, sampler_sigmas
 from .shards import ShardSpec, encode_sample, sample_key
@@ -55,9 +55,11 @@ def balanced_labels(indices: range | list[int], num_classes: int | None) -> torc
 def generate_batch(model: DiffusionModel, sampling: SamplingConfig, seed: int, indices: list[int],
                    labels: torch.Tensor | None) -> torch.Tensor:
     """Sample images for global `indices` (each with its own noise stream); returns uint8 NCHW."""
-    denoiser = ClampDenoised(model.denoiser) if sampling.clip_denoised else model.denoiser
     rng = PerSampleNoise(seed, indices)
-    sigmas = sampler_sigmas(sampling.sampler, denoiser, sampling.steps)
+    sigmas = sampler_sigmas(sampling.sampler, model.denoiser, sampling.steps)
+    # The NaN/Inf check wraps the model innermost: ClampDenoised would turn Inf into +-1 and hide it.
+    denoiser = CheckFinite(model.denoiser, sigmas, indices)
+    denoiser = ClampDenoised(denoiser) if sampling.clip_denoised else denoiser
     shape = (model.meta.channels, model.meta.image_size, model.meta.image_size)
     x = sigmas[0] * rng.randn(shape, device=model.device)
     sampler = get_sampler(sampling.sampler, **sampling.sampler_settings())

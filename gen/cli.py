@@ -65,3 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     baseline.add_argument("--num", type=positive_int, required=True, help="number of samples")
     add_sampling_options(baseline)
     add_job_options(baseline, "baseline")
+
+    from .verify import register as register_shards
+
+    register_shards(sub)

@@ -56,6 +56,7 @@ class LabeledImages:
     keys: list[str]  # a stable name per image (source key in shards, index otherwise)
     info: DatasetInfo
     split: str
+    read_report: dict = dataclasses.field(default_factory=dict)  # shard sets: shards read / skipped (ShardReadStats)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,6 +85,13 @@ class ParsedSpec:
     name: str
     path: str | None
     options: dict[str, str]
+
+
+def with_option(spec: str, key: str, value: str) -> str:
+    """`spec` with option key=value added (or replaced), e.g. for a CLI flag that maps to an option."""
+    head, _, query = spec.partition("?")
+    options = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != key]
+    return f"{head}?{urllib.parse.urlencode([*options, (key, value)])}"
 
 
 def parse_spec(spec: str) -> ParsedSpec:
@@ -280,15 +288,24 @@ def _load_imagefolder(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str,
     return splits, tuple(classes), True
 
 
-def _load_shards(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...], bool]:
+def _load_shards(parsed: ParsedSpec, spec: str, stats=None) -> tuple[Splits, tuple[str, ...], bool]:
+    """Options ``skip_bad_shards=1`` (skip damaged shards, logged and counted in `stats`) and
+    ``verify=1`` (check each shard's sha256); PATH may be any fsspec URL (s3://bucket/set)."""
     from .shards import read_manifest, iter_samples
+    from .storage import Storage, is_url
 
-    root = _require_dir(parsed, spec, "Expected a folder of .tar shards with an _info.json manifest.")
+    if is_url(parsed.path):
+        root = parsed.path
+        if not Storage(root).exists():
+            raise DatasetError(f"dataset path not found: {root} (from spec {spec!r})")
+    else:
+        root = _require_dir(parsed, spec, "Expected a folder of .tar shards with an _info.json manifest.")
+    flags = {key: _int_option(parsed, spec, key, 0, minimum=0) > 0 for key in ("skip_bad_shards", "verify")}
     manifest = read_manifest(root)
     splits = {}
     for split in manifest["splits"]:
         images, labels, keys = [], [], []
-        for sample in iter_samples(root, split):
+        for sample in iter_samples(root, split, stats=stats, **flags):
             images.append(sample["image"])
             labels.append(sample["label"])
             keys.append(sample["key"])
@@ -320,14 +337,21 @@ DATASETS: dict[str, DatasetLoader] = {
     "ri": DatasetLoader(_procedural(random_ink_images, "ri"), False, _PROCEDURAL_OPTIONS),
     "cifar10": DatasetLoader(_load_cifar10, needs_path=True),
     "imagefolder": DatasetLoader(_load_imagefolder, needs_path=True, options=("size",)),
-    "shards": DatasetLoader(_load_shards, needs_path=True),
+    "shards": DatasetLoader(_load_shards, needs_path=True, options=("skip_bad_shards", "verify")),
 }
 
 
 def load_dataset(spec: str, split: str = "train") -> LabeledImages:
     """Load one split of the dataset named by `spec` into memory."""
     parsed = parse_spec(spec)
-    splits, class_names, flip_augment = DATASETS[parsed.name].load(parsed, spec)
+    stats = None
+    if parsed.name == "shards":  # the one loader that reports what it read (skipped shards)
+        from .shards import ShardReadStats
+
+        stats = ShardReadStats()
+        splits, class_names, flip_augment = _load_shards(parsed, spec, stats)
+    else:
+        splits, class_names, flip_augment = DATASETS[parsed.name].load(parsed, spec)
     if split not in splits:
         raise DatasetError(f"dataset {spec!r} has no {split!r} split; it has {sorted(splits)}")
     images, labels, keys = splits[split]
@@ -335,7 +359,8 @@ def load_dataset(spec: str, split: str = "train") -> LabeledImages:
         raise DatasetError(f"dataset {spec!r} gives images of shape {tuple(images.shape[1:])}; expected C x N x N with C in (1, 3)")
     info = DatasetInfo(spec=spec, image_size=int(images.shape[-1]), channels=int(images.shape[1]),
                        num_classes=len(class_names), class_names=class_names, flip_augment=flip_augment)
-    data = LabeledImages(images=images, labels=labels, keys=keys, info=info, split=split)
+    data = LabeledImages(images=images, labels=labels, keys=keys, info=info, split=split,
+                         read_report=stats.as_dict() if stats is not None else {})
     if "n" in parsed.options and split == "train":
         n = _int_option(parsed, spec, "n", len(data))
         if n > len(data):

@@ -13,6 +13,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteError
 from .schedules import sigmas_from_alphas_cumprod
 
 #: An epsilon network (an nn.Module): eps_model(x_vp, t, labels) -> eps, t a float tensor [B].
@@ -105,6 +106,39 @@ class ClampDenoised(DenoiserWrapper):
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         return self.inner(x, sigma, labels).clamp(self.low, self.high)
+
+
+class CheckFinite(DenoiserWrapper):
+    """Stops sampling at the first NaN or Inf in the model's output, naming the step and samples.
+
+    Wrap the model itself (innermost, before ClampDenoised, which would turn Inf into +-1 and hide
+    it). ``sigmas`` is the sampler's grid, used only to name the step; ``indices`` are the global
+    sample indices of the batch rows. Raises NonFiniteError (the job adds the shard's name).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigmas: Tensor | None = None, indices: list[int] | None = None):
+        super().__init__(denoiser)
+        self.sigmas = None if sigmas is None else sigmas.detach().float().cpu()
+        self.indices = indices
+        self.calls = 0
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        denoised = self.inner(x, sigma, labels)
+        self.calls += 1
+        finite = torch.isfinite(denoised).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten().tolist()
+            kind = "NaN" if bool(torch.isnan(denoised[rows]).any()) else "Inf"
+            level = float(_batch_sigma(sigma, x)[rows[0]])
+            if self.sigmas is not None:
+                step = int((self.sigmas - level).abs().argmin())
+                where = f"step {step} of {len(self.sigmas) - 1} (sigma {level:.4g})"
+            else:
+                where = f"denoiser call {self.calls} (sigma {level:.4g})"
+            samples = [self.indices[r] for r in rows] if self.indices is not None else rows
+            raise NonFiniteError(f"the model produced {kind} at sampling {where} for samples {samples[:8]}"
+                                 f"{' ...' if len(samples) > 8 else ''}")
+        return denoised
 
 
 class UNetEpsModel(nn.Module):

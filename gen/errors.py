@@ -7,3 +7,7 @@ class TailforgeError(ValueError):
 
 class ConfigError(TailforgeError):
     """An invalid setting (CLI flag or config field)."""
+
+
+class NonFiniteError(TailforgeError):
+    """A model produced NaN or Inf; the message names the step, the samples and (from the job) the shard."""

@@ -8,6 +8,19 @@ writer of records and of the manifest, so there is never a race on them.
 
 The same job runs in-process with ``actors=0`` (no Ray), which is also the baseline the `ray`
 benchmark compares the pool against.
+
+Exactly once, whatever dies (tests/test_faults.py kills actors and drivers at random points):
+
+* a killed actor: Ray restarts it (``max_restarts``) and re-runs its in-flight shards on the new
+  process (``max_task_retries``); an actor Ray gives up on is replaced by the driver and its shards
+  are queued again. A shard is redone from its spec, and its bytes depend only on the spec, so a
+  retry racing a late original publishes the same file;
+* a killed driver: re-running the same command keeps every recorded shard whose file is present
+  with the recorded size and redoes the rest; temporaries of crashed writers are removed;
+* a shard is published atomically (gen/storage.py) before its record, and only the driver writes
+  records and the manifest, so no shard is half-written, duplicated or lost.
+
+The output folder may be any fsspec URL (``s3://bucket/prefix``) that every node can reach.
 """
 
 from __future__ import annotations
@@ -15,14 +28,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import ray
 from tqdm import tqdm
 
-from .shards import (ShardRecord, ShardSpec, load_records, prepare_job_folder, save_record, write_manifest,
-                     write_shard)
+from .errors import NonFiniteError, TailforgeError
+from .shards import (RECORDS_DIR, ShardError, ShardRecord, ShardSpec, load_records, prepare_job_folder, save_record,
+                     write_manifest, write_shard)
+from .storage import Storage
 
 
 class SampleSource(Protocol):
@@ -37,7 +51,10 @@ SourceFactory = Callable[[], SampleSource]
 def produce_shard(source: SampleSource, root: str, spec: ShardSpec, worker: str) -> ShardRecord:
     """Write one shard from `source` and describe it (sha256, size, time, model evaluations)."""
     start_time, start_evals = time.perf_counter(), source.model_evals
-    sha256, size = write_shard(root, spec, source.samples(spec))
+    try:
+        sha256, size = write_shard(root, spec, source.samples(spec))
+    except NonFiniteError as err:  # name the shard; nothing of it was published
+        raise NonFiniteError(f"shard {spec.name} (samples {spec.start}..{spec.start + spec.count - 1}): {err}") from None
     return ShardRecord(name=spec.name, index=spec.index, start=spec.start, count=spec.count, sha256=sha256,
                        size_bytes=size, seconds=round(time.perf_counter() - start_time, 4),
                        model_evals=source.model_evals - start_evals, worker=worker)
@@ -65,7 +82,14 @@ def connect(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ray.exceptions.AuthenticationError as err:
+            raise TailforgeError(f"Ray cluster at {address} refused the connection: {str(err).splitlines()[0]} "
+                                 "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token in "
+                                 "~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
+        except ConnectionError as err:
+            raise TailforgeError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  object_store_memory=1 << 30)
@@ -90,22 +114,22 @@ def default_num_actors() -> int:
     return gpus if gpus else 2
 
 
-def _usable_records(root: Path, specs: Sequence[ShardSpec]) -> dict[int, ShardRecord]:
+def _usable_records(storage: Storage, specs: Sequence[ShardSpec]) -> dict[int, ShardRecord]:
     """Records whose shard file is present with the recorded size; anything else is redone."""
     planned = {s.index: s for s in specs}
     usable = {}
-    for index, record in load_records(root).items():
+    for index, record in load_records(storage.location).items():
         spec = planned.get(index)
-        path = root / record.name
-        if spec and record.name == spec.name and record.count == spec.count and path.is_file() \
-                and path.stat().st_size == record.size_bytes:
+        if spec and record.name == spec.name and record.count == spec.count \
+                and storage.size(record.name) == record.size_bytes:
             usable[index] = record
     return usable
 
 
-def _remove_stale_temporaries(root: Path) -> None:
-    for tmp in root.glob(".*.tar.*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _remove_stale_temporaries(storage: Storage) -> None:
+    """Temporaries of writers that died (local folders only; object stores never show partial objects)."""
+    for name in storage.stale_temporaries() + storage.stale_temporaries(RECORDS_DIR):
+        storage.remove(name)
 
 
 def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence[ShardSpec],
@@ -113,12 +137,17 @@ def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence
             manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> list[ShardRecord]:
     """Produce every planned shard that has no record yet, then write the manifest.
 
-    ``actors=0`` runs in this process; otherwise a pool of GenerateActors (default: one per GPU,
-    or two on a CPU-only machine). Re-running the same job skips recorded shards.
+    ``root`` is a folder path or any fsspec URL. ``actors=0`` runs in this process; otherwise a
+    pool of GenerateActors (default: one per GPU, or two on a CPU-only machine). Re-running the
+    same job skips recorded shards. The manifest also records what was planned
+    (``planned: {shards, samples}``) so `tailforge shards verify` can tell a finished set from a
+    partial one.
     """
     root = prepare_job_folder(root, job_config)
-    _remove_stale_temporaries(root)
-    records = _usable_records(root, specs)
+    root = root if isinstance(root, str) else root.absolute()  # actors may run in another working directory
+    storage = Storage(root)
+    _remove_stale_temporaries(storage)
+    records = _usable_records(storage, specs)
     pending = [s for s in specs if s.index not in records]
     bar = tqdm(total=sum(s.count for s in specs), initial=sum(r.count for r in records.values()),
                unit="img", desc=f"gen {specs[0].job}" if specs else "gen", disable=not progress)
@@ -135,29 +164,55 @@ def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence
     elif pending:
         connect(address)
         count = min(actors or default_num_actors(), len(pending))
-        pool = [GenerateActor.options(**actor_options(count)).remote(make_source) for _ in range(count)]
-        _drain(pool, str(root), pending, finish)
+        options = actor_options(count)
+        _drain(lambda: GenerateActor.options(**options).remote(make_source), count, str(root), pending, finish)
     bar.close()
-    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config})
+    _remove_stale_temporaries(storage)  # left by actors killed mid-shard during this run
+    planned = {"shards": len(specs), "samples": sum(s.count for s in specs)}
+    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config, "planned": planned})
     return [records[i] for i in sorted(records)]
 
 
-def _drain(pool: list, root: str, pending: Sequence[ShardSpec], finish: Callable[[ShardRecord], None]) -> None:
+def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequence[ShardSpec],
+           finish: Callable[[ShardRecord], None]) -> None:
     """Keep two shards in flight per actor (one running, one queued, so an actor never idles
-    between shards) and record each as it completes, in completion order."""
+    between shards) and record each as it completes, in completion order.
+
+    A task that fails because its actor died for good (Ray's restarts or retries used up) puts
+    its shard back in the queue and the actor is replaced, at most ``2 * count + 2`` times per job.
+    An error raised by the source itself (a TailforgeError such as NonFiniteError) stops the job
+    with that error."""
     queue = list(reversed(pending))
+    pool = [new_actor() for _ in range(count)]
     in_flight: dict[Any, tuple[Any, ShardSpec]] = {}
+    replacements = 0
 
-    def submit(actor) -> None:
-        if queue:
-            spec = queue.pop()
-            in_flight[actor.write_shard.remote(root, spec)] = (actor, spec)
+    def top_up() -> None:
+        for actor in pool:
+            while queue and sum(1 for a, _ in in_flight.values() if a is actor) < 2:
+                spec = queue.pop()
+                in_flight[actor.write_shard.remote(root, spec)] = (actor, spec)
 
-    for actor in pool:
-        submit(actor)
-        submit(actor)
+    top_up()
     while in_flight:
         done, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, _spec = in_flight.pop(done[0])
-        finish(ray.get(done[0]))
-        submit(actor)
+        actor, spec = in_flight.pop(done[0])
+        try:
+            record = ray.get(done[0])
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, TailforgeError):
+                raise err.cause from None
+            raise
+        except ray.exceptions.RayActorError as err:
+            queue.append(spec)
+            if actor in pool:
+                replacements += 1
+                if replacements > 2 * count + 2:
+                    raise ShardError(f"generation actors died {replacements} times; giving up "
+                                     f"(last: {str(err).splitlines()[0]}). Re-run the command to resume.") from None
+                ray.kill(actor, no_restart=True)
+                pool[pool.index(actor)] = new_actor()
+            top_up()
+            continue
+        finish(record)
+        top_up()
