@@ -14,7 +14,8 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_module_state, read_json, save_module
@@ -80,10 +81,40 @@ def tinycnn_wide(pretrained: bool = False, **kwargs: Any) -> TinyCNN:
     return TinyCNN(widths=(48, 96), **kwargs)
 
 
+class CifarResNet(ResNet):
+    """timm's ResNet with the CIFAR stem of He et al. 2016 (Sec. 4.2): one 3x3 stride-1 conv and no
+    max-pool, so a 32x32 image keeps 32x32 through layer1 and ends as a 4x4 map (the ImageNet stem
+    would shrink it to 1x1). Everything else, including forward_features / forward_head, is timm's."""
+
+    def __init__(self, *, in_chans: int = 3, stem_width: int = 64, **kwargs: Any):
+        super().__init__(in_chans=in_chans, stem_width=stem_width, **kwargs)
+        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+        # The stem no longer downsamples: the feature maps are 1, 1, 2, 4, 8 times smaller than the input.
+        for info, reduction in zip(self.feature_info, (1, 1, 2, 4, 8)):
+            info["reduction"] = reduction
+
+
+# timm picks up this module-level dict in register_model (pretrained_cfg: input size, first conv, head).
+default_cfgs = {
+    "resnet18_cifar": {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4),
+                       "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                       "first_conv": "conv1", "classifier": "fc"},
+}
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-18 (BasicBlock, 2-2-2-2, 11.2M parameters) with the CIFAR stem, for 32x32 images."""
+    if pretrained:
+        raise ConfigError("resnet18_cifar has no pretrained weights")
+    return build_model_with_cfg(CifarResNet, "resnet18_cifar", False, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+
+
 def create_classifier(name: str, *, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
     """Any timm model by name (never pretrained: nothing is downloaded)."""
     if not timm.is_model(name):
-        raise ConfigError(f"unknown classifier {name!r}: not a timm model name (ours: tinycnn, tinycnn_wide)")
+        raise ConfigError(f"unknown classifier {name!r}: not a timm model name (ours: tinycnn, tinycnn_wide, resnet18_cifar)")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 

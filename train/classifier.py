@@ -1,96 +1,474 @@
-"""Classifier training on in-memory data (the reference classifiers used to check samples)."""
+"""Classifier training: any timm model on streamed real + synthetic shards (``train_classifier``)
+or on an in-memory split (``fit_classifier``), in this process or on Ray Train (train/ray_train.py).
+
+Both paths run the same loop (:func:`run_training`): AdamW or SGD, a cosine or step learning-rate
+schedule with linear warmup (a pure function of the step, :func:`lr_at`), label smoothing, AMP on
+CUDA, per-epoch checkpoints (safetensors + JSON, never pickles) with exact resume, a progress bar
+and a JSONL log of per-epoch metrics.
+
+Augmentation hook. A *stage* is ``Callable[[Iterable[Batch]], Iterator[Batch]]``; a Batch is a dict
+with "images" (float32 NCHW in [-1, 1], on the CPU), "labels" (int64), "index" (the global batch
+index within the run: ``(epoch * steps_per_epoch + step) * world_size + rank``, so it is
+``epoch * steps_per_epoch + step`` on one rank and unique across ranks) and "seed" (the run seed).
+A stage yields the same batches in order, each with an added "augmented" tensor shaped like
+"images". With a stage, the loss is CE(model(images), labels) + CE(model(augmented), labels),
+computed from one forward pass over the concatenated batch: the released DiffAug recipe (seed 003;
+shared/seeds/README.md). ``--diffaug MODEL_DIR`` builds the DiffAug stage of gen/diffaug.py.
+
+Data order is a function of (seed, epoch, rank, loader worker) only, and checkpoints hold the
+weights, the optimizer state and the AMP scaler state, so a run resumed from the checkpoint of
+epoch k continues exactly as the uninterrupted run would have.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..gen.checkpoint import config_dict
-from ..gen.classifier_nets import create_classifier, predict_logits, save_classifier
-from ..gen.datasets import LabeledImages, load_dataset
+from ..gen.checkpoint import (CheckpointError, config_dict, load_module_state, load_optimizer, read_json,
+                              save_optimizer, write_json_atomic)
+from ..gen.classifier_nets import CLASSIFIER_WEIGHTS, create_classifier, load_classifier, predict_logits, save_classifier
+from ..gen.datasets import LabeledImages, load_dataset, uint8_to_float
 from ..gen.errors import ConfigError
+from .streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
+
+Batch = dict[str, Any]
+Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+# Settings that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = ("checkpoint_every", "follow_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTrainConfig:
-    """`tailforge train classifier`; copied into the classifier's config."""
+    """`tailforge train classifier`; copied into every checkpoint and the classifier's config."""
 
-    dataset: str = "digits"  # dataset spec: train split for training, test split for the log
-    model: str = "tinycnn"  # any timm model name
-    epochs: int = 30  # passes over the training split
-    batch_size: int = 128  # images per step
-    lr: float = 3e-3  # AdamW peak learning rate (cosine decay to 0)
-    weight_decay: float = 5e-4  # AdamW weight decay
+    dataset: str = "digits"  # dataset spec: train split (as shards) for training, test split for the log
+    model: str = "tinycnn"  # any timm model name (tinycnn, tinycnn_wide, resnet18_cifar registered here)
+    epochs: int = 30  # epochs (resampled mode: epoch_samples samples each)
+    batch_size: int = 128  # images per optimizer step over all workers (each rank takes batch_size / workers)
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    lr: float = 3e-3  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # decoupled (AdamW) or L2 (SGD) weight decay
+    schedule: str = "cosine"  # cosine (to 0) | step (times gamma every step_epochs epochs)
+    warmup: float = 0.15  # fraction of all steps spent in linear warmup from 0 to lr
+    step_epochs: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    seed: int = 0  # initialisation and data order
+    amp: bool = True  # float16 autocast + GradScaler when training on CUDA (no effect on the CPU)
+    mix: tuple[MixSource, ...] = (MixSource(REAL, 1.0),)  # sources and their sampling weights
+    resample: bool = True  # resampled epochs of epoch_samples samples; False: every sample once per epoch
+    epoch_samples: int = 0  # samples per epoch (resampled); 0: one pass over the real data in expectation
+    shuffle_buffer: int = 1000  # samples in each reader's shuffle buffer
+    loader_workers: int = 1  # DataLoader worker processes per rank (0: read in the training process)
+    workers: int = 1  # Ray Train workers (DDP ranks); 1 trains in this process
+    follow: bool = False  # read synthetic shard sets while their generation job still writes them
+    follow_timeout: float = 600.0  # follow: seconds to wait for a set's first shard
+    diffaug: str = ""  # DiffAug diffusion-model folder ("" = no DiffAug)
+    diffaug_actors: int = 0  # DiffAug on this many AugmentActors (0 = in the training process)
+    checkpoint_every: int = 1  # epochs between checkpoints
+    seed: int = 0  # initialisation, data order and augmentation seed
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "step_epochs", "workers", "checkpoint_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epoch_samples", "loader_workers", "diffaug_actors"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.batch_size % self.workers:
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers} "
+                              "(each rank takes an equal share)")
+        if not self.mix:
+            raise ConfigError("mix names no source")
+        if self.follow and not self.resample:
+            raise ConfigError("follow mode needs resampled epochs (the followed sets grow during the run)")
+        if self.follow and self.epoch_samples == 0 and all(s.name != REAL for s in self.mix):
+            raise ConfigError("follow mode without real data needs epoch_samples (the followed sets' sizes are unknown)")
+        if self.diffaug_actors and not self.diffaug:
+            raise ConfigError("diffaug_actors needs diffaug (a diffusion-model folder)")
 
 
-def fit_classifier(config: ClassifierTrainConfig, train: LabeledImages, test: LabeledImages | None = None, *,
-                   device: str | None = None, progress: bool = True, log_path: Path | None = None) -> nn.Module:
-    """Train `config.model` with AdamW and a cosine schedule; logs per-epoch loss (and test accuracy)."""
-    config.validate()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config.seed)
-    model = create_classifier(config.model, num_classes=train.info.num_classes, in_chans=train.info.channels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                   pct_start=0.15, anneal_strategy="cos")
-    images, labels = train.float_images(), train.labels
-    order_gen = torch.Generator().manual_seed(config.seed)
-    log = log_path.open("a") if log_path else None
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def lr_at(config: ClassifierTrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``: linear warmup over
+    the first ``warmup`` fraction, then cosine decay to 0, or a step decay by ``gamma`` every
+    ``step_epochs`` epochs."""
+    warm = int(config.warmup * total_steps)
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    if config.schedule == "cosine":
+        progress = (step - warm) / max(1, total_steps - warm)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * config.gamma ** (step // (config.step_epochs * steps_per_epoch))
+
+
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Sum over the batch's halves of the mean cross-entropy: ``logits`` hold one row per label
+    (plain training) or two (clean rows then augmented rows: CE(clean) + CE(augmented), the
+    DiffAug recipe)."""
+    halves, rest = divmod(len(logits), len(labels))
+    if rest or halves not in (1, 2):
+        raise ConfigError(f"expected {len(labels)} or {2 * len(labels)} logit rows, got {len(logits)}")
+    return sum(F.cross_entropy(part, labels, label_smoothing=label_smoothing) for part in logits.chunk(halves))
+
+
+def build_optimizer(config: ClassifierTrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_diffaug_stage_for(config: ClassifierTrainConfig) -> Stage | None:
+    """The DiffAug stage named by ``config.diffaug`` (gen/diffaug.py), or None."""
+    if not config.diffaug:
+        return None
+    try:
+        from ..gen.diffaug import make_diffaug_stage
+    except ImportError as err:
+        raise ConfigError(f"--diffaug needs tailforge.gen.diffaug.make_diffaug_stage, which this installation "
+                          f"lacks ({err})") from None
+    return make_diffaug_stage(config.diffaug, actors=config.diffaug_actors, seed=config.seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# One rank's training run
+
+
+@dataclasses.dataclass
+class RankContext:
+    """Where one rank runs: its place in the world, its device, how its model is wrapped (DDP
+    under Ray Train) and where each epoch's metrics are reported."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model
+    report: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def default_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("epoch-*") if p.is_dir()) if folder.is_dir() else []
+
+
+def _comparable(config_json: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config_json.items() if k not in RESUMABLE_CHANGES}
+
+
+class Checkpoints:
+    """``OUT/checkpoints/epoch-NNNN/``: classifier.safetensors + classifier.json (the model),
+    optimizer.safetensors + optimizer.json, state.json (epoch, config, AMP scaler). Each is written
+    into a temporary folder that is renamed into place; the newest ``keep`` are kept."""
+
+    def __init__(self, folder: Path, config: ClassifierTrainConfig, model_config: dict[str, Any], keep: int = 2):
+        self.folder, self.config_json, self.model_config, self.keep = folder, config_dict(config), model_config, keep
+
+    def save(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=".tmp-"))
+        try:
+            save_classifier(staging, model, self.model_config)
+            save_optimizer(optimizer, staging)
+            write_json_atomic(staging / "state.json", {"epoch": epoch, "config": self.config_json,
+                                                       "scaler": scaler.state_dict()})
+            staging.rename(self.folder / f"epoch-{epoch:04d}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in _checkpoint_dirs(self.folder)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
+        """Load the newest checkpoint if any (the config must match); returns the epochs done."""
+        found = _checkpoint_dirs(self.folder)
+        if not found:
+            return 0
+        latest = found[-1]
+        state = read_json(latest / "state.json", "checkpoint state")
+        if _comparable(state.get("config") or {}) != _comparable(self.config_json):
+            theirs, ours = _comparable(state.get("config") or {}), _comparable(self.config_json)
+            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise CheckpointError(f"{latest} was written by a run with different settings ({', '.join(changed)}); "
+                                  "use a new --out folder, or the same settings to resume")
+        load_module_state(model, latest / CLASSIFIER_WEIGHTS)
+        load_optimizer(optimizer, latest)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        return int(state["epoch"])
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log entries of epochs after the checkpoint a run resumes from (they are redone)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("epoch", 0) <= epochs_done]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def _all_reduce(values: Tensor, ctx: RankContext) -> Tensor:
+    if ctx.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.to(ctx.device)
+        torch.distributed.all_reduce(values)
+    return values.cpu()
+
+
+def _stage_inputs(batches: Iterable[Batch], seed: int, ctx: RankContext) -> Iterator[Batch]:
+    """Loader batches (uint8) -> the stage contract's Batch (float32 in [-1, 1], index, seed)."""
+    for batch in batches:
+        yield {"images": uint8_to_float(batch["images"]), "labels": batch["labels"], "source": batch["source"],
+               "index": int(batch["step"]) * ctx.world_size + ctx.rank, "seed": seed, "step": int(batch["step"])}
+
+
+def run_training(config: ClassifierTrainConfig, model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
+                 steps_per_epoch: int, ctx: RankContext, *, source_names: tuple[str, ...] = (REAL,),
+                 test: LabeledImages | None = None, checkpoints: Checkpoints | None = None,
+                 log_path: Path | None = None, stage: Stage | None = None, progress: bool = True) -> nn.Module:
+    """Train ``model`` for the epochs ``config.epochs`` asks for (resuming from ``checkpoints``).
+
+    ``make_batches(start_epoch)`` yields every batch of epochs start_epoch.. in global-step order
+    (dicts with uint8 "images", "labels", "source" and "step"). Only rank 0 evaluates, logs and
+    writes checkpoints; the per-epoch figures are summed over ranks first.
+    """
+    model = model.to(ctx.device)
+    optimizer = build_optimizer(config, model)
+    use_amp = config.amp and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp)
+    start = checkpoints.resume(model, optimizer, scaler) if checkpoints else 0
+    if log_path and ctx.is_chief:
+        _truncate_log(log_path, start)
+    trained = ctx.wrap(model)
+    total_steps = config.epochs * steps_per_epoch
+    batches = _stage_inputs(make_batches(start), config.seed, ctx)
+    if stage is not None:
+        batches = stage(batches)
+    batches = iter(batches)
+    bar = tqdm(total=total_steps, initial=start * steps_per_epoch, unit="step", desc=f"train {config.model}",
+               disable=not (progress and ctx.is_chief))
+    log = log_path.open("a") if log_path and ctx.is_chief else None
     started = time.perf_counter()
-    for epoch in tqdm(range(config.epochs), desc=f"train {config.model}", unit="epoch", disable=not progress):
-        model.train()
-        order = torch.randperm(len(train), generator=order_gen)
-        total = 0.0
-        for start in range(0, len(order), config.batch_size):
-            index = order[start:start + config.batch_size]
-            logits = model(images[index].to(device))
-            loss = F.cross_entropy(logits, labels[index].to(device), label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(index)
-        entry = {"epoch": epoch + 1, "train_loss": total / len(train), "seconds": round(time.perf_counter() - started, 2)}
-        if test is not None:
-            entry["test_accuracy"] = float((predict_logits(model, test.images).argmax(1) == test.labels).float().mean())
+    try:
+        for epoch in range(start, config.epochs):
+            trained.train()
+            # loss sum, correct (clean half), samples, then samples per source
+            totals = torch.zeros(3 + len(source_names), dtype=torch.float64)
+            epoch_started = time.perf_counter()
+            for step in range(steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                batch = next(batches, None)
+                if batch is None or batch["step"] != global_step:
+                    raise RuntimeError(f"the input stream ended or fell out of order at step {global_step}")
+                lr = lr_at(config, global_step, total_steps, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = batch["images"].to(ctx.device, non_blocking=True)
+                labels = batch["labels"].to(ctx.device, non_blocking=True)
+                if stage is not None:
+                    if "augmented" not in batch:
+                        raise ConfigError("the augmentation stage returned a batch without 'augmented'")
+                    images = torch.cat([images, batch["augmented"].to(ctx.device, non_blocking=True)])
+                with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = trained(images)
+                loss = classification_loss(logits.float(), labels, config.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                             "lower --lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                n = len(labels)
+                totals[0] += loss.item() * n
+                totals[1] += (logits[:n].argmax(1) == labels).sum().item()
+                totals[2] += n
+                totals[3:] += torch.bincount(batch["source"], minlength=len(source_names)).double()
+                bar.update(1)
+            totals = _all_reduce(totals, ctx)
+            seconds = time.perf_counter() - epoch_started
+            entry = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
+                     "train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
+                     "samples": int(totals[2]), "world_size": ctx.world_size,
+                     "mix": {name: round(float(c / totals[2]), 4) for name, c in zip(source_names, totals[3:])},
+                     "epoch_seconds": round(seconds, 3), "samples_per_second": round(float(totals[2]) / seconds, 1),
+                     "seconds": round(time.perf_counter() - started, 2)}
+            if ctx.is_chief:
+                if test is not None:
+                    entry["test_accuracy"] = accuracy(model, test)
+                    bar.set_postfix(loss=f"{entry['train_loss']:.4f}", test_acc=f"{entry['test_accuracy']:.4f}")
+                if checkpoints and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+                    checkpoints.save(epoch + 1, model, optimizer, scaler)
+                if log:
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+            if ctx.report:
+                ctx.report(entry)
+    finally:
+        bar.close()
         if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-    if log:
-        log.close()
+            log.close()
+        if hasattr(batches, "close"):
+            batches.close()  # stops the loader workers
     return model.eval()
 
 
+def accuracy(model: nn.Module, data: LabeledImages) -> float:
+    return float((predict_logits(model, data.images).argmax(1) == data.labels).float().mean())
+
+
+def _new_model(config: ClassifierTrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    torch.manual_seed(config.seed)
+    return create_classifier(config.model, num_classes=num_classes, in_chans=in_chans)
+
+
+# ------------------------------------------------------------------------------------------------
+# In memory
+
+
+def memory_batches(data: LabeledImages, batch_size: int, seed: int, epochs: int) -> tuple[int, Callable[[int], Iterator[Batch]]]:
+    """(steps per epoch, make_batches) over an in-memory split: a fresh permutation every epoch,
+    seeded by (seed, epoch)."""
+    steps = -(-len(data) // batch_size)
+    source = torch.zeros(len(data), dtype=torch.long)
+
+    def make(start: int) -> Iterator[Batch]:
+        for epoch in range(start, epochs):
+            seed_e = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed_e))
+            for step in range(steps):
+                index = order[step * batch_size:(step + 1) * batch_size]
+                yield {"images": data.images[index], "labels": data.labels[index], "source": source[index],
+                       "step": epoch * steps + step}
+
+    return steps, make
+
+
+def fit_classifier(config: ClassifierTrainConfig, train: LabeledImages, test: LabeledImages | None = None, *,
+                   device: str | None = None, progress: bool = True, log_path: Path | None = None,
+                   stage: Stage | None = None) -> nn.Module:
+    """Train ``config.model`` on an in-memory split in this process (no checkpoints); the stream
+    settings of ``config`` (dataset, mix, workers, ...) are not used. Logs per-epoch metrics."""
+    config.validate()
+    steps, make = memory_batches(train, config.batch_size, config.seed, config.epochs)
+    model = _new_model(config, train.info.num_classes, train.info.channels)
+    return run_training(config, model, make, steps, RankContext(default_device(device)), test=test,
+                        log_path=log_path, stage=stage if stage is not None else make_diffaug_stage_for(config),
+                        progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# On streams
+
+
+def build_stream(config: ClassifierTrainConfig, out: Path, test: LabeledImages, rank: int = 0,
+                 world_size: int = 1) -> MixedStream:
+    """Rank ``rank``'s stream for the whole run (``.at(start, epochs)`` selects the epochs)."""
+    has_real = any(s.name == REAL for s in config.mix)
+    sets = resolve_sets(config.mix, real_shard_root(config.dataset, out) if has_real else None, follow=config.follow)
+    epoch_samples = config.epoch_samples
+    if config.resample and not epoch_samples:
+        if has_real:
+            # one pass over the real data in expectation: real is weight / total of every epoch
+            real = next(s for s in sets if s.name == REAL)
+            total_weight = sum(s.weight for s in sets)
+            epoch_samples = round(sum(n for _, n in real.shards()) * total_weight / real.weight)
+        else:
+            epoch_samples = sum(n for s in sets for _, n in s.shards())
+    info = test.info
+    return MixedStream(sets, batch_size=config.batch_size // world_size,
+                       image_shape=(info.channels, info.image_size, info.image_size), num_classes=info.num_classes,
+                       epoch_samples=epoch_samples, resample=config.resample, end_epoch=config.epochs, rank=rank,
+                       world_size=world_size, loader_workers=config.loader_workers,
+                       shuffle_buffer=config.shuffle_buffer, seed=config.seed, follow_timeout=config.follow_timeout)
+
+
+def model_config(config: ClassifierTrainConfig, info) -> dict[str, Any]:
+    return {"model": config.model, "num_classes": info.num_classes, "in_chans": info.channels,
+            "image_size": info.image_size, "class_names": list(info.class_names), "train_config": config_dict(config)}
+
+
+def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext, *, progress: bool = True,
+               stage: Stage | None = None) -> tuple[nn.Module, float]:
+    """One rank of a stream training run (the whole run when ``ctx.world_size`` is 1): rank 0
+    writes checkpoints, the log and the final classifier to ``out``."""
+    out = Path(out)
+    test = load_dataset(config.dataset, "test")
+    stream = build_stream(config, out, test, ctx.rank, ctx.world_size)
+    model = _new_model(config, test.info.num_classes, test.info.channels)
+    meta = model_config(config, test.info)
+    own_stage = stage is None
+    stage = make_diffaug_stage_for(config) if own_stage else stage
+    try:
+        model = run_training(config, model, lambda start: stream.at(start, config.epochs).loader(),
+                             stream.steps_per_epoch, ctx, source_names=tuple(s.name for s in stream.sets), test=test,
+                             checkpoints=Checkpoints(out / CHECKPOINTS, config, meta), log_path=out / LOG_FILE,
+                             stage=stage, progress=progress)
+    finally:
+        if own_stage and hasattr(stage, "close"):
+            stage.close()
+    test_accuracy = accuracy(model, test)
+    if ctx.is_chief:
+        save_classifier(out, model, {**meta, "test_accuracy": test_accuracy})
+    return model, test_accuracy
+
+
 def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: str | None = None,
-                     progress: bool = True) -> tuple[nn.Module, float]:
-    """Train on the dataset's train split, save to `out`, return (model, test accuracy)."""
+                     progress: bool = True, address: str | None = None,
+                     stage: Stage | None = None) -> tuple[nn.Module, float]:
+    """Train on the dataset's training split streamed from shards, mixed with ``config.mix``'s
+    synthetic shard sets; in this process, or on Ray Train when ``config.workers`` > 1 (joining
+    ``address`` / $RAY_ADDRESS, else a local instance). Saves to ``out``; returns (model, test accuracy).
+    A re-run of the same command resumes from the newest checkpoint."""
+    config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset(config.dataset, "train")
-    test = load_dataset(config.dataset, "test")
-    model = fit_classifier(config, train, test, device=device, progress=progress, log_path=out / "train_log.jsonl")
-    accuracy = float((predict_logits(model, test.images).argmax(1) == test.labels).float().mean())
-    save_classifier(out, model, {"model": config.model, "num_classes": train.info.num_classes,
-                                 "in_chans": train.info.channels, "image_size": train.info.image_size,
-                                 "class_names": list(train.info.class_names), "train_config": config_dict(config),
-                                 "test_accuracy": accuracy})
-    return model, accuracy
+    real_root = real_shard_root(config.dataset, out)
+    if any(s.name == REAL for s in config.mix) and real_root == out / "data" / REAL:
+        write_real_shards(config.dataset, real_root)
+    if config.workers > 1:
+        from .ray_train import train_on_ray
+
+        train_on_ray(config, out, address=address, progress=progress, stage=stage)
+        model, saved = load_classifier(out)
+        return model, float(saved["test_accuracy"])
+    return train_rank(config, out, RankContext(default_device(device)), progress=progress, stage=stage)

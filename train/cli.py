@@ -22,11 +22,26 @@ def run_diffusion(args: argparse.Namespace) -> int:
 
 
 def run_classifier(args: argparse.Namespace) -> int:
+    from ..gen.errors import ConfigError
     from .classifier import ClassifierTrainConfig, train_classifier
+    from .streams import parse_mix
 
-    config = ClassifierTrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs,
-                                   batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    _, accuracy = train_classifier(config, args.out, device=args.device, progress=not args.quiet)
+    shards = {}
+    for item in args.shards or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--shards {item!r} is not NAME=PATH")
+        shards[name] = path
+    config = ClassifierTrainConfig(
+        dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        schedule=args.schedule, warmup=args.warmup, step_epochs=args.step_epochs, gamma=args.gamma,
+        label_smoothing=args.label_smoothing, amp=not args.no_amp, mix=parse_mix(args.mix, shards),
+        resample=not args.exact_epochs, epoch_samples=args.epoch_samples, shuffle_buffer=args.shuffle_buffer,
+        loader_workers=args.loader_workers, workers=args.workers, follow=args.follow,
+        follow_timeout=args.follow_timeout, diffaug=args.diffaug or "", diffaug_actors=args.diffaug_actors,
+        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    _, accuracy = train_classifier(config, args.out, device=args.device, progress=not args.quiet, address=args.address)
     print_json({"classifier": args.out, "test_accuracy": round(accuracy, 4)})
     return 0
 
@@ -56,15 +71,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     diffusion.add_argument("--quiet", action="store_true", help="no progress bar")
 
     classifier = add_command(
-        group, "classifier", "train a timm classifier on a dataset", run_classifier,
-        description="Train any timm model (tinycnn and tinycnn_wide are registered for 8x8 images) on a dataset's "
-                    "training split; reports test accuracy and saves classifier.safetensors + classifier.json.")
+        group, "classifier", "train a timm classifier on streamed real + synthetic shards", run_classifier,
+        description="Train any timm model (tinycnn / tinycnn_wide for 8x8 images and resnet18_cifar, a CIFAR-stem "
+                    "ResNet-18 for 32x32, are registered here) on the dataset's training split, written once to "
+                    "WebDataset shards under OUT/data/real, mixed with synthetic shard sets from `tailforge gen ...` "
+                    "(--mix real=1.0,lowdensity=0.3 --shards lowdensity=DIR). Each epoch is logged to "
+                    "OUT/train_log.jsonl (loss, accuracy, observed mix, test accuracy) and checkpointed to "
+                    "OUT/checkpoints (safetensors + JSON); re-running the same command resumes from the newest "
+                    "checkpoint with its optimizer state. --workers N > 1 runs N DDP ranks on Ray Train. Writes "
+                    "classifier.safetensors + classifier.json and prints the test accuracy.")
     classifier.add_argument("--dataset", default="digits", help="dataset spec (see `train diffusion --help`)")
     classifier.add_argument("--out", required=True, help="classifier folder to write")
-    classifier.add_argument("--model", default="tinycnn", help="timm model name")
-    classifier.add_argument("--epochs", type=positive_int, default=30, help="passes over the training split")
-    classifier.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
-    classifier.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW peak learning rate")
+    classifier.add_argument("--model", default="tinycnn", help="any timm model name")
+    classifier.add_argument("--mix", default="real=1.0",
+                            help="sources and relative sampling weights: `real` (the dataset) and shard sets, named "
+                                 "by --shards or given as folders, e.g. real=1.0,lowdensity=0.3")
+    classifier.add_argument("--shards", action="append", metavar="NAME=PATH",
+                            help="a synthetic shard set used in --mix under NAME (repeatable)")
+    classifier.add_argument("--epochs", type=positive_int, default=30, help="epochs")
+    classifier.add_argument("--epoch-samples", type=non_negative_int, default=0,
+                            help="samples per epoch (resampled epochs); 0: one pass over the real data in expectation")
+    classifier.add_argument("--exact-epochs", action="store_true",
+                            help="every sample of every source once per epoch instead of resampled shards "
+                                 "(mix weights must then be 1)")
+    classifier.add_argument("--batch-size", type=positive_int, default=128, help="images per step over all workers")
+    classifier.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer (SGD: Nesterov)")
+    classifier.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
+    classifier.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    classifier.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay")
+    classifier.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                            help="learning-rate schedule after warmup: cosine to 0, or times --gamma every --step-epochs")
+    classifier.add_argument("--warmup", type=float, default=0.15, help="fraction of all steps in linear warmup")
+    classifier.add_argument("--step-epochs", type=positive_int, default=10, help="step schedule: epochs between decays")
+    classifier.add_argument("--gamma", type=positive_float, default=0.1, help="step schedule: decay factor")
+    classifier.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    classifier.add_argument("--no-amp", action="store_true", help="no float16 autocast on CUDA")
+    classifier.add_argument("--loader-workers", type=non_negative_int, default=1,
+                            help="DataLoader processes per rank reading shards (0: in the training process)")
+    classifier.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="shuffle buffer per reader")
+    classifier.add_argument("--workers", type=positive_int, default=1,
+                            help="Ray Train workers (DDP ranks); 1 trains in this process")
+    classifier.add_argument("--address", default=None,
+                            help="Ray cluster for --workers > 1 (default: $RAY_ADDRESS, else a local instance)")
+    classifier.add_argument("--follow", action="store_true",
+                            help="read the synthetic shard sets while their generation job still writes them, "
+                                 "adding each shard as soon as its record lands in DIR/_records")
+    classifier.add_argument("--follow-timeout", type=positive_float, default=600.0,
+                            help="--follow: seconds to wait for a set's first shard")
+    classifier.add_argument("--diffaug", default=None, metavar="MODEL_DIR",
+                            help="train with DiffAug batches from this diffusion model (loss = CE(clean) + CE(augmented))")
+    classifier.add_argument("--diffaug-actors", type=non_negative_int, default=0,
+                            help="serve DiffAug from this many Ray actors (0: in the training process)")
+    classifier.add_argument("--checkpoint-every", type=positive_int, default=1, help="epochs between checkpoints")
     classifier.add_argument("--seed", type=non_negative_int, default=0, help="initialisation and data-order seed")
     classifier.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     classifier.add_argument("--quiet", action="store_true", help="no progress bar")

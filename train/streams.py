@@ -1,0 +1,521 @@
+"""WebDataset input pipelines for classifier training: real data and any number of synthetic shard
+sets, mixed by ratio, shuffled, and split by Ray Train rank and by DataLoader worker.
+
+Every source is a shard set on disk (gen/shards.py layout). The real dataset is written once to
+shards under the run folder (``write_real_shards``) unless it already is one (``shards:PATH``):
+one reader for every source means mixing, rank/worker splitting, resampling and follow mode are
+the same code for real and synthetic data, the loader's cost is the same as in production (tar
+reading + PNG decoding, which ``tailforge bench stream`` measures), and Ray Train workers on other
+nodes read the files instead of each loading the dataset.
+
+A *reader* is one (rank, loader worker) pair. One :class:`MixedStream` covers a whole run (all its
+epochs) for one rank, so DataLoader workers start once per run. The rank's batches are numbered by
+global step ``g = epoch * steps_per_epoch + step``; loader worker ``g % W`` makes batch ``g``, which
+is the order in which a DataLoader visits its workers, so batches arrive in global-step order.
+
+Epoch modes:
+
+* resampled (default): each reader draws shards with replacement, with probability proportional to
+  their sample counts (so every sample is equally likely), independently per source, and takes the
+  source of each sample with probability ``weight / sum(weights)``. An epoch is a number of samples
+  (``epoch_samples`` over all ranks); every rank takes ``ceil(epoch_samples / (batch * ranks))``
+  full batches whatever the number of shards, so no rank starves when shards are fewer than
+  readers. Streams are seeded by (seed, epoch, rank, worker).
+* exact (``resample=False``): every sample of every source once per epoch (the weights must be 1:
+  the mix ratio is then the sources' size ratio). All readers read the epoch's shards in the same
+  seeded order; stream position ``p`` belongs to rank ``p % R`` and, within the rank, position
+  ``q = p // R`` to batch ``q // b`` and so to the worker that makes that batch. Ranks whose share
+  is one sample short repeat one sample so that every rank takes the same number of steps (as
+  torch's DistributedSampler pads), i.e. at most R - 1 repeats per epoch and none with one rank.
+  Each reader reads every tar but decodes only its own samples.
+
+Follow mode (resampled only): a synthetic set is read while its generation job is still writing
+it. Readers draw from the shards whose record is in ``OUT/_records/`` (gen/shards.py: a record
+exists only once its shard is complete) and re-list the records every ``follow_poll`` seconds, so
+each shard joins the pool as soon as it is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+import tarfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.filters import _shuffle as shuffle_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys
+
+from ..gen.checkpoint import read_json
+from ..gen.datasets import LabeledImages, load_dataset, parse_spec
+from ..gen.errors import ConfigError
+from ..gen.shards import RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards, read_manifest, sample_key
+
+REAL = "real"
+IMAGE_KEYS = ("png", "jpg", "jpeg")
+
+# torchvision.io's decoders are deprecated since 0.29 in favour of torchcodec but ship in the pinned
+# range (< 0.30); they decode an 8x8 PNG about 2x faster than PIL. The warning fires on every call.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io\.image")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSource:
+    """One source of a training mix."""
+
+    name: str  # "real" (the dataset's training split) or a synthetic shard set's name
+    weight: float  # relative sampling weight: P(source) = weight / sum of weights (resampled mode)
+    path: str = ""  # shard-set folder; "" for the real dataset (resolved to its shards at run time)
+
+
+def parse_mix(text: str, shards: dict[str, str] | None = None) -> tuple[MixSource, ...]:
+    """``real=1.0,lowdensity=0.3`` -> MixSources. A name other than ``real`` is looked up in
+    ``shards`` (name -> shard-set folder, from ``--shards NAME=PATH``); a name not found there is
+    taken as the folder itself (``--mix real=1,runs/baseline=0.5``)."""
+    shards = dict(shards or {})
+    sources: list[MixSource] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, weight_text = item.rpartition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--mix entry {item!r} is not NAME=WEIGHT (e.g. real=1.0,lowdensity=0.3)")
+        name = name.strip()
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ConfigError(f"--mix entry {item!r}: weight {weight_text!r} is not a number") from None
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ConfigError(f"--mix entry {item!r}: weight must be a finite number > 0")
+        if name == REAL:
+            sources.append(MixSource(REAL, weight))
+        else:
+            path = shards.pop(name, name)
+            sources.append(MixSource(Path(path).name if name == path else name, weight, str(path)))
+    if not sources:
+        raise ConfigError(f"--mix {text!r} names no source")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--mix {text!r} names a source twice")
+    if shards:
+        raise ConfigError(f"--shards names {sorted(shards)} that --mix does not use")
+    return tuple(sources)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shard sets
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """A resolved source: a shard-set folder with its weight."""
+
+    name: str  # source name (as in the mix)
+    root: str  # shard-set folder
+    weight: float  # relative sampling weight
+    follow: bool = False  # read the records (growing while a job writes) instead of the manifest
+
+    def shards(self) -> list[tuple[str, int]]:
+        """(path, number of samples) of every shard readable now, in shard order."""
+        root = Path(self.root)
+        if self.follow:
+            return [(str(root / r["name"]), int(r["count"])) for r in _records(root)]
+        split = read_manifest(root)["splits"].get("train")
+        if split is None:
+            raise ShardError(f"{root / '_info.json'} has no 'train' split")
+        lengths = split.get("shard_lengths") or [count_tar_samples(root / name) for name in split["filenames"]]
+        return [(str(root / name), int(n)) for name, n in zip(split["filenames"], lengths)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _record(path: str, mtime_ns: int) -> dict[str, Any]:
+    return read_json(path, "shard record")
+
+
+def _records(root: Path) -> list[dict[str, Any]]:
+    """The shard records under ``root`` whose shard file is present, by shard index (records are
+    immutable once written, so each is parsed once per process)."""
+    folder = root / RECORDS_DIR
+    records = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        record = _record(str(path), path.stat().st_mtime_ns)
+        if (root / record["name"]).is_file():
+            records.append(record)
+    return sorted(records, key=lambda r: r["index"])
+
+
+def count_tar_samples(path: str | Path) -> int:
+    """Number of samples (distinct keys) in a tar shard: for manifests without shard_lengths."""
+    try:
+        with tarfile.open(path) as tar:
+            return len({base_plus_ext(name)[0] for name in tar.getnames()} - {None})
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"cannot read shard {path}: {err}") from None
+
+
+class _ShardPool:
+    """The shards one reader of one set draws from, weighted by their sample counts; in follow mode
+    it re-lists the records at most every ``poll`` seconds and waits up to ``timeout`` seconds for
+    the first one."""
+
+    def __init__(self, shard_set: ShardSet, rng: np.random.Generator, poll: float, timeout: float):
+        self.set, self.rng, self.poll, self.timeout = shard_set, rng, poll, timeout
+        self.urls: list[str] = []
+        self.probs = np.empty(0)
+        self.listed_at = -math.inf
+
+    def _refresh(self) -> None:
+        shards = [(url, n) for url, n in self.set.shards() if n > 0]
+        self.listed_at = time.monotonic()
+        if shards:
+            counts = np.array([n for _, n in shards], dtype=np.float64)
+            self.urls, self.probs = [url for url, _ in shards], counts / counts.sum()
+
+    def draw(self) -> str:
+        if self.set.follow and time.monotonic() - self.listed_at >= self.poll:
+            self._refresh()
+        elif not self.urls and not self.set.follow:
+            self._refresh()
+            if not self.urls:
+                raise ShardError(f"shard set {self.set.root} ({self.set.name}) holds no samples")
+        waited = time.monotonic()
+        while not self.urls:
+            if time.monotonic() - waited > self.timeout:
+                raise ShardError(f"follow: no shard recorded under {Path(self.set.root) / RECORDS_DIR} after "
+                                 f"{self.timeout:.0f} s; is its generation job running?")
+            time.sleep(self.poll)
+            self._refresh()
+        return self.urls[self.rng.choice(len(self.urls), p=self.probs)]
+
+    def urls_forever(self) -> Iterator[dict[str, str]]:
+        while True:
+            yield {"url": self.draw()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading tar shards
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The "path" record of a pax extended header ("LEN path=VALUE\n" records)."""
+    path = None
+    while data:
+        length, _, _ = data.partition(b" ")
+        record, data = data[:int(length)], data[int(length):]
+        key, _, value = record[len(length) + 1:-1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+    return path
+
+
+def read_tar_files(stream, url: str = "") -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file of a tar stream, in order.
+
+    Hand-written because Python's tarfile, under webdataset's reader, decodes every header field in
+    pure Python: on 8x8 images that was about 3/4 of the pipeline's time (`tailforge bench stream`),
+    about 70x this reader's cost. It reads the POSIX ustar/pax layout that tarfile and webdataset's
+    TarWriter write (checksums verified, pax "path" records, GNU long names, ustar prefixes) and
+    skips every other member type; tests check it against webdataset's reader.
+    """
+    long_name = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == _ZERO_BLOCK:
+            return
+        if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ShardError(f"shard {url}: bad tar header checksum (not a tar file, or damaged)")
+        size = _octal(header[124:136])
+        padded = -(-size // _BLOCK) * _BLOCK
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise ShardError(f"shard {url} is truncated")
+        data, kind = data[:size], header[156:157]
+        if kind == b"x":
+            long_name = _pax_path(data) or long_name
+        elif kind == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        else:
+            if kind in _REGULAR:
+                name = header[:100].rstrip(b"\0").decode("utf-8")
+                prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
+                yield long_name or (f"{prefix}/{name}" if prefix else name), data
+            long_name = None
+
+
+def tar_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """webdataset samples (``__key__``, ``__url__``, one entry per extension) of the shards named by
+    a stream of ``{"url": ...}`` dicts; opened with webdataset's gopen, grouped by its group_by_keys."""
+
+    def files() -> Iterator[dict[str, Any]]:
+        for item in urls:
+            url = item["url"]
+            try:
+                stream = gopen(url)
+            except OSError as err:
+                raise ShardError(f"cannot open shard {url}: {err}") from None
+            with stream:
+                for name, data in read_tar_files(stream, url):
+                    yield {"fname": name, "data": data, "__url__": url}
+            yield {}  # end of shard: group_by_keys never joins samples across shards
+
+    return group_by_keys(files())
+
+
+# ------------------------------------------------------------------------------------------------
+# The real dataset as shards
+
+
+class _RealSource:
+    """Encoded samples of an in-memory split, shaped like a generation job's source (gen/jobs.py)."""
+
+    model_evals = 0
+
+    def __init__(self, data: LabeledImages):
+        self.data = data
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+        for i in spec.indices:
+            image = self.data.images[i].permute(1, 2, 0).contiguous().numpy()
+            yield encode_sample(sample_key(spec.job, i), image, int(self.data.labels[i]),
+                                {"source_key": self.data.keys[i], "dataset": self.data.info.spec})
+
+
+def real_shard_root(spec: str, out: str | Path) -> Path:
+    """Where a run in ``out`` reads the real training split from: a ``shards:PATH`` spec without
+    options is a shard set already and is read in place; anything else is written once to
+    ``OUT/data/real`` by :func:`write_real_shards`."""
+    parsed = parse_spec(spec)
+    if parsed.name == "shards" and not parsed.options:
+        return Path(parsed.path).expanduser()
+    return Path(out) / "data" / REAL
+
+
+def write_real_shards(spec: str, root: str | Path, *, shard_size: int = 256, progress: bool = False) -> Path:
+    """The dataset's training split as a shard set under ``root``, through the generation-job
+    machinery (atomic shards, records, timm manifest), so a re-run reuses the recorded shards."""
+    from ..gen.jobs import run_job  # imports Ray; only needed here
+
+    data = load_dataset(spec, "train")
+    info = data.info
+    job = {"kind": "real", "dataset": spec, "num": len(data), "shard_size": shard_size}
+    run_job(root, job, plan_shards(REAL, len(data), shard_size, seed=0), functools.partial(_RealSource, data),
+            actors=0, progress=progress,
+            manifest_extra={"num_classes": info.num_classes, "class_names": list(info.class_names),
+                            "flip_augment": info.flip_augment})
+    return Path(root)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stream
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+def _image_key(sample: dict[str, Any]) -> str:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return key
+    raise ShardError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image ({'/'.join(IMAGE_KEYS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedStream(IterableDataset):
+    """One rank's batches for epochs ``[start_epoch, end_epoch)``: dicts with "images" (uint8 NCHW),
+    "labels" (int64), "source" (int64 index into ``sets``), "keys" (list of sample keys) and "step"
+    (the global step: epoch * steps_per_epoch + step). See the module docstring for the modes."""
+
+    sets: tuple[ShardSet, ...]  # the sources
+    batch_size: int  # samples per batch on this rank
+    image_shape: tuple[int, int, int]  # C, H, W every sample must have
+    num_classes: int  # labels must lie in [0, num_classes)
+    epoch_samples: int = 0  # resampled mode: samples per epoch over all ranks
+    resample: bool = True  # False: exact epochs (every sample once)
+    start_epoch: int = 0  # first epoch to yield
+    end_epoch: int = 1  # one past the last epoch
+    rank: int = 0  # Ray Train world rank
+    world_size: int = 1  # number of ranks
+    loader_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
+    shuffle_buffer: int = 1000  # samples in each reader's shuffle buffer
+    seed: int = 0  # run seed
+    follow_poll: float = 0.5  # follow mode: seconds between listings of the records
+    follow_timeout: float = 600.0  # follow mode: seconds to wait for a set's first record
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ConfigError("a stream needs at least one source")
+        if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"bad stream layout: batch {self.batch_size}, rank {self.rank} of {self.world_size}")
+        if self.resample and self.epoch_samples < 1:
+            raise ConfigError(f"resampled epochs need epoch_samples >= 1, got {self.epoch_samples}")
+        if not self.resample:
+            if any(s.follow for s in self.sets):
+                raise ConfigError("follow mode reads a growing shard set, so it needs resampled epochs")
+            if any(s.weight != 1 for s in self.sets):
+                raise ConfigError("exact epochs take every sample of every source once, so mix weights must be 1 "
+                                  f"(got {', '.join(f'{s.name}={s.weight:g}' for s in self.sets)}); "
+                                  "weighted mixing needs resampled epochs")
+
+    # -- sizes ----------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _exact_shards(self) -> list[tuple[str, int, int]]:
+        """(path, samples, source index) of every shard, listed once (before loader workers fork,
+        so that all readers of a rank agree on it)."""
+        return [(url, n, i) for i, s in enumerate(self.sets) for url, n in s.shards()]
+
+    @property
+    def num_samples(self) -> int:
+        """Exact mode: samples per epoch over all ranks (before padding)."""
+        return sum(n for _, n, _ in self._exact_shards)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.resample:
+            return -(-self.epoch_samples // (self.batch_size * self.world_size))
+        rank_samples = -(-self.num_samples // self.world_size)  # padded: every rank the same
+        if rank_samples == 0:
+            raise ShardError(f"the sources {[s.root for s in self.sets]} hold no samples")
+        return -(-rank_samples // self.batch_size)
+
+    def __len__(self) -> int:
+        return (self.end_epoch - self.start_epoch) * self.steps_per_epoch
+
+    def at(self, start_epoch: int, end_epoch: int) -> "MixedStream":
+        return dataclasses.replace(self, start_epoch=start_epoch, end_epoch=end_epoch)
+
+    def loader(self) -> DataLoader:
+        """A DataLoader over this stream (batches are made in the readers)."""
+        return DataLoader(self, batch_size=None, num_workers=self.loader_workers,
+                          persistent_workers=False, prefetch_factor=4 if self.loader_workers else None)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != max(1, self.loader_workers):
+            raise ConfigError(f"stream built for {self.loader_workers} loader workers runs under {workers}")
+        steps = self.steps_per_epoch
+        for epoch in range(self.start_epoch, self.end_epoch):
+            mine = [s for s in range(steps) if (epoch * steps + s) % workers == worker]
+            if not mine:
+                continue
+            rng = random.Random(_seed(self.seed, epoch, self.rank, worker, 1))
+            if self.resample:
+                raw = self._resampled(epoch, worker, len(mine) * self.batch_size)
+            else:
+                raw = self._exact(epoch, set(mine))
+            samples = shuffle_samples(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            for step, batch in zip(mine, self._batches(samples)):
+                batch["step"] = epoch * steps + step
+                yield batch
+
+    def _resampled(self, epoch: int, worker: int, count: int) -> Iterator[dict[str, Any]]:
+        """``count`` raw samples: per sample a source drawn by weight, from that source's own
+        endless stream of resampled shards. (webdataset's RandomMix draws from the global `random`
+        module, so it cannot be seeded per reader and epoch; this is its seeded equivalent.)"""
+        base = (self.seed, epoch, self.rank, worker)
+        weights = np.array([s.weight for s in self.sets], dtype=np.float64)
+        choose = np.random.default_rng(_seed(*base, 2))
+        streams = []
+        for i, shard_set in enumerate(self.sets):
+            pool = _ShardPool(shard_set, np.random.default_rng(_seed(*base, 3, i)), self.follow_poll,
+                              self.follow_timeout)
+            streams.append(tar_samples(pool.urls_forever()))
+        picks = choose.choice(len(self.sets), size=count, p=weights / weights.sum())
+        for source in picks:
+            sample = next(streams[source])
+            sample["__source__"] = int(source)
+            yield sample
+
+    def _exact(self, epoch: int, steps: set[int]) -> Iterator[dict[str, Any]]:
+        """This reader's samples of one exact epoch (see the module docstring), padded on ranks
+        whose share is one short."""
+        shards = self._exact_shards
+        source = {url: i for url, _, i in shards}
+        order = np.random.default_rng(_seed(self.seed, epoch, 0)).permutation(len(shards))
+        urls = ({"url": shards[i][0]} for i in order)
+        rank_total = len(range(self.rank, self.num_samples, self.world_size))
+        padded_total = -(-self.num_samples // self.world_size)
+        first = None
+        for position, sample in enumerate(tar_samples(urls)):
+            if position % self.world_size != self.rank:
+                continue
+            q = position // self.world_size
+            sample["__source__"] = source[sample["__url__"]]
+            first = first or sample
+            if q // self.batch_size in steps:
+                yield sample
+        for q in range(rank_total, padded_total):
+            if q // self.batch_size in steps and first is not None:
+                yield dict(first)
+
+    def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Decode and collate consecutive groups of ``batch_size`` samples (the last may be short)."""
+        images, labels, sources, keys = [], [], [], []
+        for sample in samples:
+            try:
+                image = decode_image(torch.frombuffer(bytearray(sample[_image_key(sample)]), dtype=torch.uint8),
+                                     mode=ImageReadMode.UNCHANGED)
+            except RuntimeError as err:
+                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']}: cannot decode image: {err}") from None
+            if image.shape != self.image_shape:
+                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has shape {image.shape}; "
+                                 f"the training data is {self.image_shape}")
+            label = int(sample["cls"])
+            if not 0 <= label < self.num_classes:
+                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has label {label}; "
+                                 f"the training data has {self.num_classes} classes")
+            images.append(image)
+            labels.append(label)
+            sources.append(sample["__source__"])
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield _collate(images, labels, sources, keys)
+                images, labels, sources, keys = [], [], [], []
+        if images:
+            yield _collate(images, labels, sources, keys)
+
+
+def _collate(images: list[Tensor], labels: list[int], sources: list[int], keys: list[str]) -> dict[str, Any]:
+    return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
+            "source": torch.tensor(sources, dtype=torch.long), "keys": keys}
+
+
+def resolve_sets(mix: Sequence[MixSource], real_root: str | Path | None, *, follow: bool = False) -> tuple[ShardSet, ...]:
+    """MixSources -> ShardSets: ``real`` is read from ``real_root``; synthetic sets are followed
+    (read from their records while a job writes them) when ``follow`` is set."""
+    sets = []
+    for source in mix:
+        if source.name == REAL:
+            if real_root is None:
+                raise ConfigError("the mix names `real` but no real shard set was prepared")
+            sets.append(ShardSet(REAL, str(real_root), source.weight))
+        else:
+            root = Path(source.path).expanduser()
+            if not follow and not root.is_dir():
+                raise ShardError(f"shard set {source.name!r} not found: {root} (make one with `tailforge gen ...`)")
+            sets.append(ShardSet(source.name, str(root), source.weight, follow=follow))
+    return tuple(sets)
