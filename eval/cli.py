@@ -21,6 +21,12 @@ def run_accuracy(args: argparse.Namespace) -> int:
               **accuracy_report(predict_logits(model, data.images), data.labels, int(config["num_classes"]))}
     if data.read_report:
         report["shard_read"] = data.read_report  # shards read and skipped (--skip-bad-shards)
+    if args.diffaug_ensemble:  # the same classifier with and without DiffAug-Ensemble (seed 003)
+        from .features import wrap_diffaug_ensemble
+
+        ensemble = wrap_diffaug_ensemble(model, args.diffaug_ensemble)
+        report["diffaug_ensemble"] = {"model": args.diffaug_ensemble, **accuracy_report(
+            predict_logits(ensemble, data.images), data.labels, int(config["num_classes"]))}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print_json(report)
@@ -48,9 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--dataset", required=True, help="dataset spec, e.g. digits or shards:OUT")
     accuracy.add_argument("--split", default="test", help="split to evaluate (shard sets have only 'train')")
     accuracy.add_argument("--json", default=None, help="also write the report to this file")
+    accuracy.add_argument("--diffaug-ensemble", default=None, metavar="MODEL_DIR",
+                          help="also evaluate DiffAug-Ensemble of the classifier with this (unconditional) diffusion "
+                               "model: mean softmax over t in {0, 50, ..., 450} (seed 003)")
     accuracy.add_argument("--skip-bad-shards", action="store_true",
                           help="shards: datasets: skip damaged shards (logged, counted in the report's shard_read) "
                                "instead of stopping at the first one")
+    from . import corruptions, emm, fidelity, memorization, ood, report
+
+    for suite in (corruptions, ood, fidelity, memorization, emm, report):
+        suite.register(group)
 
     from .demo import DemoConfig
 

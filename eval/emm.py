@@ -1,0 +1,353 @@
+"""Effective model memorization (seed 002, Definition 1) over nested training subsets.
+
+    EMM_eps(P, M, T) = max_N { E[R_Mem(D, M, T)] >= 1 - eps  |  D ~ P, |D| = N }
+
+Seed 002 (Section 2) estimates it by training the same model M with the same procedure T on a
+series of training sets of growing size, measuring each memorization ratio R_Mem (the ratio
+criterion, :mod:`tailforge.eval.memorization`), and interpolating between the two consecutive
+sizes whose ratios straddle 1 - eps; eps = 0.1 throughout that paper. Its released code reports
+EMM as the largest size whose ratio is still >= 90 %, interpolated; :func:`estimate_emm` does that
+(linearly in N) and says when the sizes do not bracket it.
+
+Our subsets are nested (``SPEC?n=N`` keeps the first N of one seeded permutation), which is what
+Hypothesis 1 (Eq. 4) compares. Each size is one Ray task (one CPU, or one GPU when the cluster has
+them) that trains a model, samples it and measures memorization, so the sizes train in parallel.
+
+Options that change the training set, each written as a shard set the trainer reads:
+- ``dummy``: seed 004 Hypothesis 2 / Appendix B.2: add K Gaussian-mixture dummy images (the ``gm``
+  dataset at the same size and channels) as one extra class; samples are drawn only for the real
+  classes and compared with the real training images.
+- ``labels``: ``true`` (the dataset's classes), ``none`` (unconditional model), ``random`` (each
+  image gets a uniformly random label among C classes) or ``unique`` (image i gets class i): seed
+  002 Section 6, where random and unique labels raise memorization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..gen.checkpoint import config_dict, read_json, write_json_atomic
+from ..gen.datasets import LabeledImages, load_dataset
+from ..gen.errors import ConfigError
+
+LABEL_MODES = ("true", "none", "random", "unique")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMMConfig:
+    """`tailforge eval emm`; copied into emm.json and every run's result."""
+
+    dataset: str = "digits"  # dataset spec; size N trains on SPEC?n=N (nested subsets of its training split)
+    sizes: tuple[int, ...] = (50, 100, 200, 400, 0)  # training-set sizes; 0 = the full training split
+    labels: str = "true"  # true | none (unconditional) | random | unique (seed 002 Sec. 6)
+    random_classes: int = 0  # C for random labels; 0 = the dataset's number of classes
+    dummy: int = 0  # Gaussian-mixture dummy images added as one extra class (seed 004 Hypothesis 2)
+    steps: int = 2000  # diffusion training steps, the same for every size (same procedure T)
+    batch_size: int = 128  # training batch
+    lr: float = 2e-3  # AdamW learning rate
+    preset: str | None = None  # U-Net preset (None: tiny up to 16 px, small above)
+    num_samples: int = 1000  # generated images per model (seed 002 uses 10k)
+    sampler: str = "ddim"  # sampler for the generated images
+    sampling_steps: int = 50  # its steps
+    epsilon: float = 0.1  # EMM threshold: ratio >= 1 - epsilon (seed 002 sets 0.1)
+    subset_seed: int = 0  # permutation that makes the nested subsets
+    seed: int = 0  # model initialisation, training batches, sampling noise and random labels
+
+    def validate(self) -> None:
+        if not self.sizes:
+            raise ConfigError("give at least one training-set size")
+        if any(n < 0 for n in self.sizes) or len(set(self.sizes)) != len(self.sizes):
+            raise ConfigError(f"sizes must be distinct and >= 2 (0 = full), got {self.sizes}")
+        if any(0 < n < 2 for n in self.sizes):
+            raise ConfigError(f"the ratio criterion needs at least 2 training images; got sizes {self.sizes}")
+        if self.labels not in LABEL_MODES:
+            raise ConfigError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+        if self.dummy < 0 or self.random_classes < 0:
+            raise ConfigError("dummy and random_classes must be >= 0")
+        if self.dummy and self.labels != "true":
+            raise ConfigError("dummy-data injection conditions on the dummy class: use it with labels=true")
+        if not 0 < self.epsilon < 1:
+            raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.steps < 1 or self.num_samples < 1 or self.sampling_steps < 1:
+            raise ConfigError("steps, num_samples and sampling_steps must be >= 1")
+
+
+def subset_spec(spec: str, n: int, subset_seed: int) -> str:
+    """`spec` restricted to the first n images of its seeded training permutation (n = 0: all)."""
+    head, _, query = spec.partition("?")
+    options = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(key in ("n", "subset_seed") for key, _ in options):
+        raise ConfigError(f"dataset spec {spec!r} already sets n/subset_seed; EMM chooses the subsets itself")
+    if n:
+        options += [("n", str(n)), ("subset_seed", str(subset_seed))]
+    return head + ("?" + urllib.parse.urlencode(options) if options else "")
+
+
+def estimate_emm(sizes: Sequence[int], ratios: Sequence[float], epsilon: float = 0.1) -> dict[str, Any]:
+    """Seed 002 Definition 1 estimated as in its Section 2: the largest size N_i whose ratio is
+    >= 1 - eps and the next size N_{i+1} (ratio < 1 - eps) bracket EMM, interpolated linearly:
+
+        EMM = N_i + (r_i - (1 - eps)) * (N_{i+1} - N_i) / (r_i - r_{i+1}).
+
+    When no size reaches 1 - eps, EMM is below the smallest size; when the largest size still
+    does, EMM is at least that size; both are reported as bounds (emm = None)."""
+    if len(sizes) != len(ratios) or not sizes:
+        raise ConfigError("estimate_emm needs one ratio per size")
+    points = sorted(zip((int(n) for n in sizes), (float(r) for r in ratios)))
+    target = 1.0 - epsilon
+    result: dict[str, Any] = {"epsilon": epsilon, "threshold": target,
+                              "monotone": all(a[1] >= b[1] for a, b in zip(points, points[1:]))}
+    above = [i for i, (_, r) in enumerate(points) if r >= target]
+    if not above:
+        return {**result, "emm": None, "bracketed": False, "upper_size": points[0][0], "upper_ratio": points[0][1],
+                "note": f"no size reaches ratio {target:g}: EMM < {points[0][0]}"}
+    i = above[-1]
+    if i == len(points) - 1:
+        return {**result, "emm": None, "bracketed": False, "lower_size": points[-1][0], "lower_ratio": points[-1][1],
+                "note": f"the largest size still has ratio >= {target:g}: EMM >= {points[-1][0]}"}
+    (n0, r0), (n1, r1) = points[i], points[i + 1]
+    emm = n0 + (r0 - target) * (n1 - n0) / (r0 - r1)
+    return {**result, "emm": emm, "bracketed": True, "lower_size": n0, "lower_ratio": r0,
+            "upper_size": n1, "upper_ratio": r1}
+
+
+# --------------------------------------------------------------------------------------------
+# One point of the study: training set -> model -> samples -> memorization ratio.
+
+
+def write_labeled_shards(root: Path, data: LabeledImages, class_names: Sequence[str], *, job: str = "trainset",
+                         shard_size: int = 1000) -> str:
+    """Write an in-memory training set as a shard set (temp + rename per shard, records, manifest)
+    and return its ``shards:`` spec, so the standard trainer reads modified training sets."""
+    from ..gen.shards import ShardRecord, encode_sample, plan_shards, sample_key, save_record, write_manifest, write_shard
+
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for spec in plan_shards(job, len(data), shard_size, seed=0):
+        samples = (encode_sample(sample_key(job, i), data.images[i].permute(1, 2, 0).numpy(), int(data.labels[i]),
+                                 {"source_key": data.keys[i]}) for i in spec.indices)
+        started = time.perf_counter()
+        sha256, size = write_shard(root, spec, samples)
+        record = ShardRecord(name=spec.name, index=spec.index, start=spec.start, count=spec.count, sha256=sha256,
+                             size_bytes=size, seconds=round(time.perf_counter() - started, 4), model_evals=0,
+                             worker="emm")
+        save_record(root, record)
+        records.append(record)
+    write_manifest(root, records, extra={"num_classes": len(class_names), "class_names": list(class_names),
+                                         "flip_augment": data.info.flip_augment})
+    return f"shards:{root}"
+
+
+def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple[str, int | None, int]:
+    """The spec the model trains on, the number of classes the model is conditioned on (None:
+    unconditional) and the number of classes samples are drawn from."""
+    num_classes = real.info.num_classes
+    if config.labels == "none":
+        return real.info.spec, None, 0
+    if config.labels == "true" and not config.dummy:
+        return real.info.spec, num_classes, num_classes
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.labels == "random":
+        classes = config.random_classes or num_classes
+        data = dataclasses.replace(real, labels=torch.randint(classes, (len(real),), generator=gen))
+        names: list[str] = [f"random-{c}" for c in range(classes)]
+        return write_labeled_shards(run_dir / "trainset", data, names), classes, classes
+    if config.labels == "unique":
+        data = dataclasses.replace(real, labels=torch.arange(len(real)))
+        return write_labeled_shards(run_dir / "trainset", data, [f"image-{i}" for i in range(len(real))]), len(real), len(real)
+    # GM dummy images (seed 004 App. B.2) as one extra class after the real ones
+    info = real.info
+    dummy = load_dataset(f"gm?size={info.image_size}&channels={info.channels}&train={config.dummy}&seed={config.seed}")
+    data = dataclasses.replace(real, images=torch.cat([real.images, dummy.images]),
+                               labels=torch.cat([real.labels, torch.full((config.dummy,), num_classes)]),
+                               keys=real.keys + dummy.keys)
+    return (write_labeled_shards(run_dir / "trainset", data, [*info.class_names, "gm-dummy"]),
+            num_classes + 1, num_classes)
+
+
+def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = None) -> dict[str, Any]:
+    """Train on the size-`size` subset, sample `num_samples` images and measure their memorization
+    ratio against the real training images. The result is written to RUN_DIR/result.json, and a
+    re-run with the same config returns it without retraining (training itself also resumes
+    from its checkpoints)."""
+    from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
+    from ..gen.checkpoint import load_diffusion_model
+    from ..train.diffusion import DiffusionTrainConfig, train_diffusion
+    from .figures import save_png_atomic
+    from .memorization import memorization_stats, nearest_pairs_grid
+
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    result_path = run / "result.json"
+    identity = {"config": config_dict(config), "size": size}
+    if result_path.is_file():
+        saved = read_json(result_path, "EMM run result")
+        if {k: saved.get(k) for k in identity} == identity:
+            return saved
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    real = load_dataset(subset_spec(config.dataset, size, config.subset_seed), "train")
+    spec, model_classes, sample_classes = training_set(config, real, run)
+    train_config = DiffusionTrainConfig(dataset=spec, preset=config.preset, steps=config.steps,
+                                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                                        class_conditional=model_classes is not None, keep_checkpoints=1)
+    train_diffusion(train_config, run / "model", device=device, progress=False)
+    trained = time.perf_counter()
+
+    model = load_diffusion_model(run / "model", device)
+    sampling = SamplingConfig(sampler=config.sampler, steps=config.sampling_steps)
+    images, labels = [], []
+    for first in range(0, config.num_samples, 500):
+        indices = list(range(first, min(first + 500, config.num_samples)))
+        batch_labels = balanced_labels(indices, sample_classes) if model_classes is not None else None
+        images.append(generate_batch(model, sampling, config.seed, indices, batch_labels))
+        labels.append(batch_labels)
+    images = torch.cat(images)
+    sampled = time.perf_counter()
+
+    # per-class figures only where generated labels are the dataset's own classes
+    true_labels = torch.cat(labels) if config.labels == "true" else None
+    stats, nn2 = memorization_stats(images, true_labels, real, device=device)
+    save_png_atomic(nearest_pairs_grid(images, real.images, nn2), run / "nearest_pairs.png")
+    result = {**identity, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
+              "model_classes": model_classes, "memorization_ratio": stats["memorization_ratio"],
+              "memorization": stats, "nearest_pairs_png": "nearest_pairs.png", "device": device,
+              "seconds": {"train": round(trained - started, 2), "sample": round(sampled - trained, 2),
+                          "measure": round(time.perf_counter() - sampled, 2)}}
+    write_json_atomic(result_path, result)
+    return result
+
+
+def _run_name(size: int) -> str:
+    return f"n{size}" if size else "nfull"
+
+
+def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, in_process: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Every size as a Ray task (or in this process), then EMM; writes OUT/emm.json."""
+    from tqdm import tqdm
+
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full = len(load_dataset(config.dataset, "train"))
+    too_big = [n for n in config.sizes if n > full]
+    if too_big:
+        raise ConfigError(f"sizes {too_big} exceed the {full} training images of {config.dataset!r}")
+    started = time.perf_counter()
+    runs = {size: str(out / "runs" / _run_name(size)) for size in config.sizes}
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(runs), desc="EMM models", unit="model", disable=not progress)
+    if in_process:
+        for size, run_dir in runs.items():
+            results.append(run_point(config, size, run_dir))
+            bar.update(1)
+    else:
+        import ray
+
+        from ..gen.jobs import connect
+
+        connect(address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(run_point).options(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=2)
+        pending = [task.remote(config, size, run_dir) for size, run_dir in runs.items()]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(done[0]))
+            bar.update(1)
+            bar.set_postfix(last=f"n={results[-1]['num_train']}: {results[-1]['memorization_ratio']:.3f}")
+    bar.close()
+    results.sort(key=lambda r: r["num_train"])
+    points = [{"size": r["num_train"], "full": r["size"] == 0, "memorization_ratio": r["memorization_ratio"],
+               "distinct_train_images_replicated": r["memorization"]["distinct_train_images_replicated"],
+               "median_ratio_d1_d2": r["memorization"]["median_ratio_d1_d2"], "run": _run_name(r["size"]),
+               "seconds": r["seconds"]} for r in results]
+    report = {"config": config_dict(config), "points": points,
+              "emm": estimate_emm([p["size"] for p in points], [p["memorization_ratio"] for p in points],
+                                  config.epsilon),
+              "wall_seconds": round(time.perf_counter() - started, 1),
+              "note": "wall_seconds counts only the runs this invocation computed; reused runs cost nothing"}
+    write_json_atomic(out / "emm.json", report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# `tailforge eval emm`
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "full":
+            sizes.append(0)
+            continue
+        try:
+            sizes.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"sizes are integers or 'full', got {part!r}") from None
+    return tuple(sizes)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    config = EMMConfig(dataset=args.dataset, sizes=args.sizes, labels=args.labels, random_classes=args.random_classes,
+                       dummy=args.dummy, steps=args.steps, batch_size=args.batch_size, lr=args.lr, preset=args.preset,
+                       num_samples=args.num_samples, sampler=args.sampler, sampling_steps=args.sampling_steps,
+                       epsilon=args.epsilon, subset_seed=args.subset_seed, seed=args.seed)
+    report = run_emm(config, args.out, address=args.address, in_process=args.in_process, progress=not args.quiet)
+    print_json({"out": str(Path(args.out) / "emm.json"), "emm": report["emm"],
+                "points": [{k: p[k] for k in ("size", "memorization_ratio")} for p in report["points"]],
+                "wall_seconds": report["wall_seconds"]})
+    return 0
+
+
+def register(group: argparse._SubParsersAction) -> None:
+    from ..gen.cliutil import add_command, non_negative_int, positive_float, positive_int
+    from ..gen.samplers import SAMPLERS
+    from ..gen.unet import UNET_PRESETS
+
+    defaults = EMMConfig()
+    parser = add_command(
+        group, "emm", "effective model memorization over nested training subsets (seed 002)", run_cli,
+        description="Train one diffusion model per training-set size (nested subsets SPEC?n=N) as parallel Ray "
+                    "tasks, sample each, measure its memorization ratio (ratio criterion d1 < d2/3) and "
+                    "interpolate EMM, the largest size whose ratio is still >= 1 - epsilon (seed 002 Def. 1). "
+                    "--dummy K injects K Gaussian-mixture dummy images as an extra class (seed 004 Hyp. 2); "
+                    "--labels random|unique conditions on uninformative labels (seed 002 Sec. 6). Writes "
+                    "OUT/emm.json and OUT/runs/nN/{model,result.json,nearest_pairs.png}; a re-run reuses "
+                    "finished sizes.")
+    parser.add_argument("--dataset", default=defaults.dataset, help="dataset spec (without n=)")
+    parser.add_argument("--sizes", type=parse_sizes, default=",".join(str(n) if n else "full" for n in defaults.sizes),
+                        help="comma-separated training-set sizes, 'full' for the whole training split")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--labels", choices=LABEL_MODES, default=defaults.labels,
+                        help="class labels the models are conditioned on")
+    parser.add_argument("--random-classes", type=non_negative_int, default=defaults.random_classes,
+                        help="C for --labels random (0: the dataset's number of classes)")
+    parser.add_argument("--dummy", type=non_negative_int, default=defaults.dummy,
+                        help="Gaussian-mixture dummy images added to every training set as one extra class")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="diffusion training steps per model")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="training batch")
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate")
+    parser.add_argument("--preset", choices=sorted(UNET_PRESETS), default=None, help="U-Net preset")
+    parser.add_argument("--num-samples", type=positive_int, default=defaults.num_samples,
+                        help="generated images per model")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler, help="sampler")
+    parser.add_argument("--sampling-steps", type=positive_int, default=defaults.sampling_steps, help="sampling steps")
+    parser.add_argument("--epsilon", type=positive_float, default=defaults.epsilon, help="EMM threshold 1 - epsilon")
+    parser.add_argument("--subset-seed", type=non_negative_int, default=defaults.subset_seed,
+                        help="seed of the permutation the nested subsets come from")
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed,
+                        help="model, batch, sampling and random-label seed")
+    parser.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--in-process", action="store_true", help="train the sizes one after another without Ray")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,73 @@
+"""What the evaluation suites need from a classifier, and how they get it.
+
+Every suite (accuracy, corruptions, OOD, fidelity, memorization's feature-space check) takes a
+*classifier-like module*: an ``nn.Module`` mapping float NCHW images in [-1, 1] to logits, which is
+what :func:`tailforge.gen.classifier_nets.predict_logits` runs in batches. A timm-style model
+additionally exposes ``forward_features`` / ``forward_head(pre_logits=True)`` and a linear head
+(``get_classifier()``), which the feature-based OOD scores (ReAct, ASH, SCALE, Mahalanobis, kNN)
+and the feature-space metrics need (DESIGN.md: features come from the classifier's own
+interface, not from hooks). A wrapper such as DiffAug-Ensemble is a classifier-like module too;
+where it exposes no features the feature-based scores are reported as not applicable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..gen.checkpoint import load_diffusion_model
+from ..gen.classifier_nets import load_classifier
+from ..gen.errors import ConfigError
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The final linear layer of a timm-style classifier whose logits are ``head(embedding)``,
+    or None when the model does not expose one (then only logit-based scores apply)."""
+    if not all(hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier")):
+        return None
+    head = model.get_classifier()
+    return head if isinstance(head, nn.Linear) else None
+
+
+def wrap_diffaug_ensemble(classifier: nn.Module, model_dir: str | os.PathLike, device: str | None = None) -> nn.Module:
+    """Wrap `classifier` in DiffAug-Ensemble (seed 003: mean softmax over t in {0, 50, ..., 450})
+    with the diffusion model in `model_dir`, on the classifier's device. The wrapper lives in
+    ``tailforge.gen.diffaug``; it returns log-probabilities, so softmax of its output is the ensemble's
+    probability and every logit-based metric applies to it."""
+    try:
+        from ..gen.diffaug import DiffAugEnsemble
+    except ImportError as err:
+        raise ConfigError(f"--diffaug-ensemble needs tailforge.gen.diffaug.DiffAugEnsemble, which is not "
+                          f"available in this checkout ({err}); evaluate without the flag") from None
+    device = device or next(classifier.parameters()).device
+    model = load_diffusion_model(model_dir, device)
+    return DiffAugEnsemble(classifier, model.denoiser).eval()
+
+
+def load_eval_classifier(folder: str | os.PathLike, *, diffaug_ensemble: str | None = None,
+                         device: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved classifier (optionally wrapped in DiffAug-Ensemble) and a description of it that
+    goes into every report: the folder, its config, and the wrapper."""
+    device = device or default_device()
+    model, config = load_classifier(folder, device)
+    described = {"classifier": str(folder), "model": config.get("model"), "diffaug_ensemble": diffaug_ensemble}
+    if diffaug_ensemble:
+        model = wrap_diffaug_ensemble(model, diffaug_ensemble, device)
+    return model, {**described, "num_classes": int(config["num_classes"])}
+
+
+def add_classifier_options(parser, *, required: bool = True) -> None:
+    """The classifier flags shared by the accuracy, corruption and OOD commands."""
+    parser.add_argument("--classifier", required=required, default=None,
+                        help="classifier folder (tailforge train classifier)")
+    parser.add_argument("--diffaug-ensemble", default=None, metavar="MODEL_DIR",
+                        help="evaluate DiffAug-Ensemble of the classifier with this diffusion model (seed 003: "
+                             "mean softmax over t in {0, 50, ..., 450})")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -1,0 +1,48 @@
+"""Image grids and figure encoding shared by the evaluation commands and the report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, ncols: int, *, scale: int = 4, pad: int = 1, pad_value: int = 255) -> Image.Image:
+    """Tile uint8 NCHW images (C = 1 or 3) row-major into one PIL image, each upscaled by `scale`
+    with nearest-neighbour (so 8x8 digits stay crisp) and separated by `pad` pixels."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 N x (1|3) x H x W images, got {images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = np.full((nrows * cell_h + pad, ncols * cell_w + pad, c), pad_value, dtype=np.uint8)
+    big = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        row, col = divmod(i, ncols)
+        top, left = pad + row * cell_h, pad + col * cell_w
+        canvas[top:top + h * scale, left:left + w * scale] = big[i]
+    return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    """Bytes as a data URI, so the report embeds every figure and needs no network or side files."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def pil_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return data_uri(buf.getvalue())

@@ -1,0 +1,301 @@
+"""Memorization of the training set by a diffusion model (seeds 002, 004; seed 000 Section 5).
+
+Ratio criterion (seed 004 Section 3.1, validated in its Appendix D; adopted by seed 002 Section 2):
+a generated image W is a replicate of the training set S when
+
+    ||W - NN1(W, S)||_2  <  1/3 * ||W - NN2(W, S)||_2
+
+with NN1 / NN2 its nearest and second-nearest training images in L2. As in both papers' released
+code it is measured in pixel space (flattened images; here floats in [-1, 1], which only scales
+both distances and leaves the ratio unchanged). The memorization ratio is the fraction of
+generated images that are replicates (seed 002's R_Mem).
+
+Nearest neighbours are exact: every generated image is compared with every training image in
+chunks (on the GPU when present); the three best candidates per query are re-ranked with
+distances recomputed in float64 from the image differences, so near-duplicates (the case the
+criterion is about) are not blurred by float32 cancellation in ||a||^2 + ||b||^2 - 2ab.
+
+Seed 000 Section 5's check works in a classifier's feature space instead: if generated images were
+memorized, their nearest-neighbour distance to the training set would be much smaller than that of
+held-out real images; and (its Fig. 9) the classes of their 5 nearest real neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..gen.checkpoint import write_json_atomic
+from ..gen.datasets import DatasetError, LabeledImages, load_dataset, uint8_to_float
+from ..gen.errors import ConfigError
+from .features import default_device
+from .figures import image_grid, save_png_atomic
+
+#: seed 004 Section 3.1: replicate when d1 / d2 < 1/3
+RATIO_THRESHOLD = 1.0 / 3.0
+
+
+@dataclasses.dataclass
+class NearestTwo:
+    """Nearest and second-nearest reference rows of each query."""
+
+    d1: Tensor  # float64 [M] distance to the nearest reference row
+    d2: Tensor  # float64 [M] distance to the second-nearest
+    i1: Tensor  # int64 [M] index of the nearest
+    i2: Tensor  # int64 [M] index of the second-nearest
+
+
+def _flat(x: Tensor) -> Tensor:
+    x = uint8_to_float(x) if x.dtype == torch.uint8 else x
+    return x.reshape(len(x), -1)
+
+
+def nearest_two(queries: Tensor, reference: Tensor, *, query_chunk: int = 1024, reference_chunk: int = 8192,
+                device: str | torch.device | None = None) -> NearestTwo:
+    """Exact L2 nearest and second-nearest `reference` rows for each `queries` row (images are
+    flattened; uint8 images are mapped to [-1, 1] first). Chunked over both sets so memory stays
+    at query_chunk x reference_chunk distances whatever the sizes."""
+    if len(reference) < 2:
+        raise ConfigError(f"the ratio criterion needs at least 2 reference images, got {len(reference)}")
+    queries, reference = _flat(queries), _flat(reference)
+    if queries.shape[1] != reference.shape[1]:
+        raise ConfigError(f"generated images have {queries.shape[1]} values each, training images "
+                          f"{reference.shape[1]}: they must have the same shape")
+    device = torch.device(device or default_device())
+    keep = min(3, len(reference))
+    ref = reference.to(device, torch.float32)
+    d1, d2, i1, i2 = [], [], [], []
+    for qs in range(0, len(queries), query_chunk):
+        q = queries[qs:qs + query_chunk].to(device, torch.float32)
+        best_d = torch.full((len(q), keep), float("inf"), device=device)
+        best_i = torch.zeros((len(q), keep), dtype=torch.long, device=device)
+        for rs in range(0, len(ref), reference_chunk):
+            chunk = ref[rs:rs + reference_chunk]
+            dist = torch.cdist(q, chunk)
+            cand_d = torch.cat([best_d, dist], 1)
+            cand_i = torch.cat([best_i, torch.arange(rs, rs + len(chunk), device=device).expand(len(q), -1)], 1)
+            best_d, pos = cand_d.topk(keep, dim=1, largest=False)
+            best_i = cand_i.gather(1, pos)
+        # re-rank the candidates with exact float64 distances computed from the differences
+        exact = (q.double().unsqueeze(1) - ref[best_i].double()).norm(dim=2)
+        exact, order = exact.sort(dim=1)
+        best_i = best_i.gather(1, order)
+        d1.append(exact[:, 0].cpu()), d2.append(exact[:, 1].cpu())
+        i1.append(best_i[:, 0].cpu()), i2.append(best_i[:, 1].cpu())
+    return NearestTwo(torch.cat(d1), torch.cat(d2), torch.cat(i1), torch.cat(i2))
+
+
+def ratio_criterion(d1: Tensor, d2: Tensor, threshold: float = RATIO_THRESHOLD) -> Tensor:
+    """Seed 004 Section 3.1: replicate iff d1 < threshold * d2 (strict; a query whose two nearest
+    training images are both at distance 0, i.e. duplicated training data, counts as a replicate
+    only if d1 < threshold * d2, which 0 < 0 is not)."""
+    return d1 < threshold * d2
+
+
+def _quantiles(values: Tensor, qs=(0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, float]:
+    v = values.double()
+    return {f"q{int(q * 100):02d}": float(v.quantile(q)) for q in qs} if len(v) else {}
+
+
+def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train: LabeledImages, *,
+                       pairs: int = 24, device: str | None = None) -> tuple[dict[str, Any], NearestTwo]:
+    """Ratio criterion of every generated image against the training images: the memorization
+    ratio, the number of distinct training images replicated (seed 004 Fig. 5b), per-class ratios
+    (seed 004 Section 3.3), the distribution of d1/d2, and the closest pairs."""
+    nn2 = nearest_two(generated, train.images, device=device)
+    ratio = nn2.d1 / nn2.d2.clamp_min(1e-12)
+    replicate = ratio_criterion(nn2.d1, nn2.d2)
+    replicated_train = torch.unique(nn2.i1[replicate])
+    nearest_label = train.labels[nn2.i1]
+    counts, edges = np.histogram(ratio.clamp(max=1.0).numpy(), bins=20, range=(0.0, 1.0))
+    stats: dict[str, Any] = {
+        "criterion": "d1 < d2 / 3, L2 in pixel space (seed 004 Sec. 3.1)",
+        "num_generated": int(len(generated)),
+        "num_train": int(len(train)),
+        "memorization_ratio": float(replicate.double().mean()),
+        "replicates": int(replicate.sum()),
+        "distinct_train_images_replicated": int(len(replicated_train)),
+        "fraction_train_replicated": float(len(replicated_train) / len(train)),
+        "ratio_d1_d2": _quantiles(ratio),
+        "median_ratio_d1_d2": float(ratio.double().median()),
+        "d1": {"mean": float(nn2.d1.mean()), **_quantiles(nn2.d1)},
+        "ratio_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }
+    if generated_labels is not None:
+        stats["nearest_train_same_class"] = float((nearest_label == generated_labels).double().mean())
+        per_class = []
+        for c in range(train.info.num_classes):
+            members = generated_labels == c
+            if not members.any():
+                continue
+            rep = replicate[members]
+            per_class.append({
+                "class": c, "name": train.info.class_names[c], "generated": int(members.sum()),
+                "train_images": int((train.labels == c).sum()),
+                "memorization_ratio": float(rep.double().mean()),
+                "distinct_train_images_replicated": int(len(torch.unique(nn2.i1[members][rep]))),
+            })
+        stats["per_class"] = per_class
+    order = nn2.d1.argsort()[:pairs]
+    stats["closest_pairs"] = [{"generated": int(i), "train_key": train.keys[int(nn2.i1[i])], "d1": float(nn2.d1[i]),
+                               "d2": float(nn2.d2[i]), "ratio": float(ratio[i])} for i in order]
+    return stats, nn2
+
+
+def nearest_pairs_grid(generated: Tensor, train: Tensor, nn2: NearestTwo, count: int = 24):
+    """Image grid of the `count` generated images closest to the training set: each generated
+    image (top of a pair) above its nearest training image (seed 004 Fig. 3; seed 000 Fig. 8)."""
+    order = nn2.d1.argsort()[:count]
+    ncols = min(12, len(order))
+    tiles = []
+    for start in range(0, len(order), ncols):
+        block = order[start:start + ncols]
+        tiles += [generated[block], train[nn2.i1[block]]]
+        if len(block) < ncols:  # pad the last row pair so pairs stay aligned in columns
+            pad = torch.full((ncols - len(block), *generated.shape[1:]), 255, dtype=torch.uint8)
+            tiles[-2], tiles[-1] = torch.cat([tiles[-2], pad]), torch.cat([tiles[-1], pad])
+    return image_grid(torch.cat(tiles), ncols)
+
+
+def feature_nn_distances(classifier: torch.nn.Module, generated: Tensor, generated_labels: Tensor | None,
+                         train: LabeledImages, heldout: LabeledImages, k: int = 5) -> dict[str, Any]:
+    """Seed 000 Section 5: nearest-neighbour distance to the training set in the classifier's
+    embedding space, for generated images and for held-out real images. Memorized samples would
+    sit much closer to the training set than held-out real data does. Also (its Fig. 9) how many
+    of each generated image's `k` nearest training images share its class."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from ..gen.classifier_nets import embed
+
+    train_f = embed(classifier, train.images).numpy()
+    index = NearestNeighbors(n_neighbors=k).fit(train_f)
+    gen_d, gen_i = index.kneighbors(embed(classifier, generated).numpy())
+    held_d, _ = index.kneighbors(embed(classifier, heldout.images).numpy())
+    out = {
+        "space": "classifier embedding (forward_head pre_logits), L2",
+        "generated_nn_distance": {"mean": float(gen_d[:, 0].mean()), "median": float(np.median(gen_d[:, 0]))},
+        "heldout_nn_distance": {"mean": float(held_d[:, 0].mean()), "median": float(np.median(held_d[:, 0]))},
+        "num_heldout": int(len(heldout)),
+    }
+    out["generated_over_heldout_mean"] = out["generated_nn_distance"]["mean"] / max(out["heldout_nn_distance"]["mean"], 1e-12)
+    if generated_labels is not None:
+        same = (train.labels.numpy()[gen_i] == generated_labels.numpy()[:, None]).mean(1)
+        out[f"knn{k}_same_class_fraction"] = float(same.mean())
+    return out
+
+
+def evaluate_memorization(samples: LabeledImages, train: LabeledImages, out: str | Path, *,
+                          classifier: torch.nn.Module | None = None, heldout: LabeledImages | None = None,
+                          pairs: int = 24, config: dict[str, Any] | None = None,
+                          device: str | None = None) -> dict[str, Any]:
+    """Measure `samples` against `train`, write OUT/memorization.json and OUT/nearest_pairs.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if samples.images.shape[1:] != train.images.shape[1:]:
+        raise ConfigError(f"generated images are {tuple(samples.images.shape[1:])}, training images "
+                          f"{tuple(train.images.shape[1:])}: compare against the dataset the model was trained on")
+    started = time.perf_counter()
+    labels = samples.labels if samples.info.num_classes == train.info.num_classes else None
+    stats, nn2 = memorization_stats(samples.images, labels, train, pairs=pairs, device=device)
+    for pair in stats["closest_pairs"]:
+        pair["generated_key"] = samples.keys[pair.pop("generated")]
+    report: dict[str, Any] = {"config": config or {}, **stats}
+    if classifier is not None and heldout is not None:
+        report["feature_space"] = feature_nn_distances(classifier, samples.images, labels, train, heldout)
+    elif classifier is not None:
+        report["feature_space"] = {"absent": "the dataset has no held-out (test) split to compare with"}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    save_png_atomic(nearest_pairs_grid(samples.images, train.images, nn2, pairs), out / "nearest_pairs.png")
+    report["nearest_pairs_png"] = "nearest_pairs.png"
+    write_json_atomic(out / "memorization.json", report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# `tailforge eval memorization`
+
+
+def _generate_shards(args: argparse.Namespace, out: Path) -> Path:
+    """Run a baseline generation job with the model into OUT/samples (resumable, on the actor pool)."""
+    from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
+    from ..gen.checkpoint import config_dict
+    from ..gen.cli import manifest_extra
+    from ..gen.jobs import run_job
+    from ..gen.shards import plan_shards
+
+    config = BaselineConfig(model=args.model, num=args.num, seed=args.seed, job="memorization",
+                            sampling=SamplingConfig(sampler=args.sampler, steps=args.steps))
+    root = out / "samples"
+    run_job(root, config_dict(config), plan_shards(config.job, config.num, config.shard_size, config.seed),
+            functools.partial(BaselineSource, config), actors=args.actors, address=args.address,
+            manifest_extra=manifest_extra(args.model), progress=not args.quiet)
+    return root
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    if bool(args.shards) == bool(args.model):
+        raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = Path(args.shards) if args.shards else _generate_shards(args, out)
+    samples = load_dataset(f"shards:{shards}", "train")
+    # the data the model was trained on: the training split (all images of a folder with no split)
+    train = load_dataset(args.dataset, "train")
+    classifier, heldout = None, None
+    if args.classifier:
+        from ..gen.classifier_nets import load_classifier
+
+        classifier, _ = load_classifier(args.classifier, args.device or default_device())
+        try:
+            heldout = load_dataset(args.dataset, "test")
+        except DatasetError:
+            heldout = None
+    config = {"shards": str(shards), "model": args.model, "dataset": args.dataset, "classifier": args.classifier,
+              "num": args.num if args.model else None, "sampler": args.sampler if args.model else None,
+              "steps": args.steps if args.model else None, "seed": args.seed if args.model else None}
+    report = evaluate_memorization(samples, train, out, classifier=classifier, heldout=heldout, pairs=args.pairs,
+                                   config=config, device=args.device)
+    summary = {k: report[k] for k in ("memorization_ratio", "replicates", "distinct_train_images_replicated",
+                                      "median_ratio_d1_d2", "num_generated", "num_train")}
+    print_json({"out": str(out / "memorization.json"), **summary})
+    return 0
+
+
+def register(group: argparse._SubParsersAction) -> None:
+    from ..gen.cliutil import add_command, add_ray_options, non_negative_int, positive_int
+    from ..gen.samplers import SAMPLERS
+
+    parser = add_command(
+        group, "memorization", "ratio-criterion memorization of a shard set or model against its training data",
+        run_cli,
+        description="For every generated image find its nearest and second-nearest training images (exact, pixel "
+                    "space, chunked, GPU when present) and mark it a replicate when d1 < d2/3 (seeds 002/004). "
+                    "Writes OUT/memorization.json (memorization_ratio, distinct training images replicated, per "
+                    "class, d1/d2 distribution, closest pairs) and OUT/nearest_pairs.png. With --classifier also "
+                    "the feature-space nearest-neighbour distances of generated vs held-out real images (seed 000 "
+                    "Sec. 5). --model generates --num samples first (a baseline job into OUT/samples).")
+    parser.add_argument("--shards", default=None, help="generated shard set to check")
+    parser.add_argument("--model", default=None, help="diffusion model folder: generate samples first")
+    parser.add_argument("--dataset", required=True,
+                        help="spec of the data the model was trained on (its training split is the reference), "
+                             "e.g. digits?n=100")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--classifier", default=None, help="classifier folder for the feature-space check")
+    parser.add_argument("--pairs", type=positive_int, default=24, help="closest pairs to list and draw")
+    parser.add_argument("--num", type=positive_int, default=1000, help="with --model: samples to generate")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="with --model: sampler")
+    parser.add_argument("--steps", type=positive_int, default=50, help="with --model: sampling steps")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="with --model: job seed")
+    parser.add_argument("--device", default=None, help="torch device for the neighbour search")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_options(parser)

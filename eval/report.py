@@ -1,0 +1,608 @@
+"""`tailforge eval report`: every evaluation result in one report.json and one self-contained
+report.html (figures embedded as PNG data URIs: it opens offline, from any folder).
+
+Inputs are the JSON files the evaluation commands write (found by their content, so any file name
+works), shard sets for sample grids and density histograms, and classifiers trained on
+reconstructed data for accuracy vs t_re. A section whose inputs are absent is reported as absent
+with the reason; nothing is filled in. Every figure carries the source file and the config that
+produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..gen.checkpoint import read_json, write_json_atomic
+from ..gen.errors import ConfigError
+from .figures import data_uri, image_grid, pil_data_uri
+
+TEMPLATE = Path(__file__).with_name("report_template.html")
+
+#: result kinds, recognised by the keys their JSON holds
+KINDS: dict[str, tuple[str, ...]] = {
+    "emm": ("points", "emm"),
+    "memorization": ("memorization_ratio", "closest_pairs"),
+    "corruptions": ("mean_corruption_accuracy", "corruptions"),
+    "ood": ("scores_computed", "sets"),
+    "fidelity": ("frechet_distance", "fake_detection"),
+    "density": ("samples", "real_test"),
+    "accuracy": ("top1", "per_class"),
+}
+
+
+def result_kind(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    for kind, keys in KINDS.items():
+        if all(k in obj for k in keys):
+            return kind
+    return None
+
+
+@dataclasses.dataclass
+class Figure:
+    title: str
+    uri: str  # data URI of the PNG
+    caption: str  # what it shows and where it came from
+    config: dict[str, Any]  # the config that produced it
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+
+
+@dataclasses.dataclass
+class Section:
+    key: str
+    title: str
+    absent: str | None = None  # why the section has no content
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+    tables: list[Table] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # numbers that go to report.json
+
+    def to_json(self) -> dict[str, Any]:
+        if self.absent:
+            return {"title": self.title, "absent": self.absent}
+        return {"title": self.title, "data": self.data, "notes": self.notes,
+                "tables": [dataclasses.asdict(t) for t in self.tables],
+                "figures": [{"title": f.title, "caption": f.caption, "config": f.config} for f in self.figures]}
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg). Each refuses to draw an empty plot.
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return data_uri(buf.getvalue())
+
+
+def _require(points: int, what: str) -> None:
+    if points < 1:
+        raise ValueError(f"no data to plot for {what}")
+
+
+def histogram_figure(series: dict[str, np.ndarray], xlabel: str, title: str) -> str:
+    plt = _plt()
+    _require(sum(len(v) for v in series.values()), title)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
+    bins = np.linspace(*np.percentile(finite, [0.5, 99.5]), 40) if np.ptp(finite) > 0 else 10
+    for name, values in series.items():
+        ax.hist(values[np.isfinite(values)], bins=bins, histtype="step", density=True, linewidth=1.6,
+                label=f"{name} (n={len(values)}, median {np.median(values):.3g})")
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
+    ax.legend(fontsize=7)
+    return _fig_uri(fig)
+
+
+def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, *,
+                logx: bool = False, hline: tuple[float, str] | None = None,
+                markers: dict[str, tuple[float, float]] | None = None, ylim: tuple[float, float] | None = None) -> str:
+    plt = _plt()
+    _require(sum(len(x) for x, _ in series.values()), title)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", label=name)
+    if hline:
+        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
+    for name, (x, y) in (markers or {}).items():
+        ax.plot([x], [y], marker="*", markersize=14, linestyle="none", color="crimson", label=name)
+    if logx:
+        ax.set_xscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _fig_uri(fig)
+
+
+def bar_figure(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
+               hlines: dict[str, float] | None = None) -> str:
+    plt = _plt()
+    _require(len(groups) * len(series), title)
+    fig, ax = plt.subplots(figsize=(max(5.2, 0.45 * len(groups) * max(1, len(series))), 3.6))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, values, width, label=name)
+    for name, value in (hlines or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.text(len(groups) - 0.5, value, name, fontsize=7, ha="right", va="bottom")
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    return _fig_uri(fig)
+
+
+def roc_figure(sets: dict[str, dict[str, Any]], title: str) -> str:
+    plt = _plt()
+    _require(len(sets), title)
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.3 * len(sets), 3.4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], sets.items()):
+        for score, values in result["scores"].items():
+            ax.plot(values["roc"]["fpr"], values["roc"]["tpr"], linewidth=1.2,
+                    label=f"{score} {values['auroc']:.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        ax.set(title=f"{name} ({result.get('kind', '')})", xlabel="FPR (OOD kept)", ylabel="TPR (ID kept)")
+        ax.legend(fontsize=6, title="AUROC", title_fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _fig_uri(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _short(config: dict[str, Any] | None, keys: tuple[str, ...] = ()) -> str:
+    config = config or {}
+    items = [(k, config[k]) for k in (keys or tuple(config)) if k in config and config[k] not in (None, "", [], {})]
+    return ", ".join(f"{k}={v}" for k, v in items)
+
+
+def _fmt(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    return "-" if value is None else value
+
+
+def _image_uri(path: Path) -> str | None:
+    return data_uri(path.read_bytes()) if path.is_file() else None
+
+
+def discover(paths: list[str]) -> tuple[dict[str, list[tuple[Path, dict]]], list[str]]:
+    """Recognised results by kind (file path, parsed JSON), and the JSON files not recognised."""
+    found: dict[str, list[tuple[Path, dict]]] = {k: [] for k in KINDS}
+    ignored = []
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.json") if not p.name.startswith(("_", ".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"--results {raw}: no such file or folder")
+    for file in dict.fromkeys(files):
+        try:
+            obj = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            ignored.append(str(file))
+            continue
+        kind = result_kind(obj)
+        if kind:
+            found[kind].append((file, obj))
+        elif not (isinstance(obj, dict) and "memorization" in obj and "size" in obj):  # EMM run files: via emm.json
+            ignored.append(str(file))
+    return found, ignored
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def samples_section(samples: dict[str, str], grid: int) -> Section:
+    """Sample grids of each shard set, the first `grid` samples by global index: sets generated
+    with the same job seed start from the same noise, so the grids are paired image by image."""
+    from ..gen.datasets import load_dataset
+    from ..gen.shards import JOB_FILE
+
+    section = Section("samples", "Samples (same seeds, same positions)")
+    if not samples:
+        section.absent = "no --samples NAME=SHARDS given"
+        return section
+    seeds = {}
+    for name, root in samples.items():
+        data = load_dataset(f"shards:{root}", "train")
+        order = sorted(range(len(data)), key=lambda i: data.keys[i])[:grid]
+        job = read_json(Path(root) / JOB_FILE, "job file") if (Path(root) / JOB_FILE).is_file() else {}
+        seeds[name] = job.get("seed")
+        config = {"shards": root, **{k: v for k, v in job.items() if not isinstance(v, (dict, list))},
+                  **{k: v for k, v in (job.get("sampling") or {}).items()}}
+        uri = pil_data_uri(image_grid(data.images[torch.tensor(order)], 10))
+        section.figures.append(Figure(
+            f"{name}", uri, f"{name}: the first {len(order)} samples by index (class = index mod C), from {root}", config))
+    if len(set(seeds.values())) > 1:
+        section.notes.append(f"the sets were generated with different job seeds {seeds}: the grids are not paired")
+    section.data = {"sets": samples, "seeds": seeds}
+    return section
+
+
+def density_section(samples: dict[str, str], classifier: str | None, dataset: str | None,
+                    results: list[tuple[Path, dict]]) -> Section:
+    section = Section("density", "Density: hardness, AvgkNN, LOF (seed 000 Sec. 4.2)")
+    for path, obj in results:
+        rows = []
+        for name in ("samples", "real_test"):
+            part = obj[name]
+            rows.append([name] + [_fmt((part.get(m) or {}).get("median")) for m in ("hardness", "avg_knn", "lof")]
+                        + [_fmt(part.get("precision")), _fmt(part.get("recall")), _fmt(part.get("accuracy"))])
+        section.tables.append(Table(f"{path} (shards {obj.get('shards')}, classifier {obj.get('classifier')})",
+                                    ["set", "median hardness", "median AvgkNN", "median LOF", "precision", "recall",
+                                     "classifier accuracy"], rows))
+        section.data[str(path)] = {k: obj[k] for k in ("samples", "real_test")}
+    if samples and classifier and dataset:
+        try:
+            from . import density
+        except ImportError as err:
+            section.notes.append(f"histograms not drawn: tailforge.eval.density is not available ({err})")
+        else:
+            _density_histograms(section, density, samples, classifier, dataset)
+    elif samples:
+        section.notes.append("histograms need --classifier (an evaluation classifier) and --dataset")
+    if not section.tables and not section.figures:
+        section.absent = "no density results (tailforge eval density --json) and no --samples with --classifier/--dataset"
+    return section
+
+
+def _density_histograms(section: Section, density, samples: dict[str, str], classifier: str, dataset: str) -> None:
+    from ..gen.classifier_nets import embed, load_classifier
+    from ..gen.datasets import load_dataset
+
+    net, _ = load_classifier(classifier)
+    config = density.DensityConfig()
+    train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    reference = density.real_reference(embed(net, train.images), train.labels, train.info.num_classes, config)
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for name, root in samples.items():
+        if hasattr(density, "check_independent"):
+            density.check_independent(classifier, density.read_shard_set(root)[2])
+        data = load_dataset(f"shards:{root}", "train")
+        values[name] = {k: v.numpy() for k, v in density.density_metrics(embed(net, data.images), data.labels,
+                                                                           reference, config).items()}
+    values["real test"] = {k: v.numpy() for k, v in density.density_metrics(embed(net, test.images), test.labels,
+                                                                              reference, config).items()}
+    cfg = {"classifier": classifier, "dataset": dataset, **dataclasses.asdict(config), "sets": samples}
+    for metric, label in (("hardness", "hardness (Eq. 3)"), ("avg_knn", f"AvgkNN (k={config.k})"), ("lof", "LOF")):
+        uri = histogram_figure({n: v[metric] for n, v in values.items()}, label, f"{label} in {classifier}'s features")
+        section.figures.append(Figure(label, uri, f"{label} of each set against the real training split of {dataset}", cfg))
+        section.data.setdefault("medians", {})[metric] = {n: float(np.median(v[metric])) for n, v in values.items()}
+
+
+def accuracy_section(results: list[tuple[Path, dict]], tre: dict[float, str], dataset: str | None) -> Section:
+    section = Section("accuracy", "Accuracy (top-1, ECE; with and without DiffAug-Ensemble) and accuracy vs t_re")
+    rows = []
+    for path, obj in results:
+        rows.append([str(path), obj.get("classifier"), obj.get("dataset"), "plain", obj.get("n"), _fmt(obj["top1"]),
+                     _fmt(obj.get("ece"))])
+        if "diffaug_ensemble" in obj:
+            de = obj["diffaug_ensemble"]
+            rows.append([str(path), obj.get("classifier"), obj.get("dataset"), f"DiffAug-Ensemble ({de.get('model')})",
+                         de.get("n"), _fmt(de["top1"]), _fmt(de.get("ece"))])
+    if rows:
+        section.tables.append(Table("accuracy", ["source", "classifier", "dataset", "mode", "n", "top-1", "ECE"], rows))
+        section.data["accuracy"] = {str(p): o for p, o in results}
+    if tre:
+        points = _tre_points(tre, dataset)
+        section.data["accuracy_vs_t_re"] = points
+        uri = line_figure({"test accuracy": ([p["t_re"] for p in points], [p["test_accuracy"] for p in points])},
+                          "t_re (fraction of T)", "test accuracy", "classifiers trained on reconstructed data "
+                          "(seed 001 Table 2)")
+        section.figures.append(Figure("accuracy vs t_re", uri, "test accuracy of a classifier trained on each "
+                                      "reconstructed set; t_re = 0 is real data, 1 is full generation",
+                                      {"classifiers": {str(k): v for k, v in tre.items()}, "dataset": dataset}))
+    if not rows and not tre:
+        section.absent = "no accuracy results (tailforge eval accuracy --json) and no --tre classifiers"
+    return section
+
+
+def _tre_points(tre: dict[float, str], dataset: str | None) -> list[dict[str, Any]]:
+    from ..gen.classifier_nets import load_classifier, predict_logits
+    from ..gen.datasets import load_dataset
+
+    test = load_dataset(dataset, "test") if dataset else None
+    points = []
+    for t_re, folder in sorted(tre.items()):
+        net, config = load_classifier(folder)
+        if test is not None:
+            accuracy = float((predict_logits(net, test.images).argmax(1) == test.labels).double().mean())
+        elif "test_accuracy" in config:
+            accuracy = float(config["test_accuracy"])
+        else:
+            raise ConfigError(f"{folder} records no test_accuracy; pass --dataset to evaluate it")
+        points.append({"t_re": t_re, "classifier": folder, "test_accuracy": accuracy,
+                       "trained_on": (config.get("train_config") or {}).get("dataset")})
+    return points
+
+
+def corruption_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+    labels = {str(p): _run_label(o.get("config")) or str(p) for p, o in results}
+    names = list(results[0][1]["corruptions"])
+    series = {labels[str(p)]: [o["corruptions"].get(n, {}).get("mean_accuracy", np.nan) for n in names] for p, o in results}
+    clean = {f"clean {labels[str(p)]}": o["clean_accuracy"] for p, o in results}
+    configs = {labels[str(p)]: {**(o.get("config") or {}), "reference_size": o.get("reference_size"),
+                                "severities": o.get("severities"), "source": str(p)} for p, o in results}
+    section.figures.append(Figure("mean accuracy per corruption", bar_figure(
+        names, series, "accuracy (mean over severities)", "accuracy per corruption", hlines=clean),
+        "accuracy per corruption averaged over severities; dashed: clean accuracy", configs))
+    sev = {labels[str(p)]: ([int(s) for s in o["per_severity"]], list(o["per_severity"].values()))
+           for p, o in results if o.get("per_severity")}
+    if sev:
+        section.figures.append(Figure("accuracy vs severity", line_figure(
+            sev, "severity", "mean accuracy over corruptions", "accuracy vs severity", ylim=(0, 1.02)),
+            "mean over the benchmark corruptions included in the mean", configs))
+    for path, obj in results:
+        examples = _image_uri(path.parent / obj.get("examples_png", ""))
+        if examples:
+            section.figures.append(Figure(f"examples {labels[str(path)]}", examples,
+                                          "rows: " + ", ".join(obj.get("example_rows", [])) +
+                                          "; columns: clean, then severities " + str(obj.get("severities")),
+                                          configs[labels[str(path)]]))
+        section.tables.append(Table(
+            f"{labels[str(path)]}: clean {obj['clean_accuracy']:.4f}, mean corruption accuracy "
+            f"{_fmt(obj['mean_corruption_accuracy'])}",
+            ["corruption", "family", "in mean"] + [f"sev {c['severity']}" for c in next(iter(obj["corruptions"].values()))["severities"]]
+            + ["unchanged at sev 5"],
+            [[n, r["family"], "yes" if n in obj["included_in_mean"] else "no"] + [_fmt(c["accuracy"], 3) for c in r["severities"]]
+             + [_fmt(r["severities"][-1]["unchanged_fraction"], 2)] for n, r in obj["corruptions"].items()]))
+        section.tables.append(Table(f"{labels[str(path)]}: families", ["family", "mean accuracy"],
+                                    [[f, _fmt(v)] for f, v in obj["families"].items()]))
+        if obj.get("not_computed"):
+            section.notes.append(f"{labels[str(path)]}: not computed: " +
+                                 "; ".join(f"{k} ({v})" for k, v in obj["not_computed"].items()))
+        if obj.get("no_effect_at_this_size"):
+            section.notes.append(f"{labels[str(path)]}: no effect at {obj.get('image_size')} px (left out of the "
+                                 f"means): {', '.join(obj['no_effect_at_this_size'])}")
+        section.data[str(path)] = {k: obj[k] for k in ("clean_accuracy", "mean_corruption_accuracy", "families",
+                                                       "per_severity", "included_in_mean")}
+
+
+def _run_label(config: dict[str, Any] | None) -> str:
+    config = config or {}
+    label = Path(str(config.get("classifier") or "")).name or str(config.get("model") or "")
+    if config.get("diffaug_ensemble"):
+        label += " + DiffAug-Ensemble"
+    return label
+
+
+def ood_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+    for path, obj in results:
+        label = _run_label(obj.get("config")) or str(path)
+        config = {**(obj.get("config") or {}), "source": str(path)}
+        section.figures.append(Figure(f"ROC {label}", roc_figure(obj["sets"], f"ROC curves: {label}"),
+                                      "one panel per OOD set; legend: score and AUROC", config))
+        scores = obj["scores_computed"]
+        section.tables.append(Table(f"{label}: AUROC / FPR@95TPR", ["OOD set", "kind"] + scores,
+                                    [[name, r.get("kind", "")] + [f"{r['scores'][s]['auroc']:.3f} / {r['scores'][s]['fpr95']:.3f}"
+                                                                  for s in scores] for name, r in obj["sets"].items()]))
+        if obj.get("scores_not_applicable"):
+            section.notes.append(f"{label}: not applicable: " +
+                                 "; ".join(f"{k} ({v})" for k, v in obj["scores_not_applicable"].items()))
+        section.data[str(path)] = {"mean_over_sets": obj["mean_over_sets"],
+                                   "auroc": {n: {s: v["auroc"] for s, v in r["scores"].items()} for n, r in obj["sets"].items()}}
+
+
+def fidelity_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+    rows = []
+    for path, obj in results:
+        cfg = obj.get("config") or {}
+        rows.append([cfg.get("shards"), cfg.get("classifier"), _fmt(obj["frechet_distance"]),
+                     _fmt(obj.get("frechet_distance_real_test_vs_train")),
+                     _fmt(obj["fake_detection"]["pixel"]["accuracy"]), _fmt(obj["fake_detection"]["dct"]["accuracy"])])
+        section.data[str(path)] = {k: obj[k] for k in ("frechet_distance", "fake_detection")}
+    section.tables.append(Table("fidelity", ["shards", "feature classifier", "Frechet distance", "FD real test vs train",
+                                             "fake detection (pixel)", "fake detection (DCT)"], rows))
+    section.notes.append("fake detection: cross-validated accuracy of a linear real-vs-synthetic detector; 0.5 means "
+                         "indistinguishable")
+
+
+def memorization_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+    rows = []
+    hist = {}
+    for path, obj in results:
+        cfg = {**(obj.get("config") or {}), "source": str(path)}
+        label = obj.get("config", {}).get("shards") or str(path)
+        rows.append([label, obj.get("config", {}).get("dataset"), obj["num_generated"], obj["num_train"],
+                     _fmt(obj["memorization_ratio"]), obj["distinct_train_images_replicated"],
+                     _fmt(obj["median_ratio_d1_d2"]), _fmt((obj.get("feature_space") or {}).get("generated_over_heldout_mean"))])
+        hist[label] = obj["ratio_histogram"]
+        grid = _image_uri(path.parent / obj.get("nearest_pairs_png", ""))
+        if grid:
+            section.figures.append(Figure(f"closest pairs {label}", grid, "the generated images closest to the training "
+                                          "set (top of each pair) above their nearest training image", cfg))
+        if obj.get("per_class"):
+            section.tables.append(Table(f"{label}: per class", ["class", "generated", "training images",
+                                                                "memorization ratio", "distinct replicated"],
+                                        [[c["name"], c["generated"], c["train_images"], _fmt(c["memorization_ratio"]),
+                                          c["distinct_train_images_replicated"]] for c in obj["per_class"]]))
+        section.data[str(path)] = {k: obj.get(k) for k in ("memorization_ratio", "distinct_train_images_replicated",
+                                                          "median_ratio_d1_d2", "feature_space")}
+    section.tables.insert(0, Table("memorization", ["samples", "training data", "generated", "training images",
+                                                    "memorization ratio", "distinct training images replicated",
+                                                    "median d1/d2", "feature NN distance generated / held-out"], rows))
+    series = {}
+    for label, h in hist.items():
+        centres = (np.array(h["edges"][:-1]) + np.array(h["edges"][1:])) / 2
+        counts = np.array(h["counts"], dtype=float)
+        series[label] = (centres.tolist(), (counts / max(counts.sum(), 1)).tolist())
+    section.figures.insert(0, Figure("d1/d2 distribution", line_figure(
+        series, "d1 / d2 (nearest / second-nearest training distance)", "fraction of samples",
+        "distribution of d1/d2; replicates left of 1/3"), "samples with d1/d2 < 1/3 are replicates",
+        {label: str(p) for (p, _), label in zip(results, hist)}))
+
+
+def emm_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+    series, markers, configs, rows = {}, {}, {}, []
+    for path, obj in results:
+        cfg = obj["config"]
+        label = f"labels={cfg['labels']}" + (f", +{cfg['dummy']} GM dummies" if cfg.get("dummy") else "") + \
+                f", {cfg['steps']} steps ({path.parent.name})"
+        series[label] = ([p["size"] for p in obj["points"]], [p["memorization_ratio"] for p in obj["points"]])
+        configs[label] = {**cfg, "source": str(path), "wall_seconds": obj.get("wall_seconds")}
+        emm = obj["emm"]
+        if emm.get("emm") is not None:
+            markers[f"EMM {emm['emm']:.0f} ({label})"] = (emm["emm"], emm["threshold"])
+        for p in obj["points"]:
+            rows.append([label, p["size"], _fmt(p["memorization_ratio"]), p["distinct_train_images_replicated"],
+                         _fmt(p["median_ratio_d1_d2"])])
+        note = (f"{label}: EMM = {emm['emm']:.1f}, bracketed by n={emm['lower_size']} (ratio {emm['lower_ratio']:.3f}) "
+                f"and n={emm['upper_size']} (ratio {emm['upper_ratio']:.3f})" if emm.get("emm") is not None
+                else f"{label}: {emm.get('note')}")
+        section.notes.append(note + f"; wall time {obj.get('wall_seconds')} s")
+        section.data[str(path)] = {"points": obj["points"], "emm": emm, "config": cfg}
+        for p in obj["points"]:
+            grid = _image_uri(path.parent / "runs" / p["run"] / "nearest_pairs.png")
+            if grid:
+                section.figures.append(Figure(f"closest pairs, n={p['size']} ({label})", grid,
+                                              f"n={p['size']}: ratio {p['memorization_ratio']:.3f}; generated (top) above "
+                                              "nearest training image", {**cfg, "size": p["size"]}))
+    threshold = 1 - results[0][1]["config"]["epsilon"]
+    section.figures.insert(0, Figure("memorization ratio vs size", line_figure(
+        series, "training-set size N (log)", "memorization ratio", "memorization ratio vs training-set size",
+        logx=True, hline=(threshold, f"1 - eps = {threshold:g}"), markers=markers, ylim=(-0.02, 1.02)),
+        "each point: one model trained on a nested subset, ratio over its generated samples", configs))
+    section.tables.append(Table("points", ["study", "N", "memorization ratio", "distinct replicated", "median d1/d2"], rows))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+#: sections built from one kind of result: key, title, builder, the command that writes the input
+RESULT_SECTIONS: list[tuple[str, str, Callable[[Section, list[tuple[Path, dict]]], None], str]] = [
+    ("corruptions", "Corruption robustness (CIFAR-10-C protocol)", corruption_section, "tailforge eval corruptions"),
+    ("ood", "OOD detection (OpenOOD postprocessors)", ood_section, "tailforge eval ood"),
+    ("fidelity", "Fidelity: Frechet distance and fake detection (seed 001 Sec. 4.1)", fidelity_section,
+     "tailforge eval fidelity"),
+    ("memorization", "Memorization: ratio criterion d1 < d2/3 (seeds 002, 004)", memorization_section,
+     "tailforge eval memorization"),
+    ("emm", "Memorization ratio vs training-set size and EMM (seed 002 Def. 1)", emm_section, "tailforge eval emm"),
+]
+
+
+def result_section(key: str, title: str, build: Callable[[Section, list[tuple[Path, dict]]], None],
+                   command: str, results: list[tuple[Path, dict]]) -> Section:
+    section = Section(key, title)
+    if results:
+        build(section, results)
+    else:
+        section.absent = f"no {key} results ({command})"
+    return section
+
+
+def build_report(*, results: list[str], samples: dict[str, str], classifier: str | None, dataset: str | None,
+                 tre: dict[float, str], grid: int = 40) -> tuple[list[Section], dict[str, Any]]:
+    found, ignored = discover(results)
+    sections = [samples_section(samples, grid), density_section(samples, classifier, dataset, found["density"]),
+                accuracy_section(found["accuracy"], tre, dataset)]
+    sections += [result_section(key, title, build, command, found[key]) for key, title, build, command in RESULT_SECTIONS]
+    inputs = {"results": results, "found": {k: [str(p) for p, _ in v] for k, v in found.items()},
+              "not_recognised": ignored, "samples": samples, "classifier": classifier, "dataset": dataset,
+              "tre": {str(k): v for k, v in tre.items()}}
+    return sections, inputs
+
+
+def render_html(sections: list[Section], inputs: dict[str, Any], title: str) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(TEMPLATE.read_text())
+    return template.render(title=title, sections=sections, inputs=json.dumps(inputs, indent=1, default=str),
+                           generated=time.strftime("%Y-%m-%d %H:%M:%S"), dumps=lambda o: json.dumps(o, indent=1, default=str))
+
+
+def write_report(out: str | Path, *, results: list[str], samples: dict[str, str], classifier: str | None = None,
+                 dataset: str | None = None, tre: dict[float, str] | None = None, grid: int = 40,
+                 title: str = "tailforge evaluation report") -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections, inputs = build_report(results=results, samples=samples, classifier=classifier, dataset=dataset,
+                                    tre=tre or {}, grid=grid)
+    report = {"title": title, "inputs": inputs, "sections": {s.key: s.to_json() for s in sections},
+              "present": [s.key for s in sections if not s.absent], "absent": {s.key: s.absent for s in sections if s.absent}}
+    page = render_html(sections, inputs, title)
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "report.html")
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for raw in values or []:
+        name, sep, value = raw.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} expects NAME=VALUE, got {raw!r}")
+        pairs[name] = value
+    return pairs
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    tre = {}
+    for name, folder in _pairs(args.tre, "--tre").items():
+        try:
+            tre[float(name)] = folder
+        except ValueError:
+            raise ConfigError(f"--tre expects T=CLASSIFIER_DIR with T a number, got {name!r}") from None
+    report = write_report(args.out, results=args.results or [], samples=_pairs(args.samples, "--samples"),
+                          classifier=args.classifier, dataset=args.dataset, tre=tre, grid=args.grid, title=args.title)
+    print_json({"report": str(Path(args.out) / "report.html"), "present": report["present"], "absent": report["absent"]})
+    return 0
+
+
+def register(group: argparse._SubParsersAction) -> None:
+    from ..gen.cliutil import add_command, positive_int
+
+    parser = add_command(
+        group, "report", "gather evaluation results into report.json and a self-contained report.html", run_cli,
+        description="Collect the JSON results of the eval commands (found by content under each --results path), "
+                    "sample grids of shard sets (--samples NAME=DIR; sets generated with the same seed are paired), "
+                    "density histograms (with --classifier and --dataset) and accuracy vs t_re (--tre T=CLASSIFIER). "
+                    "Writes OUT/report.json and OUT/report.html (figures embedded; opens offline). Sections whose "
+                    "inputs are missing are listed as absent.")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--results", action="append", metavar="PATH",
+                        help="a result JSON or a folder searched recursively; repeatable")
+    parser.add_argument("--samples", action="append", metavar="NAME=SHARDS", help="a shard set to show; repeatable")
+    parser.add_argument("--classifier", default=None, help="evaluation classifier for the density histograms")
+    parser.add_argument("--dataset", default=None, help="real dataset spec (density reference, t_re test split)")
+    parser.add_argument("--tre", action="append", metavar="T=CLASSIFIER_DIR",
+                        help="classifier trained on data reconstructed at t_re = T; repeatable")
+    parser.add_argument("--grid", type=positive_int, default=40, help="samples per grid")
+    parser.add_argument("--title", default="tailforge evaluation report", help="report title")
