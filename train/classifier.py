@@ -356,7 +356,7 @@ def accuracy(model: nn.Module, data: LabeledImages) -> float:
     return float((predict_logits(model, data.images).argmax(1) == data.labels).float().mean())
 
 
-def _new_model(config: ClassifierTrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+def new_classifier(config: ClassifierTrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     torch.manual_seed(config.seed)
     return create_classifier(config.model, num_classes=num_classes, in_chans=in_chans)
 
@@ -390,7 +390,7 @@ def fit_classifier(config: ClassifierTrainConfig, train: LabeledImages, test: La
     settings of ``config`` (dataset, mix, workers, ...) are not used. Logs per-epoch metrics."""
     config.validate()
     steps, make = memory_batches(train, config.batch_size, config.seed, config.epochs)
-    model = _new_model(config, train.info.num_classes, train.info.channels)
+    model = new_classifier(config, train.info.num_classes, train.info.channels)
     return run_training(config, model, make, steps, RankContext(default_device(device)), test=test,
                         log_path=log_path, stage=stage if stage is not None else make_diffaug_stage_for(config),
                         progress=progress)
@@ -434,7 +434,7 @@ def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext,
     out = Path(out)
     test = load_dataset(config.dataset, "test")
     stream = build_stream(config, out, test, ctx.rank, ctx.world_size)
-    model = _new_model(config, test.info.num_classes, test.info.channels)
+    model = new_classifier(config, test.info.num_classes, test.info.channels)
     meta = model_config(config, test.info)
     own_stage = stage is None
     stage = make_diffaug_stage_for(config) if own_stage else stage
@@ -453,13 +453,16 @@ def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext,
 
 
 def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: str | None = None,
-                     progress: bool = True, address: str | None = None,
-                     stage: Stage | None = None) -> tuple[nn.Module, float]:
+                     progress: bool = True, address: str | None = None, stage: Stage | None = None,
+                     report: Callable[[dict[str, Any]], None] | None = None) -> tuple[nn.Module, float]:
     """Train on the dataset's training split streamed from shards, mixed with ``config.mix``'s
     synthetic shard sets; in this process, or on Ray Train when ``config.workers`` > 1 (joining
     ``address`` / $RAY_ADDRESS, else a local instance). Saves to ``out``; returns (model, test accuracy).
-    A re-run of the same command resumes from the newest checkpoint."""
+    A re-run of the same command resumes from the newest checkpoint. ``report`` receives each
+    epoch's log entry (in-process runs; Ray Train runs report to Ray Train)."""
     config.validate()
+    if report is not None and config.workers > 1:
+        raise ConfigError("report callbacks are for in-process runs; Ray Train workers report to Ray Train")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     real_root = real_shard_root(config.dataset, out)
@@ -471,4 +474,4 @@ def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: 
         train_on_ray(config, out, address=address, progress=progress, stage=stage)
         model, saved = load_classifier(out)
         return model, float(saved["test_accuracy"])
-    return train_rank(config, out, RankContext(default_device(device)), progress=progress, stage=stage)
+    return train_rank(config, out, RankContext(default_device(device), report=report), progress=progress, stage=stage)

@@ -40,8 +40,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import io
 import random
-import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -53,20 +53,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.filters import _shuffle as shuffle_samples
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from ..gen.checkpoint import read_json
 from ..gen.datasets import LabeledImages, load_dataset, parse_spec
 from ..gen.errors import ConfigError
-from ..gen.shards import RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards, read_manifest, sample_key
+from ..gen.shards import (IMAGE_EXTENSIONS, RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards,
+                          read_shard_bytes, sample_key, shard_entries)
+from ..gen.storage import Storage
 
 REAL = "real"
-IMAGE_KEYS = ("png", "jpg", "jpeg")
-
-# torchvision.io's decoders are deprecated since 0.29 in favour of torchcodec but ship in the pinned
-# range (< 0.30); they decode an 8x8 PNG about 2x faster than PIL. The warning fires on every call.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io\.image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,49 +113,34 @@ def parse_mix(text: str, shards: dict[str, str] | None = None) -> tuple[MixSourc
 
 @dataclasses.dataclass(frozen=True)
 class ShardSet:
-    """A resolved source: a shard-set folder with its weight."""
+    """A resolved source: a shard-set folder (a path or any fsspec URL) with its weight."""
 
     name: str  # source name (as in the mix)
-    root: str  # shard-set folder
+    root: str  # shard-set folder or URL
     weight: float  # relative sampling weight
     follow: bool = False  # read the records (growing while a job writes) instead of the manifest
 
     def shards(self) -> list[tuple[str, int]]:
-        """(path, number of samples) of every shard readable now, in shard order."""
-        root = Path(self.root)
+        """(path or URL, number of samples) of every shard readable now, in shard order."""
         if self.follow:
-            return [(str(root / r["name"]), int(r["count"])) for r in _records(root)]
-        split = read_manifest(root)["splits"].get("train")
-        if split is None:
-            raise ShardError(f"{root / '_info.json'} has no 'train' split")
-        lengths = split.get("shard_lengths") or [count_tar_samples(root / name) for name in split["filenames"]]
-        return [(str(root / name), int(n)) for name, n in zip(split["filenames"], lengths)]
+            storage = Storage(self.root)
+            records = [_record(self.root, name) for name in storage.list(RECORDS_DIR, suffix=".json")]
+            return [(storage.url(r["name"]), int(r["count"])) for r in sorted(records, key=lambda r: r["index"])]
+        return [(e.url, e.count if e.count is not None else count_tar_samples(e.url))
+                for e in shard_entries(self.root, "train")]
 
 
-@functools.lru_cache(maxsize=4096)
-def _record(path: str, mtime_ns: int) -> dict[str, Any]:
-    return read_json(path, "shard record")
+@functools.lru_cache(maxsize=65536)
+def _record(root: str, name: str) -> dict[str, Any]:
+    """A shard record, parsed once per process: records are immutable once written, and a record
+    exists only after its shard is complete (gen/shards.py)."""
+    return Storage(root).read_json(f"{RECORDS_DIR}/{name}", "shard record")
 
 
-def _records(root: Path) -> list[dict[str, Any]]:
-    """The shard records under ``root`` whose shard file is present, by shard index (records are
-    immutable once written, so each is parsed once per process)."""
-    folder = root / RECORDS_DIR
-    records = []
-    for path in folder.glob("*.json") if folder.is_dir() else ():
-        record = _record(str(path), path.stat().st_mtime_ns)
-        if (root / record["name"]).is_file():
-            records.append(record)
-    return sorted(records, key=lambda r: r["index"])
-
-
-def count_tar_samples(path: str | Path) -> int:
+def count_tar_samples(url: str) -> int:
     """Number of samples (distinct keys) in a tar shard: for manifests without shard_lengths."""
-    try:
-        with tarfile.open(path) as tar:
-            return len({base_plus_ext(name)[0] for name in tar.getnames()} - {None})
-    except (OSError, tarfile.TarError) as err:
-        raise ShardError(f"cannot read shard {path}: {err}") from None
+    names = (name for name, _ in read_tar_files(io.BytesIO(read_shard_bytes(url)), url))
+    return len({base_plus_ext(name)[0] for name in names} - {None})
 
 
 class _ShardPool:
@@ -191,7 +171,7 @@ class _ShardPool:
         waited = time.monotonic()
         while not self.urls:
             if time.monotonic() - waited > self.timeout:
-                raise ShardError(f"follow: no shard recorded under {Path(self.set.root) / RECORDS_DIR} after "
+                raise ShardError(f"follow: no shard recorded under {Storage(self.set.root).url(RECORDS_DIR)} after "
                                  f"{self.timeout:.0f} s; is its generation job running?")
             time.sleep(self.poll)
             self._refresh()
@@ -262,20 +242,16 @@ def read_tar_files(stream, url: str = "") -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def tar_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+def stream_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
     """webdataset samples (``__key__``, ``__url__``, one entry per extension) of the shards named by
-    a stream of ``{"url": ...}`` dicts; opened with webdataset's gopen, grouped by its group_by_keys."""
+    a stream of ``{"url": ...}`` dicts (paths or fsspec URLs, each read whole), grouped into samples
+    by webdataset's group_by_keys."""
 
     def files() -> Iterator[dict[str, Any]]:
         for item in urls:
             url = item["url"]
-            try:
-                stream = gopen(url)
-            except OSError as err:
-                raise ShardError(f"cannot open shard {url}: {err}") from None
-            with stream:
-                for name, data in read_tar_files(stream, url):
-                    yield {"fname": name, "data": data, "__url__": url}
+            for name, data in read_tar_files(io.BytesIO(read_shard_bytes(url)), url):
+                yield {"fname": name, "data": data, "__url__": url}
             yield {}  # end of shard: group_by_keys never joins samples across shards
 
     return group_by_keys(files())
@@ -334,10 +310,11 @@ def _seed(*parts: int) -> int:
 
 
 def _image_key(sample: dict[str, Any]) -> str:
-    for key in IMAGE_KEYS:
+    for key in IMAGE_EXTENSIONS:
         if key in sample:
             return key
-    raise ShardError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image ({'/'.join(IMAGE_KEYS)})")
+    raise ShardError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image "
+                     f"({'/'.join(IMAGE_EXTENSIONS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +420,7 @@ class MixedStream(IterableDataset):
         for i, shard_set in enumerate(self.sets):
             pool = _ShardPool(shard_set, np.random.default_rng(_seed(*base, 3, i)), self.follow_poll,
                               self.follow_timeout)
-            streams.append(tar_samples(pool.urls_forever()))
+            streams.append(stream_samples(pool.urls_forever()))
         picks = choose.choice(len(self.sets), size=count, p=weights / weights.sum())
         for source in picks:
             sample = next(streams[source])
@@ -460,7 +437,7 @@ class MixedStream(IterableDataset):
         rank_total = len(range(self.rank, self.num_samples, self.world_size))
         padded_total = -(-self.num_samples // self.world_size)
         first = None
-        for position, sample in enumerate(tar_samples(urls)):
+        for position, sample in enumerate(stream_samples(urls)):
             if position % self.world_size != self.rank:
                 continue
             q = position // self.world_size
@@ -473,35 +450,42 @@ class MixedStream(IterableDataset):
                 yield dict(first)
 
     def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Decode and collate consecutive groups of ``batch_size`` samples (the last may be short)."""
-        images, labels, sources, keys = [], [], [], []
+        """Collate consecutive groups of ``batch_size`` samples (the last may be short)."""
+        group: list[dict[str, Any]] = []
         for sample in samples:
-            try:
-                image = decode_image(torch.frombuffer(bytearray(sample[_image_key(sample)]), dtype=torch.uint8),
-                                     mode=ImageReadMode.UNCHANGED)
-            except RuntimeError as err:
-                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']}: cannot decode image: {err}") from None
-            if image.shape != self.image_shape:
-                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has shape {image.shape}; "
-                                 f"the training data is {self.image_shape}")
-            label = int(sample["cls"])
-            if not 0 <= label < self.num_classes:
-                raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has label {label}; "
-                                 f"the training data has {self.num_classes} classes")
-            images.append(image)
-            labels.append(label)
-            sources.append(sample["__source__"])
-            keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield _collate(images, labels, sources, keys)
-                images, labels, sources, keys = [], [], [], []
-        if images:
-            yield _collate(images, labels, sources, keys)
+            group.append(sample)
+            if len(group) == self.batch_size:
+                yield self._collate(group)
+                group = []
+        if group:
+            yield self._collate(group)
 
-
-def _collate(images: list[Tensor], labels: list[int], sources: list[int], keys: list[str]) -> dict[str, Any]:
-    return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
-            "source": torch.tensor(sources, dtype=torch.long), "keys": keys}
+    def _collate(self, group: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decode and check one batch: images uint8 NCHW, labels, source indices, keys."""
+        images = []
+        # torchvision.io's decoders are deprecated since 0.29 in favour of torchcodec but ship in the
+        # pinned range (< 0.30); they decode an 8x8 PNG about 2x faster than PIL (gen.shards.decode_png).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for sample in group:
+                where = f"sample {sample['__key__']} in {sample['__url__']}"
+                try:
+                    image = decode_image(torch.frombuffer(bytearray(sample[_image_key(sample)]), dtype=torch.uint8),
+                                         mode=ImageReadMode.UNCHANGED)
+                except RuntimeError as err:
+                    raise ShardError(f"{where}: cannot decode its image: {err}") from None
+                if image.shape != self.image_shape:
+                    raise ShardError(f"{where} has shape {tuple(image.shape)}; the training data is {self.image_shape}")
+                images.append(image)
+        labels = torch.tensor([int(sample["cls"]) for sample in group], dtype=torch.long)
+        bad = ((labels < 0) | (labels >= self.num_classes)).nonzero()
+        if len(bad):
+            sample = group[int(bad[0])]
+            raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has label {int(labels[bad[0]])}; "
+                             f"the training data has {self.num_classes} classes")
+        return {"images": torch.stack(images), "labels": labels,
+                "source": torch.tensor([sample["__source__"] for sample in group], dtype=torch.long),
+                "keys": [sample["__key__"] for sample in group]}
 
 
 def resolve_sets(mix: Sequence[MixSource], real_root: str | Path | None, *, follow: bool = False) -> tuple[ShardSet, ...]:
@@ -514,8 +498,5 @@ def resolve_sets(mix: Sequence[MixSource], real_root: str | Path | None, *, foll
                 raise ConfigError("the mix names `real` but no real shard set was prepared")
             sets.append(ShardSet(REAL, str(real_root), source.weight))
         else:
-            root = Path(source.path).expanduser()
-            if not follow and not root.is_dir():
-                raise ShardError(f"shard set {source.name!r} not found: {root} (make one with `tailforge gen ...`)")
-            sets.append(ShardSet(source.name, str(root), source.weight, follow=follow))
+            sets.append(ShardSet(source.name, source.path, source.weight, follow=follow))
     return tuple(sets)
