@@ -32,7 +32,9 @@ Choices Algorithm 1 leaves open, and what this module does:
   Sigma_theta for a DDIM step is therefore the std of the DDPM posterior over the same step
   (``ddpm_posterior_std(sigma, sigma_next, "small")``, what eta = 1 would inject), whatever eta
   is: the guidance step size on a given sigma grid is then the same for DDPM and DDIM.
-* A zero gradient (a saturated loss) normalizes to zero, not to NaN.
+* The gradients are those of gen.hardness.direction_surrogate: the same normalized directions as
+  the losses of Eq. 4 / Eq. 6, without the float32 underflow to 0 of a saturated softmax. A
+  gradient that is exactly zero normalizes to zero, not to NaN.
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ from .checkpoint import CheckpointError, file_sha256, load_safetensors, read_jso
 from .classifier_nets import CLASSIFIER_WEIGHTS, load_classifier, save_classifier
 from .denoiser import Denoiser, DenoiserWrapper
 from .errors import ConfigError
-from .hardness import (ClassGaussians, hardness, hardness_matrix, loss_g1, loss_g1_softmax, loss_g2,
-                       loss_g2_softmax)
+from .hardness import ClassGaussians, direction_surrogate, hardness, hardness_matrix
 from .samplers import ddim_step, ddpm_posterior_std, ddpm_step
 
 #: what the guidance networks see at each step: the noisy x_t (timestep-aware nets) or x0_hat
@@ -159,20 +160,25 @@ class GuidanceModels(nn.Module):
             emb, _ = self.classifier(x0, sigma)
             return hardness(emb, labels, self.classifier.gaussians_at(sigma))
 
+    def scores(self, net: GuidanceNet, image: Tensor, sigma: Tensor, loss: str) -> Tensor:
+        """Per-class scores a loss is built from: hardness H(x, j) (Eq. 3) or logits."""
+        emb, logits = net(image, sigma)
+        self.evals += len(image)
+        return hardness_matrix(emb, net.gaussians_at(sigma)) if loss == "hardness" else logits
+
     def losses(self, image: Tensor, sigma: Tensor, labels: Tensor, config: GuidanceConfig,
                ) -> tuple[Tensor | None, Tensor | None]:
-        """Per-sample L_g1 (when alpha > 0) and L_g2 (when beta > 0) at `image` (Eq. 4/6 or variants)."""
+        """Per-sample L_g1 (when alpha > 0) and L_g2 (when beta > 0) at `image`, Eq. 4 / Eq. 6 or
+        their softmax-probability variants, as :func:`~tailforge.gen.hardness.direction_surrogate`:
+        functions with the losses' normalized gradients that do not underflow when they saturate."""
+        suffix = "" if config.loss == "hardness" else "_softmax"
         l1 = l2 = None
         if config.alpha > 0:
-            emb, logits = self.classifier(image, sigma)
-            l1 = (loss_g1(hardness_matrix(emb, self.classifier.gaussians_at(sigma)), labels, config.tau)
-                  if config.loss == "hardness" else loss_g1_softmax(logits, labels, config.tau))
-            self.evals += len(image)
+            l1 = direction_surrogate("g1" + suffix, self.scores(self.classifier, image, sigma, config.loss), labels,
+                                     config.tau)
         if config.beta > 0:
-            emb, logits = self.discriminator(image, sigma)
-            l2 = (loss_g2(hardness_matrix(emb, self.discriminator.gaussians_at(sigma)), config.tau, REAL_CLASS)
-                  if config.loss == "hardness" else loss_g2_softmax(logits, config.tau, REAL_CLASS))
-            self.evals += len(image)
+            l2 = direction_surrogate("g2" + suffix, self.scores(self.discriminator, image, sigma, config.loss),
+                                     REAL_CLASS, config.tau)
         return l1, l2
 
 

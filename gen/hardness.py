@@ -10,6 +10,11 @@ Pure functions of tensors:
 * :func:`loss_g1` (Eq. 4, temperature tau) and its softmax-probability variant
   :func:`loss_g1_softmax`; :func:`loss_g2` (Eq. 6) and :func:`loss_g2_softmax`. All are per sample
   ([N]) and are *maximized* by the sampler (Algorithm 1 adds their normalized gradients).
+* :func:`direction_surrogate`: what the sampler differentiates instead. Algorithm 1 only uses
+  Normalize(grad L), and each loss's gradient is a positive per-sample multiple of the gradient of
+  a "contrast" that does not saturate (see there), so the normalized directions are identical
+  while the plain losses' gradients underflow to exactly 0 in float32 once the softmax saturates
+  (hardness gaps of thousands of nats between classes are usual).
 
 Everything is differentiable in the features, so the guided sampler takes gradients through them.
 """
@@ -179,3 +184,37 @@ def loss_g2_softmax(disc_logits: Tensor, tau: float, real_class: int = 1) -> Ten
     discriminator's logits (the counterpart of :func:`loss_g1_softmax`)."""
     _check_tau(tau)
     return F.log_softmax(disc_logits / tau, dim=1)[:, real_class]
+
+
+def contrast(scores: Tensor, target: Tensor | int, tau: float) -> Tensor:
+    """s_target - sum_{j != target} q_j s_j with q = softmax over j != target of s_j / tau, q held
+    constant (no gradient through it); per sample, [N].
+
+    For any scores s, d/ds log softmax(s / tau)_target = (1 - p_target) / tau * d contrast / ds,
+    with p = softmax(s / tau): the log-softmax gradient is this contrast's gradient times a positive
+    per-sample factor, which underflows to 0 when p_target -> 1 although the direction is defined.
+    """
+    _check_tau(tau)
+    target = torch.as_tensor(target, device=scores.device).expand(scores.shape[0]).view(-1, 1)
+    own = scores.gather(1, target).squeeze(1)
+    others = scores.detach().scatter(1, target, float("-inf"))
+    q = torch.softmax(others / tau, dim=1)  # 0 at the target column
+    return own - (q * scores).sum(dim=1)
+
+
+def direction_surrogate(loss: str, scores: Tensor, target: Tensor | int, tau: float) -> Tensor:
+    """A per-sample function whose gradient is a positive multiple of the gradient of
+
+        "g1"          L_g1 (Eq. 4)          scores = hardness_matrix, target = labels
+        "g1_softmax"  loss_g1_softmax       scores = classifier logits, target = labels
+        "g2"          L_g2 (Eq. 6)          scores = discriminator hardness_matrix, target = real class
+        "g2_softmax"  loss_g2_softmax       scores = discriminator logits, target = real class
+
+    so Normalize(grad) (Algorithm 1) is the same for both, without the saturation underflow.
+    Signs: L_g1 = log softmax(H / tau)_y and loss_g2_softmax = log softmax(l / tau)_real follow
+    +contrast; L_g2 and loss_g1_softmax are minus a log-softmax and follow -contrast.
+    """
+    signs = {"g1": 1.0, "g1_softmax": -1.0, "g2": -1.0, "g2_softmax": 1.0}
+    if loss not in signs:
+        raise ConfigError(f"unknown guidance loss {loss!r}; choose one of {sorted(signs)}")
+    return signs[loss] * contrast(scores, target, tau)

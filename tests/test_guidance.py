@@ -1,0 +1,284 @@
+"""Low-density guidance (seed 000 Algorithm 1): the wrapped samplers against a literal Algorithm 1
+loop, the norm of the applied guidance, no guidance on the last step, DDIM, both guidance inputs,
+alpha = beta = 0 against the baseline bit for bit, guidance folders, shards."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tailforge.gen.baseline import BaselineConfig, BaselineSource, SamplingConfig, balanced_labels, generate_batch
+from tailforge.gen.checkpoint import config_dict, load_diffusion_model
+from tailforge.gen.classifier_nets import create_classifier, embed
+from tailforge.gen.datasets import uint8_to_float
+from tailforge.gen.denoiser import ClampDenoised, EpsDenoiser
+from tailforge.gen.errors import ConfigError
+from tailforge.gen.guidance import (GuidanceConfig, GuidanceModels, GuidanceNet, LowDensityGuidance, guidance_direction,
+                                    load_guidance, noisy_net_input, normalize, save_guidance, step_rule)
+from tailforge.gen.hardness import fit_class_gaussians, hardness_matrix, loss_g1, loss_g2
+from tailforge.gen.jobs import run_job
+from tailforge.gen.lowdensity import LowDensityConfig, LowDensitySource, generate_guided_batch
+from tailforge.gen.noise import PerSampleNoise
+from tailforge.gen.samplers import ddpm_posterior_std, ddpm_step, sample_ddim, sample_ddpm, sampler_sigmas
+from tailforge.gen.schedules import alphas_cumprod
+from tailforge.gen.shards import iter_samples, plan_shards
+
+MU, STD = 0.2, 0.4
+TAU = 200.0  # hardness gaps of the random test nets stay well below 200 * 80 nats: Eq. 4/6 do not saturate
+
+
+class GaussianEps(nn.Module):
+    """Exact epsilon predictor for pixels x0 ~ N(MU, STD^2) (an exact denoiser, fast and smooth)."""
+
+    def __init__(self, ac):
+        super().__init__()
+        self.ac = ac
+
+    def forward(self, x_vp, t, labels=None):
+        ab = self.ac[t.long()].view(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (x_vp - ab.sqrt() * MU) / (ab * STD**2 + 1 - ab)
+
+
+def make_net(input: str, num_classes: int, levels: torch.Tensor, seed: int) -> GuidanceNet:
+    """A random-weight tinycnn with class Gaussians of its embeddings of random images."""
+    torch.manual_seed(seed)
+    net = create_classifier("tinycnn", num_classes=num_classes, in_chans=1 + (input == "xt")).eval()
+    images = torch.rand(120, 1, 8, 8) * 2 - 1
+    labels = torch.arange(120) % num_classes
+    gaussians = []
+    for sigma in levels.tolist():
+        inputs = images if input == "x0" else noisy_net_input(images + sigma * torch.randn_like(images), sigma)
+        gaussians.append(fit_class_gaussians(embed(net, inputs), labels, num_classes, "ledoit_wolf"))
+    return GuidanceNet(net, gaussians, levels, input)
+
+
+def make_models(input: str = "x0") -> GuidanceModels:
+    levels = torch.zeros(1) if input == "x0" else torch.tensor([0.01, 1.0, 20.0])
+    return GuidanceModels(make_net(input, 10, levels, 0), make_net(input, 2, levels, 1), {"guidance_hash": "test"})
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    ac = alphas_cumprod("linear")
+    return ClampDenoised(EpsDenoiser(GaussianEps(ac), ac))
+
+
+@pytest.fixture(scope="module")
+def models_x0():
+    return make_models("x0")
+
+
+def unit_grad(loss_fn, at):
+    """Algorithm 1's Normalize(grad L), computed directly with autograd (the test's reference)."""
+    at = at.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(at).sum(), at)
+    return grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def reference_directions(models, image, sigma, labels, tau):
+    """Normalized gradients of the exact losses of Eq. 4 and Eq. 6. Callers pick a tau at which their
+    softmax does not saturate: the exact gradients then do not underflow (the sampler differentiates
+    direction surrogates, which never do)."""
+    cls, disc = models.classifier, models.discriminator
+    n1 = unit_grad(lambda z: loss_g1(hardness_matrix(cls(z, sigma)[0], cls.gaussians_at(sigma)), labels, tau), image)
+    n2 = unit_grad(lambda z: loss_g2(hardness_matrix(disc(z, sigma)[0], disc.gaussians_at(sigma)), tau), image)
+    return n1, n2
+
+
+def test_normalize_is_per_sample_and_keeps_zero():
+    u = torch.randn(5, 1, 8, 8) * torch.tensor([0.001, 1, 10, 100, 0]).view(-1, 1, 1, 1)
+    n = normalize(u)
+    torch.testing.assert_close(n[:4].flatten(1).norm(dim=1), torch.ones(4))
+    assert torch.equal(n[4], torch.zeros_like(n[4]))
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.0), (0.0, 0.7), (0.5, 0.5), (2.0, 1.0)])
+def test_guided_ddpm_step_adds_sigma_times_the_normalized_gradients(denoiser, models_x0, alpha, beta):
+    sigmas = sampler_sigmas("ddpm", denoiser, 10)
+    sigma, sigma_next = sigmas[3], sigmas[4]
+    config = GuidanceConfig(alpha=alpha, beta=beta, tau=TAU)
+    guided = LowDensityGuidance(denoiser, models_x0, config, sigmas, step_rule("ddpm", {}))
+    x = torch.randn(6, 1, 8, 8) * sigma
+    labels = torch.arange(6)
+    noise = torch.randn_like(x)
+    denoised = denoiser(x, sigma.expand(6), labels)
+    plain = ddpm_step(x, denoised, sigma, sigma_next, noise)
+    applied = ddpm_step(x, guided(x, sigma.expand(6), labels), sigma, sigma_next, noise) - plain
+
+    big_sigma = ddpm_posterior_std(sigma, sigma_next)
+    n1, n2 = reference_directions(models_x0, denoised, 0.0, labels, TAU)  # x0 input: gradient at x0_hat
+    torch.testing.assert_close(applied, big_sigma * (alpha * n1 + beta * n2), rtol=1e-3, atol=1e-5)
+    if alpha == 0 or beta == 0:  # one term: the applied guidance has norm (alpha or beta) * Sigma exactly
+        torch.testing.assert_close(applied.flatten(1).norm(dim=1), (alpha + beta) * big_sigma.expand(6), rtol=1e-4, atol=0)
+
+
+def algorithm1_step(denoiser, models, config, x, sigma, sigma_next, labels, rng):
+    """One step of seed 000 Algorithm 1, literally, for the DDPM sampler in sigma-space."""
+    denoised = denoiser(x, sigma.expand(len(x)), labels)
+    if sigma_next == 0:  # t = 1: z = 0, s = 0
+        return ddpm_step(x, denoised, sigma, sigma_next, torch.zeros_like(x))
+    n1, n2 = reference_directions(models, denoised, 0.0, labels, config.tau)
+    return ddpm_step(x, denoised, sigma, sigma_next, rng.randn_like(x)) \
+        + ddpm_posterior_std(sigma, sigma_next) * (config.alpha * n1 + config.beta * n2)
+
+
+def test_wrapped_ddpm_sampler_is_algorithm_1(denoiser, models_x0):
+    """Every step the unchanged sample_ddpm takes with the wrapped denoiser is Algorithm 1's step
+    from the same point with the same noise. (Whole trajectories are not compared: the random nets'
+    ReLU and max-pool kinks turn float round-off into different directions after a few steps.)"""
+    sigmas = sampler_sigmas("ddpm", denoiser, 6)
+    config = GuidanceConfig(alpha=0.5, beta=0.5, tau=TAU)
+    labels = torch.arange(3)
+    x = sigmas[0] * PerSampleNoise(7, range(3)).randn((1, 8, 8))
+    guided = LowDensityGuidance(denoiser, models_x0, config, sigmas, step_rule("ddpm", {}))
+    xs = [x]
+    out = sample_ddpm(guided, x, sigmas, labels=labels, rng=PerSampleNoise(7, range(3)),
+                      callback=lambda info: xs.append(info["x"].clone()))
+    rng = PerSampleNoise(7, range(3))
+    for i in range(len(sigmas) - 1):
+        expected = algorithm1_step(denoiser, models_x0, config, xs[i], sigmas[i], sigmas[i + 1], labels, rng)
+        torch.testing.assert_close(xs[i + 1], expected, rtol=1e-4, atol=1e-4 * float(sigmas[i + 1]) + 1e-5)
+    plain = sample_ddpm(denoiser, x, sigmas, labels=labels, rng=PerSampleNoise(7, range(3)))
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_no_guidance_on_the_last_step(denoiser, models_x0):
+    sigmas = sampler_sigmas("ddpm", denoiser, 5)
+    guided = LowDensityGuidance(denoiser, models_x0, GuidanceConfig(alpha=1.0, beta=1.0), sigmas, step_rule("ddpm", {}))
+    x = torch.randn(3, 1, 8, 8) * sigmas[-2]
+    labels = torch.arange(3)
+    assert torch.equal(guided(x, sigmas[-2].expand(3), labels), denoiser(x, sigmas[-2].expand(3), labels))
+    assert not torch.equal(guided(x, sigmas[-3].expand(3), labels), denoiser(x, sigmas[-3].expand(3), labels))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_guidance_is_scaled_by_the_ddpm_posterior_std_of_the_step(denoiser, models_x0, eta):
+    sigmas = sampler_sigmas("ddim", denoiser, 10)
+    sigma, sigma_next = sigmas[2], sigmas[3]
+    rule = step_rule("ddim", {"eta": eta})
+    guided = LowDensityGuidance(denoiser, models_x0, GuidanceConfig(alpha=0.5, beta=0.0), sigmas, rule)
+    x, labels, noise = torch.randn(4, 1, 8, 8) * sigma, torch.arange(4), torch.randn(4, 1, 8, 8)
+    plain = rule.step(x, denoiser(x, sigma.expand(4), labels), sigma, sigma_next, noise)
+    applied = rule.step(x, guided(x, sigma.expand(4), labels), sigma, sigma_next, noise) - plain
+    expected = 0.5 * ddpm_posterior_std(sigma, sigma_next, "small")
+    assert expected > 0
+    torch.testing.assert_close(applied.flatten(1).norm(dim=1), expected.expand(4), rtol=1e-4, atol=0)
+
+
+def test_xt_guidance_takes_the_gradient_at_x_t_with_the_nearest_level(denoiser):
+    models = make_models("xt")
+    assert models.classifier.gaussians_at(torch.tensor(0.9)) is models.classifier.gaussians[1]
+    assert models.classifier.gaussians_at(torch.tensor(500.0)) is models.classifier.gaussians[2]
+    sigmas = sampler_sigmas("ddpm", denoiser, 10)
+    sigma, sigma_next = sigmas[6], sigmas[7]
+    guided = LowDensityGuidance(denoiser, models, GuidanceConfig(alpha=0.5, beta=0.5, tau=TAU), sigmas,
+                                step_rule("ddpm", {}))
+    x, labels, noise = torch.randn(4, 1, 8, 8) * sigma, torch.arange(4), torch.randn(4, 1, 8, 8)
+    denoised = denoiser(x, sigma.expand(4), labels)
+    applied = ddpm_step(x, guided(x, sigma.expand(4), labels), sigma, sigma_next, noise) \
+        - ddpm_step(x, denoised, sigma, sigma_next, noise)
+    n1, n2 = reference_directions(models, x, sigma, labels, TAU)
+    torch.testing.assert_close(applied, ddpm_posterior_std(sigma, sigma_next) * 0.5 * (n1 + n2), rtol=1e-3, atol=1e-5)
+
+
+def test_guidance_rejects_what_algorithm_1_does_not_cover(denoiser, models_x0):
+    sigmas = sampler_sigmas("ddpm", denoiser, 5)
+    guided = LowDensityGuidance(denoiser, models_x0, GuidanceConfig(), sigmas, step_rule("ddpm", {}))
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="not on its sampling grid"):
+        guided(x, torch.full((2,), 3.3333), torch.arange(2))
+    with pytest.raises(ConfigError, match="labels"):
+        guided(x, sigmas[1].expand(2), None)
+    with pytest.raises(ConfigError, match="ddpm or ddim"):
+        step_rule("heun", {})
+    with pytest.raises(ConfigError, match="alpha and beta"):
+        GuidanceConfig(alpha=-1).validate()
+
+
+def test_direction_counts_guidance_evaluations(models_x0):
+    models_x0.evals = 0
+    guidance_direction(models_x0, torch.randn(3, 1, 8, 8), torch.tensor(0.0), torch.arange(3),
+                       GuidanceConfig(alpha=0.5, beta=0.5, loss="softmax"))
+    assert models_x0.evals == 6
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_alpha_beta_zero_reproduces_the_baseline_bit_for_bit(tiny_model_dir, models_x0, sampler, eta):
+    model = load_diffusion_model(tiny_model_dir)
+    sampling = SamplingConfig(sampler=sampler, steps=4, eta=eta)
+    indices = [5, 6, 7, 8]
+    labels = balanced_labels(indices, 10)
+    baseline = generate_batch(model, sampling, 11, indices, labels)
+    off = generate_guided_batch(model, models_x0, sampling, GuidanceConfig(alpha=0.0, beta=0.0), 11, indices, labels)
+    assert torch.equal(off, baseline)
+    # The same in float, through the plain sampler with per-sample noise (no uint8 rounding to hide a difference).
+    den = ClampDenoised(model.denoiser)
+    sigmas = sampler_sigmas(sampler, den, 4)
+    x = sigmas[0] * PerSampleNoise(11, indices).randn((1, 8, 8))
+    sample = functools.partial(sample_ddpm if sampler == "ddpm" else functools.partial(sample_ddim, eta=eta),
+                               x=x, sigmas=sigmas, labels=labels)
+    wrapped = LowDensityGuidance(den, models_x0, GuidanceConfig(alpha=0.0, beta=0.0), sigmas,
+                                 step_rule(sampler, {"eta": eta}))
+    assert torch.equal(sample(wrapped, rng=PerSampleNoise(11, indices)), sample(den, rng=PerSampleNoise(11, indices)))
+    on = generate_guided_batch(model, models_x0, sampling, GuidanceConfig(alpha=0.5, beta=0.5), 11, indices, labels)
+    assert not torch.equal(on, baseline)
+
+
+def test_guidance_folder_round_trip(tmp_path, models_x0):
+    info = save_guidance(tmp_path / "g", models_x0.classifier, {"model": "tinycnn", "num_classes": 10, "in_chans": 1},
+                         models_x0.discriminator, {"model": "tinycnn", "num_classes": 2, "in_chans": 1}, {"note": 1})
+    assert info["input"] == "x0" and info["note"] == 1 and len(info["guidance_hash"]) == 16
+    loaded = load_guidance(tmp_path / "g")
+    x, labels = torch.randn(3, 1, 8, 8), torch.arange(3)
+    torch.testing.assert_close(loaded.sample_hardness(x, labels), models_x0.sample_hardness(x, labels))
+    config = GuidanceConfig(alpha=0.3, beta=0.6)
+    torch.testing.assert_close(guidance_direction(loaded, x, torch.tensor(0.0), labels, config),
+                               guidance_direction(models_x0, x, torch.tensor(0.0), labels, config))
+    (tmp_path / "g" / "guidance.json").unlink()
+    with pytest.raises(Exception, match="guidance description"):
+        load_guidance(tmp_path / "g")
+
+
+@pytest.mark.parametrize("input", ["x0", "xt"])
+def test_train_guidance_writes_a_loadable_folder(tmp_path, tiny_model_dir, input):
+    from tailforge.train.guidance import GuidanceTrainConfig, train_guidance
+
+    config = GuidanceTrainConfig(dataset="digits?n=60", model=str(tiny_model_dir), input=input, epochs=1, levels=2,
+                                 synthetic=SamplingConfig(sampler="ddim", steps=2))
+    info = train_guidance(config, tmp_path / "g", progress=False)
+    assert info["input"] == input and info["num_real"] == info["num_synthetic"] == 60
+    assert len(info["classifier_test_accuracy"]) == len(info["level_sigmas"]) == (1 if input == "x0" else 2)
+    models = load_guidance(tmp_path / "g")
+    assert models.input == input and models.classifier.net.num_classes == 10 and models.discriminator.net.num_classes == 2
+    assert len(models.classifier.gaussians) == len(info["level_sigmas"])
+    assert json.loads((tmp_path / "g" / "classifier" / "classifier.json").read_text())["guidance_input"] == input
+
+
+def test_lowdensity_shards_record_guidance_and_hardness(tmp_path, tiny_model_dir, models_x0):
+    save_guidance(tmp_path / "g", models_x0.classifier, {"model": "tinycnn", "num_classes": 10, "in_chans": 1},
+                  models_x0.discriminator, {"model": "tinycnn", "num_classes": 2, "in_chans": 1}, {})
+    sampling = SamplingConfig(sampler="ddpm", steps=3)
+    runs = {}
+    for name, guide in (("ld", GuidanceConfig(alpha=0.5, beta=0.25)), ("off", GuidanceConfig(alpha=0.0, beta=0.0))):
+        config = LowDensityConfig(model=str(tiny_model_dir), guidance=str(tmp_path / "g"), num=7, sampling=sampling,
+                                  guide=guide, seed=2, shard_size=4, batch_size=3)
+        run_job(tmp_path / name, config_dict(config), plan_shards(config.job, 7, 4, 2),
+                functools.partial(LowDensitySource, config), actors=0, progress=False)
+        runs[name] = list(iter_samples(tmp_path / name))
+    base = BaselineConfig(model=str(tiny_model_dir), num=7, sampling=sampling, seed=2, shard_size=4, batch_size=3)
+    run_job(tmp_path / "base", config_dict(base), plan_shards(base.job, 7, 4, 2),
+            functools.partial(BaselineSource, base), actors=0, progress=False)
+    baseline = list(iter_samples(tmp_path / "base"))
+    assert [(s["image"] == b["image"]).all() for s, b in zip(runs["off"], baseline)] == [True] * 7
+    loaded = load_guidance(tmp_path / "g")
+    for sample in runs["ld"]:
+        meta = sample["meta"]
+        assert (meta["alpha"], meta["beta"], meta["guidance_input"], meta["guidance_loss"]) == (0.5, 0.25, "x0", "hardness")
+        assert meta["guidance_classifier_sha256"] == loaded.info["classifier_sha256"]
+        image = uint8_to_float(torch.from_numpy(sample["image"])[None])
+        expected = loaded.sample_hardness(image, torch.tensor([sample["label"]]))
+        assert meta["hardness"] == pytest.approx(float(expected), rel=1e-4, abs=1e-3)
