@@ -1,0 +1,206 @@
+"""DiffAug (seed 003, Sastry, Dumpala & Oore): diffuse-and-denoise augmentation, at train and test time.
+
+DiffAug(x0, t) (Eq. 3) diffuses x0 to a random time t and applies one denoising step,
+x_hat_t = x_t + sigma^2(t) s_theta(x_t, t), which is the denoiser's estimate of x0 (Tweedie). As in
+the authors' released code it returns that one-step estimate D(x0 + sigma_t eps, sigma_t), with t
+drawn uniformly from [0, T) per sample, and trains on the clean batch and its DiffAug batch
+together: loss = CE(clean) + CE(augmented) (:func:`diffaug_loss`).
+
+DiffAug-Ensemble (:class:`DiffAugEnsemble`) averages the classifier's softmax over
+t in S = {0, 50, ..., 450} (of T = 1000), t = 0 being the image itself.
+
+t counts forward-diffusion steps (Ho et al. 2020), t = 0 the clean image: see
+:func:`~tailforge.gen.reconstruct.sigma_at_step`, shared with reconstruction (seed 001).
+
+Randomness: every row's t and noise come from its own generator seeded by
+(seed, batch index, row) (:func:`batch_noise`), never from torch's global generator or from which
+process runs it, so the in-process stage and the actor pool (:mod:`tailforge.gen.augment`) give the
+same batches.
+
+The stage contract, shared with the classifier trainer: a stage is
+``Callable[[Iterable[Batch]], Iterator[Batch]]``; a Batch is a dict with "images" (float32 NCHW in
+[-1, 1], CPU), "labels" (int64), "index" (the batch's global index in the run, deterministic) and
+"seed" (the run seed). A stage yields the same batches in the same order, each a new dict with
+the added key "augmented" (float32, shaped like "images", CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import DiffusionModel, load_diffusion_model
+from .datasets import uint8_to_float
+from .denoiser import ClampDenoised, Denoiser
+from .errors import ConfigError
+from .noise import PerSampleNoise, sample_seed
+from .reconstruct import sigma_at_step
+
+Batch = dict[str, Any]
+Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
+
+#: DiffAug-Ensemble's diffusion times (seed 003): S = {0, 50, ..., 450} of T = 1000.
+ENSEMBLE_TIMES = tuple(range(0, 500, 50))
+
+
+def diffaug(denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Eq. 3 of seed 003: the one-step denoised estimate of x0 from x_t = x0 + sigma_t * noise.
+
+    ``t`` (int64 [B]) is each row's number of forward steps; rows with t = 0 are returned unchanged
+    (sigma = 0: nothing to denoise), so DiffAug at t = 0 is exactly the identity.
+    """
+    sigma = sigma_at_step(denoiser.train_sigmas, t).to(x0)
+    if not bool((sigma > 0).any()):
+        return x0.clone()
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    with torch.no_grad():
+        denoised = denoiser(x0 + s * noise, sigma, labels)
+    return torch.where(s > 0, denoised, x0)
+
+
+def batch_noise(seed: int, batch_index: int, rows: int) -> PerSampleNoise:
+    """Row r of batch `batch_index` gets a generator seeded by (seed, batch_index, r): the batch's
+    own seed sample_seed(seed, batch_index), then one stream per row from it."""
+    return PerSampleNoise(sample_seed(seed, batch_index), range(rows))
+
+
+def draw_times(rng: PerSampleNoise, num_train_timesteps: int) -> Tensor:
+    """One t per row, uniform on {0, ..., T - 1} (the released code's t ~ U[0, T)), from the row's generator."""
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in rng.generators])
+
+
+def augment_images(denoiser: Denoiser, images: Tensor, labels: Tensor | None, seed: int,
+                   batch_index: int) -> Tensor:
+    """DiffAug of one batch: each row's t, then its noise, from the row's (seed, batch, row) generator."""
+    rng = batch_noise(seed, batch_index, len(images))
+    t = draw_times(rng, len(denoiser.train_sigmas))
+    return diffaug(denoiser, images, t, rng.randn_like(images), labels)
+
+
+def diffaug_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    """The released DiffAug recipe: CE(clean) + CE(augmented).
+
+    ``logits`` are the classifier's outputs on ``torch.cat([images, augmented])`` (one forward pass
+    over both halves, as the released code concatenates them), ``labels`` those of the clean half.
+    """
+    if len(logits) != 2 * len(labels):
+        raise ConfigError(f"expected logits for the clean and augmented halves ({2 * len(labels)} rows), got {len(logits)}")
+    clean, augmented = logits.chunk(2)
+    return (F.cross_entropy(clean, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(augmented, labels, label_smoothing=label_smoothing))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffAugConfig:
+    """DiffAug served to a trainer; copied into the trainer's config."""
+
+    model: str  # diffusion model folder (unconditional, or conditioned on the batch labels)
+    seed: int | None = None  # per-sample seed; None uses each batch's "seed" (the run seed)
+    clip_denoised: bool = True  # clamp the denoised estimate to the data range [-1, 1]
+
+
+def load_denoiser(config: DiffAugConfig, device: str | torch.device) -> tuple[Denoiser, DiffusionModel]:
+    model = load_diffusion_model(config.model, device)
+    denoiser = ClampDenoised(model.denoiser) if config.clip_denoised else model.denoiser
+    return denoiser, model
+
+
+def augment_batch(denoiser: Denoiser, model: DiffusionModel, config: DiffAugConfig, images: Tensor, labels: Tensor,
+                  batch_index: int, batch_seed: int) -> Tensor:
+    """The stage's work on one batch, the same in-process and in an AugmentActor; returns CPU float32."""
+    device = model.device
+    seed = batch_seed if config.seed is None else config.seed
+    labels = labels.to(device) if model.meta.num_classes is not None else None
+    out = augment_images(denoiser, images.to(device=device, dtype=torch.float32), labels, seed, batch_index)
+    return out.float().cpu()
+
+
+class DiffAugStage:
+    """The in-process DiffAug stage (one model in this process): a Stage for a single-GPU or CPU trainer."""
+
+    def __init__(self, config: DiffAugConfig, device: str | None = None):
+        self.config = config
+        self.denoiser, self.model = load_denoiser(config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def __call__(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            augmented = augment_batch(self.denoiser, self.model, self.config, batch["images"], batch["labels"],
+                                      int(batch["index"]), int(batch["seed"]))
+            yield {**batch, "augmented": augmented}
+
+
+def make_diffaug_stage(model_dir: str, actors: int = 0, seed: int | None = None, *, clip_denoised: bool = True,
+                       device: str | None = None, max_in_flight: int | None = None, address: str | None = None,
+                       actor_cpus: float | None = None) -> Stage:
+    """The DiffAug stage for a trainer: in-process with ``actors=0``, else served by a pool of
+    ``actors`` AugmentActors (one model each) with at most ``max_in_flight`` batches in flight
+    (default 2 per actor). Both give the same augmented batches for the same seed.
+
+    ``seed`` None uses each batch's "seed". ``device`` is the in-process stage's torch device;
+    ``address`` / ``actor_cpus`` configure the pool (see :class:`tailforge.gen.augment.ServedDiffAugStage`).
+    """
+    if actors < 0:
+        raise ConfigError(f"actors must be >= 0, got {actors}")
+    config = DiffAugConfig(model=str(model_dir), seed=seed, clip_denoised=clip_denoised)
+    if actors == 0:
+        return DiffAugStage(config, device)
+    from .augment import ServedDiffAugStage
+
+    return ServedDiffAugStage(config, actors=actors, max_in_flight=max_in_flight, address=address,
+                              actor_cpus=actor_cpus)
+
+
+def image_index(image: Tensor) -> int:
+    """A 56-bit number from an image's bytes: the ensemble seeds each image's noise by
+    (seed, image_index), so a prediction does not depend on the batch an evaluator put it in."""
+    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+class DiffAugEnsemble(nn.Module):
+    """DiffAug-Ensemble (seed 003): p(y | x0) = mean over t in S of p_phi(y | DiffAug(x0, t)).
+
+    An nn.Module from images ([-1, 1] or uint8 NCHW) to **log-probabilities** log p(y | x0): the
+    ensemble is a mean of softmax outputs, and its log is returned so that every evaluator that
+    takes logits (argmax, softmax, cross-entropy, ECE, MSP) works unchanged, since
+    softmax(log p) = p. Logit-space scores (energy, MaxLogit) then score the averaged
+    probabilities, and feature-based detectors (ReAct, ASH, Mahalanobis) need the wrapped
+    ``classifier`` itself. The denoiser must be unconditional (test labels are unknown).
+    Each image's noise comes from a generator seeded by (seed, a hash of the image), so results
+    do not depend on batching.
+    """
+
+    def __init__(self, classifier: nn.Module, denoiser: Denoiser, times: Sequence[int] = ENSEMBLE_TIMES, seed: int = 0):
+        super().__init__()
+        if not times:
+            raise ConfigError("DiffAug-Ensemble needs at least one diffusion time")
+        self.classifier, self.denoiser = classifier, denoiser
+        self.times, self.seed = tuple(int(t) for t in times), int(seed)
+        sigma_at_step(denoiser.train_sigmas, torch.tensor(self.times))  # validates the times
+
+    def forward(self, images: Tensor) -> Tensor:
+        x0 = uint8_to_float(images) if images.dtype == torch.uint8 else images
+        rng = PerSampleNoise(self.seed, [image_index(row) for row in x0])
+        probs = 0.0
+        for t in self.times:
+            augmented = diffaug(self.denoiser, x0, torch.full((len(x0),), t, dtype=torch.long), rng.randn_like(x0))
+            probs = probs + self.classifier(augmented).softmax(1)
+        # clamped so that a probability that underflowed to 0 gives a finite log
+        return (probs / len(self.times)).clamp_min(torch.finfo(x0.dtype).tiny).log()
+
+
+def load_diffaug_ensemble(classifier: nn.Module, model_dir: str, *, seed: int = 0, clip_denoised: bool = True,
+                          times: Sequence[int] = ENSEMBLE_TIMES) -> DiffAugEnsemble:
+    """DiffAug-Ensemble of `classifier` with the unconditional diffusion model in `model_dir`,
+    on the classifier's device."""
+    device = next(classifier.parameters()).device
+    denoiser, model = load_denoiser(DiffAugConfig(model=str(model_dir), clip_denoised=clip_denoised), device)
+    if model.meta.num_classes is not None:
+        raise ConfigError(f"{model_dir} is a class-conditional model; DiffAug-Ensemble runs at test time without "
+                          "labels and needs an unconditional one (tailforge train diffusion --unconditional)")
+    return DiffAugEnsemble(classifier, denoiser, times, seed).eval()
