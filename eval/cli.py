@@ -60,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--skip-bad-shards", action="store_true",
                           help="shards: datasets: skip damaged shards (logged, counted in the report's shard_read) "
                                "instead of stopping at the first one")
-    from . import corruptions, emm, fidelity, memorization, ood, report
+    from . import corruptions, emm, entropy, fidelity, memorization, ood, report
 
-    for suite in (corruptions, ood, fidelity, memorization, emm, report):
+    for suite in (corruptions, ood, fidelity, memorization, emm, report, entropy):
         suite.register(group)
 
     from .demo import DemoConfig

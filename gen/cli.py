@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from pathlib import Path
 
 from .baseline import BaselineConfig, BaselineSource, SamplingConfig
 from .checkpoint import config_dict, load_diffusion_model
@@ -54,6 +55,42 @@ def run_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def fraction_list(text: str) -> list[float]:
+    """A comma-separated list of fractions in [0, 1] (reconstruction's t_re values)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every t_re must be a fraction of T in [0, 1], got {text!r}")
+    return values
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset
+    from .jobs import run_job
+    from .reconstruct import ReconstructConfig, ReconstructSource, shard_set_name
+
+    extra = manifest_extra(args.model)
+    num = len(load_dataset(args.dataset, args.split))
+    outputs = {}
+    for t_re in args.t_re:
+        name = shard_set_name(t_re)
+        config = ReconstructConfig(model=args.model, dataset=args.dataset, t_re=t_re, split=args.split,
+                                   sampling=sampling_config(args), seed=args.seed, job=f"{args.job}_{name}",
+                                   shard_size=args.shard_size, batch_size=args.batch_size)
+        specs = plan_shards(config.job, num, config.shard_size, config.seed)
+        out = str(Path(args.out) / name)
+        records = run_job(out, config_dict(config), specs, functools.partial(ReconstructSource, config),
+                          actors=args.actors, address=args.address, progress=not args.quiet,
+                          manifest_extra={**extra, "t_re": t_re, "source_dataset": args.dataset,
+                                          "source_split": args.split})
+        outputs[name] = {"out": out, "t_re": t_re, "samples": sum(r.count for r in records),
+                         "seconds": round(sum(r.seconds for r in records), 2)}
+    print_json(outputs)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = add_group(sub, "gen", "generate WebDataset shards with a diffusion model on a Ray actor pool")
     baseline = add_command(
@@ -65,6 +102,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     baseline.add_argument("--num", type=positive_int, required=True, help="number of samples")
     add_sampling_options(baseline)
     add_job_options(baseline, "baseline")
+
+    reconstruct = add_command(
+        group, "reconstruct", "real-sample reconstruction (seed 001 Algorithm 1): diffuse to t_re, reverse back",
+        run_reconstruct,
+        description="Diffuse every image of a dataset split forward to t_re (a fraction of the model's T) and run the "
+                    "reverse process back to 0 on a Ray actor pool, writing one shard set per t_re to "
+                    "OUT/t_re_<value> (t_re 0.3 goes to OUT/t_re_0p3, read as shards:OUT/t_re_0p3). Labels are the "
+                    "source labels; each sample's json names its source key and t_re. t_re = 0 copies the real "
+                    "images, t_re = 1 is full class-conditional generation. --steps is the full chain's step count; "
+                    "the chain from t_re runs round(steps * t_re) of them. Re-running the same command skips shards "
+                    "that are already recorded.")
+    reconstruct.add_argument("--model", required=True, help="diffusion model folder (tailforge train diffusion, or diffusers)")
+    reconstruct.add_argument("--dataset", required=True, help="dataset spec whose images are reconstructed, e.g. digits")
+    reconstruct.add_argument("--split", default="train", help="dataset split to reconstruct")
+    reconstruct.add_argument("--t-re", type=fraction_list, default="0.3,0.5,0.7,1.0",
+                             help="comma-separated reverse steps as fractions of T, one shard set each")
+    add_sampling_options(reconstruct)
+    add_job_options(reconstruct, "reconstruct")
 
     from .verify import register as register_shards
 
