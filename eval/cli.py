@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..gen.cliutil import add_command, add_group, print_json
+from ..gen.cliutil import add_command, add_group, positive_int, print_json
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
@@ -29,6 +29,19 @@ def run_accuracy(args: argparse.Namespace) -> int:
             predict_logits(ensemble, data.images), data.labels, int(config["num_classes"]))}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print_json(report)
+    return 0
+
+
+def run_density(args: argparse.Namespace) -> int:
+    from ..gen.checkpoint import write_json_atomic
+    from .density import DensityConfig, evaluate_density
+
+    config = DensityConfig(k=args.k, lof_neighbors=args.lof_neighbors, pr_k=args.pr_k, shrinkage=args.shrinkage,
+                           folds=args.folds)
+    report = evaluate_density(args.shards, args.dataset, args.classifier, config)
+    if args.json:
+        write_json_atomic(args.json, report)
     print_json(report)
     return 0
 
@@ -64,6 +77,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     for suite in (corruptions, ood, fidelity, memorization, emm, report, entropy):
         suite.register(group)
+
+    density = add_command(
+        group, "density", "hardness, AvgkNN, LOF, precision/recall of a shard set (seed 000 Sec. 4.2)", run_density,
+        description="Measure a shard set in the embedding space of an evaluation classifier (one that did not guide "
+                    "the samples; refused if it did): hardness (seed 000 Eq. 3, class Gaussians of the real training "
+                    "split), AvgkNN (mean distance to the k nearest real training images), LOF (scikit-learn, "
+                    "novelty=True), k-NN manifold precision/recall (Kynkaanniemi et al. 2019) and the fraction the "
+                    "classifier assigns to the generated class; the real test split is measured the same way as a "
+                    "reference, and out-of-fold percentiles of the training split's own hardness are reported.")
+    density.add_argument("--shards", required=True, help="shard set folder (gen baseline / gen lowdensity output)")
+    density.add_argument("--dataset", required=True, help="dataset spec of the real data, e.g. digits")
+    density.add_argument("--classifier", required=True, help="evaluation classifier folder (tailforge train classifier)")
+    density.add_argument("--k", type=positive_int, default=5, help="AvgkNN neighbours (seed 000: 5)")
+    density.add_argument("--lof-neighbors", type=positive_int, default=20, help="LOF neighbourhood size")
+    density.add_argument("--pr-k", type=positive_int, default=3, help="k of the precision/recall k-NN manifolds")
+    density.add_argument("--shrinkage", choices=("auto", "ledoit_wolf", "none"), default="ledoit_wolf",
+                         help="class covariances of the evaluation features")
+    density.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds for the training hardness")
+    density.add_argument("--json", default=None, help="also write the report to this file")
 
     from .demo import DemoConfig
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .checkpoint import DiffusionModel, load_diffusion_model
 from .datasets import float_to_uint8
-from .denoiser import CheckFinite, ClampDenoised
+from .denoiser import CheckFinite, ClampDenoised, Denoiser
 from .noise import PerSampleNoise
 from .samplers import get_sampler, sampler_sigmas
 from .shards import ShardSpec, encode_sample, sample_key
@@ -53,13 +53,21 @@ def balanced_labels(indices: range | list[int], num_classes: int | None) -> torc
 
 
 def generate_batch(model: DiffusionModel, sampling: SamplingConfig, seed: int, indices: list[int],
-                   labels: torch.Tensor | None) -> torch.Tensor:
-    """Sample images for global `indices` (each with its own noise stream); returns uint8 NCHW."""
+                   labels: torch.Tensor | None,
+                   wrap: Callable[[Denoiser, torch.Tensor], Denoiser] | None = None) -> torch.Tensor:
+    """Sample images for global `indices` (each with its own noise stream); returns uint8 NCHW.
+
+    ``wrap(denoiser, sigmas)``, if given, wraps the (clamped) denoiser before sampling: features
+    such as low-density guidance (gen.guidance) that need the sigma grid; everything else (noise,
+    grid, sampler) is the baseline's, so a wrapper that changes nothing gives the same bytes.
+    """
     rng = PerSampleNoise(seed, indices)
     sigmas = sampler_sigmas(sampling.sampler, model.denoiser, sampling.steps)
     # The NaN/Inf check wraps the model innermost: ClampDenoised would turn Inf into +-1 and hide it.
     denoiser = CheckFinite(model.denoiser, sigmas, indices)
     denoiser = ClampDenoised(denoiser) if sampling.clip_denoised else denoiser
+    if wrap is not None:
+        denoiser = wrap(denoiser, sigmas)
     shape = (model.meta.channels, model.meta.image_size, model.meta.image_size)
     x = sigmas[0] * rng.randn(shape, device=model.device)
     sampler = get_sampler(sampling.sampler, **sampling.sampler_settings())

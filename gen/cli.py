@@ -91,6 +91,26 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lowdensity(args: argparse.Namespace) -> int:
+    from .guidance import GuidanceConfig
+    from .jobs import run_job
+    from .lowdensity import LowDensityConfig, LowDensitySource
+
+    # Unset options keep GuidanceConfig's defaults (the paper's alpha = beta = 0.5).
+    guide = GuidanceConfig(**{k: v for k in ("alpha", "beta", "tau", "loss") if (v := getattr(args, k)) is not None})
+    guide.validate()
+    config = LowDensityConfig(model=args.model, guidance=args.guidance, num=args.num, sampling=sampling_config(args),
+                              guide=guide, seed=args.seed, job=args.job, shard_size=args.shard_size,
+                              batch_size=args.batch_size)
+    specs = plan_shards(config.job, config.num, config.shard_size, config.seed)
+    records = run_job(args.out, config_dict(config), specs, functools.partial(LowDensitySource, config),
+                      actors=args.actors, address=args.address, manifest_extra=manifest_extra(args.model),
+                      progress=not args.quiet)
+    print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
+                "seconds": round(sum(r.seconds for r in records), 2)})
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = add_group(sub, "gen", "generate WebDataset shards with a diffusion model on a Ray actor pool")
     baseline = add_command(
@@ -120,6 +140,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                              help="comma-separated reverse steps as fractions of T, one shard set each")
     add_sampling_options(reconstruct)
     add_job_options(reconstruct, "reconstruct")
+
+    lowdensity = add_command(
+        group, "lowdensity", "low-density sampling with alpha/beta guidance (seed 000 Algorithm 1) into shards",
+        run_lowdensity,
+        description="Sample --num class-balanced images like `gen baseline` (same seeds, same noise) with the "
+                    "low-density guidance of seed 000: every step but the last adds alpha * Sigma * the normalized "
+                    "gradient of L_g1 (hardness contrast, Eq. 4) and beta * Sigma * that of L_g2 (real-vs-synthetic, "
+                    "Eq. 6), Sigma the step's DDPM posterior std (for DDIM the DDPM std of the same step, whatever "
+                    "eta). The guidance folder (tailforge train guidance) fixes what its networks see (x0_hat or "
+                    "x_t). Each sample's json records alpha, beta, tau, the loss, the guidance input and the "
+                    "sample's hardness under the guidance classifier. alpha = beta = 0 reproduces `gen baseline`.")
+    lowdensity.add_argument("--model", required=True, help="class-conditional diffusion model folder")
+    lowdensity.add_argument("--guidance", required=True, help="guidance folder (tailforge train guidance)")
+    lowdensity.add_argument("--num", type=positive_int, required=True, help="number of samples")
+    lowdensity.add_argument("--alpha", type=float, default=None, help="scale of the hardness term (default 0.5, the paper's)")
+    lowdensity.add_argument("--beta", type=float, default=None, help="scale of the fidelity term (default 0.5, the paper's)")
+    lowdensity.add_argument("--tau", type=float, default=None,
+                            help="temperature of Eq. 4 and Eq. 6 (default: gen.guidance.GuidanceConfig.tau)")
+    lowdensity.add_argument("--loss", choices=("hardness", "softmax"), default=None,
+                            help="hardness (default): Eq. 4/6 on class Gaussians of embeddings; softmax: the "
+                                 "probability variant")
+    add_sampling_options(lowdensity)
+    add_job_options(lowdensity, "lowdensity")
 
     from .verify import register as register_shards
 

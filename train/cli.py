@@ -46,6 +46,21 @@ def run_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_guidance(args: argparse.Namespace) -> int:
+    from ..gen.baseline import SamplingConfig
+    from .guidance import GuidanceTrainConfig, train_guidance
+
+    config = GuidanceTrainConfig(dataset=args.dataset, model=args.model, input=args.input, classifier=args.classifier,
+                                 discriminator=args.discriminator, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, shrinkage=args.shrinkage, levels=args.levels,
+                                 synthetic=SamplingConfig(sampler=args.sampler, steps=args.steps),
+                                 synthetic_shards=args.synthetic_shards or "", seed=args.seed)
+    info = train_guidance(config, args.out, progress=not args.quiet)
+    print_json({"guidance": args.out, **{k: info[k] for k in ("input", "guidance_hash", "classifier_test_accuracy",
+                                                               "discriminator_holdout_accuracy")}})
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = add_group(sub, "train", "train diffusion models and classifiers")
     diffusion = add_command(
@@ -126,3 +141,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     classifier.add_argument("--seed", type=non_negative_int, default=0, help="initialisation and data-order seed")
     classifier.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     classifier.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    guidance = add_command(
+        group, "guidance", "train the low-density guidance models of seed 000 (classifier + discriminator)",
+        run_guidance,
+        description="Train (1) an embedding classifier on the real training split and fit one Gaussian per class of "
+                    "its embeddings (hardness, seed 000 Eq. 3; Ledoit-Wolf shrinkage where the sample covariance is "
+                    "singular), and (2) a real-vs-synthetic discriminator on the real training split and an equal "
+                    "number of baseline samples of --model, with its own class Gaussians (Eq. 6). --input fixes what "
+                    "both see while sampling: x0 (the denoised estimate x0_hat; plain classifiers) or xt (the noisy "
+                    "x_t; timestep-aware classifiers, Gaussians per noise level). Everything is saved in --out, "
+                    "which `tailforge gen lowdensity --guidance` reads.")
+    guidance.add_argument("--dataset", default="digits", help="dataset spec whose training split is the real data")
+    guidance.add_argument("--model", required=True, help="diffusion model folder (its samples are the synthetic class)")
+    guidance.add_argument("--out", required=True, help="guidance folder to write")
+    guidance.add_argument("--input", choices=("x0", "xt"), default="x0",
+                          help="what the guidance nets see at each step: x0_hat (x0) or the noisy x_t (xt)")
+    guidance.add_argument("--classifier", default="tinycnn", help="timm name of the embedding classifier")
+    guidance.add_argument("--discriminator", default="tinycnn", help="timm name of the real-vs-synthetic discriminator")
+    guidance.add_argument("--epochs", type=positive_int, default=30, help="passes over each network's training data")
+    guidance.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    guidance.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW peak learning rate")
+    guidance.add_argument("--shrinkage", choices=("auto", "ledoit_wolf", "none"), default="auto",
+                          help="class covariances: sample covariance, Ledoit-Wolf where it is singular (auto); always "
+                               "Ledoit-Wolf; or never")
+    guidance.add_argument("--levels", type=positive_int, default=10,
+                          help="--input xt: noise levels (evenly spaced timesteps) with their own class Gaussians")
+    guidance.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                          help="sampler of the discriminator's synthetic (baseline) samples")
+    guidance.add_argument("--steps", type=positive_int, default=250, help="its denoising steps (paper: 250 DDPM)")
+    guidance.add_argument("--synthetic-shards", default=None,
+                          help="read the synthetic samples from this shard set (e.g. `gen baseline` output) instead")
+    guidance.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and noise seed")
+    guidance.add_argument("--quiet", action="store_true", help="no progress bars")
