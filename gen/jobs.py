@@ -89,7 +89,9 @@ def connect(address: str | None = None) -> None:
                                  "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token in "
                                  "~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
         except ConnectionError as err:
-            raise TailforgeError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+            hint = "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+                " (if the cluster uses token authentication, Ray's default, set RAY_AUTH_MODE=token here)")
+            raise TailforgeError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}{hint}") from None
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  object_store_memory=1 << 30)
