@@ -560,34 +560,60 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
     return report, examples
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.checkpoint import write_json_atomic
-    from ..gen.cliutil import print_json
+@dataclasses.dataclass(frozen=True)
+class CorruptionSuiteConfig:
+    """`tailforge eval corruptions`; copied into corruptions.json."""
+
+    classifier: str  # classifier folder (tailforge train classifier)
+    dataset: str  # dataset spec whose `split` is corrupted
+    split: str = "test"  # split to corrupt
+    corruptions: tuple[str, ...] = ()  # corruption names; empty: every one that applies to these images
+    severities: tuple[int, ...] = SEVERITIES  # CIFAR-10-C severities 1..5
+    reference_size: int = REFERENCE_SIZE  # image size CIFAR-10-C's pixel parameters are stated for
+    limit: int = 0  # use only the first N images (0: all)
+    seed: int = 0  # corruption noise seed
+    diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
+
+
+def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, device: str | None = None,
+                         progress: bool = True) -> dict[str, Any]:
+    """Run the suite, write OUT/corruptions.json and OUT/corruption_examples.png."""
+    from ..gen.checkpoint import config_dict, write_json_atomic
     from ..gen.datasets import load_dataset
     from .features import load_eval_classifier
     from .figures import image_grid, save_png_atomic
 
     started = time.perf_counter()
-    classifier, described = load_eval_classifier(args.classifier, diffaug_ensemble=args.diffaug_ensemble,
-                                                 device=args.device)
-    data = load_dataset(args.dataset, args.split)
-    if args.limit:
-        data = data.subset(range(min(args.limit, len(data))))
-    names = [n.strip() for n in args.corruptions.split(",")] if args.corruptions != "all" else None
-    report, examples = corruption_suite(classifier, data.images, data.labels, names=names, severities=args.severities,
-                                        seed=args.seed, reference_size=args.reference_size, progress=not args.quiet)
-    report["config"] = {**described, "dataset": args.dataset, "split": args.split, "limit": args.limit,
-                        "corruptions": args.corruptions}
+    classifier, described = load_eval_classifier(config.classifier, diffaug_ensemble=config.diffaug_ensemble,
+                                                 device=device)
+    data = load_dataset(config.dataset, config.split)
+    if config.limit:
+        data = data.subset(range(min(config.limit, len(data))))
+    report, examples = corruption_suite(classifier, data.images, data.labels, names=config.corruptions or None,
+                                        severities=config.severities, seed=config.seed,
+                                        reference_size=config.reference_size, progress=progress)
+    report["config"] = {**config_dict(config), **described}
     report["seconds"] = round(time.perf_counter() - started, 2)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # one test image per row: the clean image, then severities 1..5 of each corruption
+    # one test image per row: the clean image, then the severities of each corruption
     grid = torch.cat([torch.cat([data.images[:1], row]) for row in examples.values()])
-    save_png_atomic(image_grid(grid, len(args.severities) + 1), out / "corruption_examples.png")
+    save_png_atomic(image_grid(grid, len(config.severities) + 1), out / "corruption_examples.png")
     report["examples_png"] = "corruption_examples.png"
     report["example_rows"] = list(examples)
     write_json_atomic(out / "corruptions.json", report)
-    print_json({"out": str(out / "corruptions.json"), "clean_accuracy": report["clean_accuracy"],
+    return report
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    names = () if args.corruptions == "all" else tuple(n.strip() for n in args.corruptions.split(","))
+    config = CorruptionSuiteConfig(classifier=args.classifier, dataset=args.dataset, split=args.split, corruptions=names,
+                                   severities=args.severities, reference_size=args.reference_size, limit=args.limit,
+                                   seed=args.seed, diffaug_ensemble=args.diffaug_ensemble)
+    report = run_corruption_suite(config, args.out, device=args.device, progress=not args.quiet)
+    print_json({"out": str(Path(args.out) / "corruptions.json"), "clean_accuracy": report["clean_accuracy"],
                 "mean_corruption_accuracy": report["mean_corruption_accuracy"], "families": report["families"],
                 "no_effect_at_this_size": report["no_effect_at_this_size"], "not_computed": sorted(report["not_computed"])})
     return 0

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -110,33 +111,52 @@ def fidelity_report(classifier: torch.nn.Module, samples: Tensor, train: Tensor,
     return report
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.checkpoint import write_json_atomic
+@dataclasses.dataclass(frozen=True)
+class FidelityConfig:
+    """`tailforge eval fidelity`; copied into fidelity.json."""
+
+    shards: str  # synthetic shard set
+    dataset: str  # real dataset spec: its training split is the reference, its test split the FD floor
+    classifier: str  # evaluation classifier folder: the feature space of the Frechet distance
+    folds: int = 5  # cross-validation folds of the fake detector
+    seed: int = 0  # class balancing and fold seed
+
+
+def run_fidelity(config: FidelityConfig, out: str | Path, *, device: str | None = None) -> dict[str, Any]:
+    """Measure the shard set against the real data, write OUT/fidelity.json."""
+    from ..gen.checkpoint import config_dict, write_json_atomic
     from ..gen.classifier_nets import load_classifier
-    from ..gen.cliutil import print_json
     from ..gen.datasets import DatasetError, load_dataset
     from .features import default_device
 
     started = time.perf_counter()
-    classifier, config = load_classifier(args.classifier, args.device or default_device())
-    samples = load_dataset(f"shards:{args.shards}", "train")
-    train = load_dataset(args.dataset, "train")
+    classifier, saved = load_classifier(config.classifier, device or default_device())
+    samples = load_dataset(f"shards:{config.shards}", "train")
+    train = load_dataset(config.dataset, "train")
     try:
-        test = load_dataset(args.dataset, "test").images
+        test = load_dataset(config.dataset, "test").images
     except DatasetError:
         test = None
     if samples.images.shape[1:] != train.images.shape[1:]:
-        raise ConfigError(f"samples are {tuple(samples.images.shape[1:])}, {args.dataset!r} images "
+        raise ConfigError(f"samples are {tuple(samples.images.shape[1:])}, {config.dataset!r} images "
                           f"{tuple(train.images.shape[1:])}")
-    report = fidelity_report(classifier, samples.images, train.images, test, folds=args.folds, seed=args.seed)
-    report["config"] = {"shards": args.shards, "dataset": args.dataset, "classifier": args.classifier,
-                        "classifier_model": config.get("model"), "folds": args.folds, "seed": args.seed,
+    report = fidelity_report(classifier, samples.images, train.images, test, folds=config.folds, seed=config.seed)
+    report["config"] = {**config_dict(config), "classifier_model": saved.get("model"),
                         "detector": "logistic regression on standardised inputs"}
     report["seconds"] = round(time.perf_counter() - started, 2)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "fidelity.json", report)
-    print_json({"out": str(out / "fidelity.json"), "frechet_distance": report["frechet_distance"],
+    return report
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    config = FidelityConfig(shards=args.shards, dataset=args.dataset, classifier=args.classifier, folds=args.folds,
+                            seed=args.seed)
+    report = run_fidelity(config, args.out, device=args.device)
+    print_json({"out": str(Path(args.out) / "fidelity.json"), "frechet_distance": report["frechet_distance"],
                 "frechet_distance_real_test_vs_train": report.get("frechet_distance_real_test_vs_train"),
                 "fake_detection": {d: r["accuracy"] for d, r in report["fake_detection"].items()}})
     return 0

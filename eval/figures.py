@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 
 
-def image_grid(images: torch.Tensor, ncols: int, *, scale: int = 4, pad: int = 1, pad_value: int = 255) -> Image.Image:
+def image_grid(images: torch.Tensor, ncols: int, *, scale: int | None = None, pad: int = 1,
+               pad_value: int = 255) -> Image.Image:
     """Tile uint8 NCHW images (C = 1 or 3) row-major into one PIL image, each upscaled by `scale`
-    with nearest-neighbour (so 8x8 digits stay crisp) and separated by `pad` pixels."""
+    with nearest-neighbour (default: to about 48 px, so 8x8 digits stay crisp and visible) and
+    separated by `pad` pixels."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 N x (1|3) x H x W images, got {images.dtype} {tuple(images.shape)}")
     n, c, h, w = images.shape
+    scale = scale or max(1, 48 // w)
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     cell_h, cell_w = h * scale + pad, w * scale + pad

@@ -223,51 +223,78 @@ def evaluate_memorization(samples: LabeledImages, train: LabeledImages, out: str
 # `tailforge eval memorization`
 
 
-def _generate_shards(args: argparse.Namespace, out: Path) -> Path:
-    """Run a baseline generation job with the model into OUT/samples (resumable, on the actor pool)."""
+@dataclasses.dataclass(frozen=True)
+class MemorizationConfig:
+    """`tailforge eval memorization`; copied into memorization.json."""
+
+    dataset: str  # spec of the data the model was trained on: its training split is the reference
+    shards: str | None = None  # generated shard set to check
+    model: str | None = None  # diffusion model folder: generate `num` samples first (into OUT/samples)
+    classifier: str | None = None  # classifier folder for the feature-space check (seed 000 Sec. 5)
+    pairs: int = 24  # closest pairs listed and drawn
+    num: int = 1000  # with model: samples to generate (seed 002 uses 10k)
+    sampler: str = "ddim"  # with model: sampler
+    steps: int = 50  # with model: sampling steps
+    seed: int = 0  # with model: job seed
+
+    def validate(self) -> None:
+        if bool(self.shards) == bool(self.model):
+            raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
+
+
+def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | None, address: str | None,
+                     progress: bool) -> Path:
+    """Run a baseline generation job with the model into `root` (resumable, on the actor pool)."""
     from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
     from ..gen.checkpoint import config_dict
     from ..gen.cli import manifest_extra
     from ..gen.jobs import run_job
     from ..gen.shards import plan_shards
 
-    config = BaselineConfig(model=args.model, num=args.num, seed=args.seed, job="memorization",
-                            sampling=SamplingConfig(sampler=args.sampler, steps=args.steps))
-    root = out / "samples"
-    run_job(root, config_dict(config), plan_shards(config.job, config.num, config.shard_size, config.seed),
-            functools.partial(BaselineSource, config), actors=args.actors, address=args.address,
-            manifest_extra=manifest_extra(args.model), progress=not args.quiet)
+    job = BaselineConfig(model=config.model, num=config.num, seed=config.seed, job="memorization",
+                         sampling=SamplingConfig(sampler=config.sampler, steps=config.steps))
+    run_job(root, config_dict(job), plan_shards(job.job, job.num, job.shard_size, job.seed),
+            functools.partial(BaselineSource, job), actors=actors, address=address,
+            manifest_extra=manifest_extra(config.model), progress=progress)
     return root
+
+
+def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str | None = None,
+                     actors: int | None = None, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Generate (with a model) or read the samples, measure them, write OUT/memorization.json."""
+    from ..gen.checkpoint import config_dict
+
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = Path(config.shards) if config.shards else _generate_shards(config, out / "samples", actors=actors,
+                                                                         address=address, progress=progress)
+    samples = load_dataset(f"shards:{shards}", "train")
+    # the data the model was trained on: the training split (all images of a folder with no split)
+    train = load_dataset(config.dataset, "train")
+    classifier, heldout = None, None
+    if config.classifier:
+        from ..gen.classifier_nets import load_classifier
+
+        classifier, _ = load_classifier(config.classifier, device or default_device())
+        try:
+            heldout = load_dataset(config.dataset, "test")
+        except DatasetError:
+            heldout = None
+    return evaluate_memorization(samples, train, out, classifier=classifier, heldout=heldout, pairs=config.pairs,
+                                 config={**config_dict(config), "samples": str(shards)}, device=device)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..gen.cliutil import print_json
 
-    if bool(args.shards) == bool(args.model):
-        raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = Path(args.shards) if args.shards else _generate_shards(args, out)
-    samples = load_dataset(f"shards:{shards}", "train")
-    # the data the model was trained on: the training split (all images of a folder with no split)
-    train = load_dataset(args.dataset, "train")
-    classifier, heldout = None, None
-    if args.classifier:
-        from ..gen.classifier_nets import load_classifier
-
-        classifier, _ = load_classifier(args.classifier, args.device or default_device())
-        try:
-            heldout = load_dataset(args.dataset, "test")
-        except DatasetError:
-            heldout = None
-    config = {"shards": str(shards), "model": args.model, "dataset": args.dataset, "classifier": args.classifier,
-              "num": args.num if args.model else None, "sampler": args.sampler if args.model else None,
-              "steps": args.steps if args.model else None, "seed": args.seed if args.model else None}
-    report = evaluate_memorization(samples, train, out, classifier=classifier, heldout=heldout, pairs=args.pairs,
-                                   config=config, device=args.device)
+    config = MemorizationConfig(dataset=args.dataset, shards=args.shards, model=args.model, classifier=args.classifier,
+                                pairs=args.pairs, num=args.num, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    report = run_memorization(config, args.out, device=args.device, actors=args.actors, address=args.address,
+                              progress=not args.quiet)
     summary = {k: report[k] for k in ("memorization_ratio", "replicates", "distinct_train_images_replicated",
                                       "median_ratio_d1_d2", "num_generated", "num_train")}
-    print_json({"out": str(out / "memorization.json"), **summary})
+    print_json({"out": str(Path(args.out) / "memorization.json"), **summary})
     return 0
 
 

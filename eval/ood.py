@@ -229,7 +229,8 @@ def _cpu_linear(head: nn.Linear) -> nn.Linear:
     return cpu.eval()
 
 
-def fit_scorer(classifier: nn.Module, fit: LabeledImages, *, knn_k: int = 50) -> OODScorer:
+def fit_scorer(classifier: nn.Module, fit: LabeledImages, *, knn_k: int = 50, react_percentile: float = 90.0,
+               ash_percentile: float = 90.0, scale_percentile: float = 85.0) -> OODScorer:
     """Fit the feature statistics (ReAct clip value, class Gaussians, kNN bank) on ID training
     images. A classifier without a linear head on timm-style features gets the logit scores only."""
     from ..gen.classifier_nets import embed, predict_logits
@@ -237,12 +238,14 @@ def fit_scorer(classifier: nn.Module, fit: LabeledImages, *, knn_k: int = 50) ->
 
     sums = torch.logsumexp(predict_logits(classifier, fit.images[:64]), 1)
     log_probs = bool(torch.allclose(sums, torch.zeros_like(sums), atol=1e-4))
+    settings = dict(log_probs=log_probs, knn_k=knn_k, react_percentile=react_percentile, ash_percentile=ash_percentile,
+                    scale_percentile=scale_percentile)
     head = linear_head(classifier)
     if head is None:
-        return OODScorer(classifier, None, log_probs=log_probs, knn_k=knn_k)
+        return OODScorer(classifier, None, **settings)
     features = embed(classifier, fit.images)
-    return OODScorer(classifier, head, log_probs=log_probs, react_clip=react_threshold(features), knn_k=knn_k,
-                     gaussians=fit_class_gaussians(features, fit.labels, fit.info.num_classes), train_features=features)
+    return OODScorer(classifier, head, react_clip=react_threshold(features, react_percentile), train_features=features,
+                     gaussians=fit_class_gaussians(features, fit.labels, fit.info.num_classes), **settings)
 
 
 def evaluate_ood(scorer: OODScorer, id_images: Tensor, ood_sets: dict[str, Tensor]) -> dict[str, Any]:
@@ -313,53 +316,89 @@ def split_holdout(train: LabeledImages, test: LabeledImages, holdout: Sequence[i
 # `tailforge eval ood`
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.checkpoint import write_json_atomic
-    from ..gen.cliutil import print_json
-    from ..gen.datasets import DatasetError
+@dataclasses.dataclass(frozen=True)
+class OODConfig:
+    """`tailforge eval ood`; copied into ood.json."""
+
+    dataset: str  # ID dataset spec: its training split fits the feature statistics, its test split is ID
+    classifier: str | None = None  # classifier folder (None: train one, see holdout_classes)
+    diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
+    ood: tuple[str, ...] = ()  # extra OOD dataset specs (their test split if they have one)
+    default_sets: bool = True  # add the rotated-ID near set and the procedural far sets
+    num: int = 500  # images per OOD set
+    holdout_classes: tuple[int, ...] = ()  # open-set protocol: train without these, their test images are near-OOD
+    model: str = "tinycnn"  # with holdout_classes: timm model to train
+    epochs: int = 30  # with holdout_classes: training epochs
+    seed: int = 0  # with holdout_classes: training seed
+    knn_k: int = 50  # K of the kNN score (OpenOOD's CIFAR setting)
+    react_percentile: float = 90.0  # ReAct clip percentile of ID features
+    ash_percentile: float = 90.0  # ASH-B pruning percentile
+    scale_percentile: float = 85.0  # SCALE percentile
+
+
+def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages, device: str | None, progress: bool):
+    """The classifier to score with, what it is, and the ID data (open-set: without the held-out
+    classes) plus the held-out classes' test images."""
     from .features import load_eval_classifier, wrap_diffaug_ensemble
 
-    started = time.perf_counter()
-    train, test = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
-    sets = {} if args.no_default_sets else default_ood_sets(test, args.num)
-    if args.holdout_classes:
-        from ..train.classifier import ClassifierTrainConfig, fit_classifier
+    if not config.holdout_classes:
+        if not config.classifier:
+            raise ConfigError("give --classifier DIR, or --holdout-classes to train one without those classes")
+        classifier, described = load_eval_classifier(config.classifier, diffaug_ensemble=config.diffaug_ensemble,
+                                                     device=device)
+        return classifier, described, train, test, None
+    from ..train.classifier import ClassifierTrainConfig, fit_classifier
 
-        train, test, held, keep = split_holdout(train, test, [int(c) for c in args.holdout_classes.split(",")])
-        sets = {"heldout_classes": ("near", held), **sets}
-        config = ClassifierTrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, seed=args.seed)
-        classifier = fit_classifier(config, train, test, device=args.device, progress=not args.quiet)
-        described = {"classifier": None, "trained_on_classes": keep, "model": args.model, "epochs": args.epochs,
-                     "diffaug_ensemble": args.diffaug_ensemble}
-        if args.diffaug_ensemble:
-            classifier = wrap_diffaug_ensemble(classifier, args.diffaug_ensemble, args.device)
-    elif args.classifier:
-        classifier, described = load_eval_classifier(args.classifier, diffaug_ensemble=args.diffaug_ensemble,
-                                                     device=args.device)
-    else:
-        raise ConfigError("give --classifier DIR, or --holdout-classes to train one without those classes")
-    for spec in args.ood or []:
+    train, test, held, keep = split_holdout(train, test, config.holdout_classes)
+    trained = ClassifierTrainConfig(dataset=config.dataset, model=config.model, epochs=config.epochs, seed=config.seed)
+    classifier = fit_classifier(trained, train, test, device=device, progress=progress)
+    if config.diffaug_ensemble:
+        classifier = wrap_diffaug_ensemble(classifier, config.diffaug_ensemble, device)
+    return classifier, {"trained_on_classes": keep}, train, test, held
+
+
+def run_ood(config: OODConfig, out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score ID and every OOD set, write OUT/ood.json."""
+    from ..gen.checkpoint import config_dict, write_json_atomic
+    from ..gen.datasets import DatasetError
+
+    started = time.perf_counter()
+    train, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
+    classifier, described, train, test, held = _classifier_for(config, train, test, device, progress)
+    sets = {} if held is None else {"heldout_classes": ("near", held)}
+    if config.default_sets:
+        sets.update(default_ood_sets(test, config.num))
+    for spec in config.ood:
         try:
             data = load_dataset(spec, "test")
         except DatasetError:
             data = load_dataset(spec, "train")
-        sets[spec] = ("user", _match(data.images[:args.num], test.info.image_size, test.info.channels))
+        sets[spec] = ("user", _match(data.images[:config.num], test.info.image_size, test.info.channels))
     if not sets:
         raise ConfigError("no OOD sets: drop --no-default-sets or add --ood SPEC")
-    scorer = fit_scorer(classifier, train, knn_k=args.knn_k)
+    scorer = fit_scorer(classifier, train, knn_k=config.knn_k, react_percentile=config.react_percentile,
+                        ash_percentile=config.ash_percentile, scale_percentile=config.scale_percentile)
     report = evaluate_ood(scorer, test.images, {name: images for name, (_, images) in sets.items()})
     for name, (kind, _) in sets.items():
         report["sets"][name]["kind"] = kind
-    report["config"] = {**described, "dataset": args.dataset, "ood": args.ood, "holdout_classes": args.holdout_classes,
-                        "knn_k": args.knn_k, "react_percentile": scorer.react_percentile,
-                        "ash_percentile": scorer.ash_percentile, "scale_percentile": scorer.scale_percentile,
-                        "fit_on": "ID training split", "num_per_set": args.num}
+    report["config"] = {**config_dict(config), **described, "fit_on": "ID training split"}
     report["seconds"] = round(time.perf_counter() - started, 2)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "ood.json", report)
+    return report
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..gen.cliutil import print_json
+
+    holdout = tuple(int(c) for c in args.holdout_classes.split(",")) if args.holdout_classes else ()
+    config = OODConfig(dataset=args.dataset, classifier=args.classifier, diffaug_ensemble=args.diffaug_ensemble,
+                       ood=tuple(args.ood or ()), default_sets=not args.no_default_sets, num=args.num,
+                       holdout_classes=holdout, model=args.model, epochs=args.epochs, seed=args.seed, knn_k=args.knn_k)
+    report = run_ood(config, args.out, device=args.device, progress=not args.quiet)
     table = {name: {s: round(v["auroc"], 4) for s, v in r["scores"].items()} for name, r in report["sets"].items()}
-    print_json({"out": str(out / "ood.json"), "auroc": table})
+    print_json({"out": str(Path(args.out) / "ood.json"), "auroc": table})
     return 0
 
 

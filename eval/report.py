@@ -435,7 +435,7 @@ def memorization_section(section: Section, results: list[tuple[Path, dict]]) -> 
     hist = {}
     for path, obj in results:
         cfg = {**(obj.get("config") or {}), "source": str(path)}
-        label = obj.get("config", {}).get("shards") or str(path)
+        label = cfg.get("shards") or cfg.get("samples") or str(path)
         rows.append([label, obj.get("config", {}).get("dataset"), obj["num_generated"], obj["num_train"],
                      _fmt(obj["memorization_ratio"]), obj["distinct_train_images_replicated"],
                      _fmt(obj["median_ratio_d1_d2"]), _fmt((obj.get("feature_space") or {}).get("generated_over_heldout_mean"))])

@@ -13,15 +13,17 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from tailforge.cli import main
 from tailforge.eval.emm import estimate_emm, write_labeled_shards
 from tailforge.eval.fidelity import fidelity_report
 from tailforge.eval.report import write_report
-from tailforge.gen.checkpoint import write_json_atomic
+from tailforge.gen.checkpoint import ModelMeta, save_diffusion_model, write_json_atomic
 from tailforge.gen.classifier_nets import create_classifier, load_classifier, save_classifier
 from tailforge.gen.datasets import load_dataset
+from tailforge.gen.unet import build_unet
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -39,8 +41,11 @@ def inputs(tmp_path_factory):
         samples[name] = str(root / name)
         write_labeled_shards(root / name, train.subset(index), train.info.class_names, job=name)
     results = root / "results"
-    assert main(["eval", "accuracy", "--classifier", str(clf), "--dataset", "digits", "--json",
-                 str(root / "accuracy.json")]) == 0
+    uncond = root / "uncond"  # an (untrained) unconditional model: DiffAug-Ensemble needs no labels
+    save_diffusion_model(uncond, build_unet("tiny", image_size=8, channels=1, num_classes=None),
+                         DDPMScheduler(num_train_timesteps=1000), ModelMeta(image_size=8, channels=1, num_classes=None))
+    assert main(["eval", "accuracy", "--classifier", str(clf), "--dataset", "digits?n=30", "--split", "train",
+                 "--json", str(root / "accuracy.json"), "--diffaug-ensemble", str(uncond)]) == 0
     assert main(["eval", "corruptions", "--classifier", str(clf), "--dataset", "digits", "--out", str(results / "corr"),
                  "--corruptions", "gaussian_noise,contrast", "--severities", "1,5", "--limit", "40", "--quiet",
                  "--device", "cpu"]) == 0
@@ -81,6 +86,8 @@ def test_report_sections_and_figures(written):
     out, report = written
     expected = {"samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm"}
     assert expected <= set(report["present"]), report["absent"]
+    accuracy = next(iter(report["sections"]["accuracy"]["data"]["accuracy"].values()))
+    assert accuracy["n"] == accuracy["diffaug_ensemble"]["n"] == 30  # with and without DiffAug-Ensemble
     emm = report["sections"]["emm"]["data"]
     assert next(iter(emm.values()))["emm"]["lower_size"] == 25
     page = (out / "report.html").read_text()
