@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,7 +41,7 @@ from ..gen.checkpoint import (CheckpointError, config_dict, load_module_state, l
 from ..gen.classifier_nets import CLASSIFIER_WEIGHTS, create_classifier, load_classifier, predict_logits, save_classifier
 from ..gen.datasets import LabeledImages, load_dataset, uint8_to_float
 from ..gen.errors import ConfigError
-from .streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
+from .streams import REAL, MixedStream, MixSource, derive_seed, real_shard_root, resolve_sets, write_real_shards
 
 Batch = dict[str, Any]
 Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
@@ -373,8 +372,7 @@ def memory_batches(data: LabeledImages, batch_size: int, seed: int, epochs: int)
 
     def make(start: int) -> Iterator[Batch]:
         for epoch in range(start, epochs):
-            seed_e = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed_e))
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
             for step in range(steps):
                 index = order[step * batch_size:(step + 1) * batch_size]
                 yield {"images": data.images[index], "labels": data.labels[index], "source": source[index],

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import io
+import math
 import random
 import time
 import warnings
@@ -49,10 +49,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
-from webdataset.filters import _shuffle as shuffle_samples
+from webdataset.filters import shuffle
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from ..gen.datasets import LabeledImages, load_dataset, parse_spec
@@ -305,7 +304,9 @@ def write_real_shards(spec: str, root: str | Path, *, shard_size: int = 256, pro
 # The stream
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed from a tuple of integers (numpy's SeedSequence mixing: nearby tuples give
+    unrelated streams)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
@@ -399,12 +400,12 @@ class MixedStream(IterableDataset):
             mine = [s for s in range(steps) if (epoch * steps + s) % workers == worker]
             if not mine:
                 continue
-            rng = random.Random(_seed(self.seed, epoch, self.rank, worker, 1))
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 1))
             if self.resample:
                 raw = self._resampled(epoch, worker, len(mine) * self.batch_size)
             else:
                 raw = self._exact(epoch, set(mine))
-            samples = shuffle_samples(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            samples = shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw)
             for step, batch in zip(mine, self._batches(samples)):
                 batch["step"] = epoch * steps + step
                 yield batch
@@ -415,10 +416,10 @@ class MixedStream(IterableDataset):
         module, so it cannot be seeded per reader and epoch; this is its seeded equivalent.)"""
         base = (self.seed, epoch, self.rank, worker)
         weights = np.array([s.weight for s in self.sets], dtype=np.float64)
-        choose = np.random.default_rng(_seed(*base, 2))
+        choose = np.random.default_rng(derive_seed(*base, 2))
         streams = []
         for i, shard_set in enumerate(self.sets):
-            pool = _ShardPool(shard_set, np.random.default_rng(_seed(*base, 3, i)), self.follow_poll,
+            pool = _ShardPool(shard_set, np.random.default_rng(derive_seed(*base, 3, i)), self.follow_poll,
                               self.follow_timeout)
             streams.append(stream_samples(pool.urls_forever()))
         picks = choose.choice(len(self.sets), size=count, p=weights / weights.sum())
@@ -432,7 +433,7 @@ class MixedStream(IterableDataset):
         whose share is one short."""
         shards = self._exact_shards
         source = {url: i for url, _, i in shards}
-        order = np.random.default_rng(_seed(self.seed, epoch, 0)).permutation(len(shards))
+        order = np.random.default_rng(derive_seed(self.seed, epoch, 0)).permutation(len(shards))
         urls = ({"url": shards[i][0]} for i in order)
         rank_total = len(range(self.rank, self.num_samples, self.world_size))
         padded_total = -(-self.num_samples // self.world_size)
