@@ -74,7 +74,7 @@ def bench_stream(quick: bool, workdir: Path) -> dict[str, Any]:
     for workers in sorted({config.loader_workers, 0}, reverse=True):
         stream = build_stream(dataclasses.replace(config, loader_workers=workers), out, test)
         started = time.perf_counter()
-        seen = sum(len(batch["labels"]) for batch in stream.loader())
+        seen = sum(len(batch["labels"]) for batch in stream.batches())
         result[f"pipeline_samples_per_s_{workers}_loader_workers"] = _rate(seen, time.perf_counter() - started)
     stream = build_stream(config, out, test)
     result["samples_per_epoch"] = stream.steps_per_epoch * config.batch_size
@@ -91,7 +91,7 @@ def bench_stream(quick: bool, workdir: Path) -> dict[str, Any]:
     # the same training fed by the stream
     model = new_classifier(config, test.info.num_classes, test.info.channels)
     started = time.perf_counter()
-    run_training(config, model, lambda start: stream.at(start, epochs).loader(), stream.steps_per_epoch,
+    run_training(config, model, lambda start: stream.at(start, epochs).batches(), stream.steps_per_epoch,
                  RankContext(device), source_names=tuple(s.name for s in stream.sets), progress=False)
     result["trainer_samples_per_s_from_stream"] = _rate(epochs * stream.steps_per_epoch * config.batch_size,
                                                         time.perf_counter() - started)

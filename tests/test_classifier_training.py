@@ -157,3 +157,17 @@ def test_resnet18_cifar_preset():
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
     with pytest.raises(ConfigError):
         timm.create_model("resnet18_cifar", pretrained=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mix", "real=1,baseline"], "NAME=WEIGHT"),
+    (["--mix", "real=1,baseline=0.3", "--shards", "baseline=/no/such/set"], "/no/such/set"),
+    (["--follow", "--exact-epochs"], "resampled"),
+    (["--batch-size", "33", "--workers", "2"], "multiple of workers"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
+    from tailforge.cli import main
+
+    assert main(["train", "classifier", "--dataset", "digits?n=40", "--out", str(tmp_path / "o"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -40,7 +40,7 @@ def make_set(root: Path, job: str, num: int, shard_size: int, label: int) -> Sha
 
 
 def all_batches(stream: MixedStream) -> list[dict]:
-    return list(stream.loader())
+    return list(stream.batches())
 
 
 def test_read_tar_files_matches_webdataset_and_checks_headers(tmp_path):
@@ -152,7 +152,7 @@ def test_follow_sees_shards_published_after_it_started(tmp_path):
     publish(root, "g", specs[0], label=2)  # the job has written one shard so far; no manifest yet
     stream = MixedStream((ShardSet("g", str(root), 1.0, follow=True),), batch_size=5, image_shape=SHAPE,
                          num_classes=10, epoch_samples=100_000, shuffle_buffer=5, seed=0, follow_poll=0.0)
-    batches = iter(stream.loader())
+    batches = iter(stream.batches())
     before = {k for _ in range(8) for k in next(batches)["keys"]}
     assert before <= {f"g-{i:09d}" for i in range(20)}
     publish(root, "g", specs[1], label=2)  # the job records its second shard while we read
@@ -168,13 +168,15 @@ def test_follow_waits_for_a_first_shard_then_gives_up(tmp_path):
     stream = MixedStream((ShardSet("g", str(tmp_path / "none"), 1.0, follow=True),), batch_size=5, image_shape=SHAPE,
                          num_classes=10, epoch_samples=10, follow_poll=0.05, follow_timeout=0.2)
     with pytest.raises(ShardError, match="no shard recorded"):
-        next(iter(stream.loader()))
+        next(iter(stream.batches()))
 
 
 def test_stream_checks_shapes_and_labels(tmp_path):
     a = make_set(tmp_path / "a", "a", 10, 10, label=7)
-    with pytest.raises(ShardError, match="shape"):
-        all_batches(MixedStream((a,), batch_size=5, image_shape=(3, 8, 8), num_classes=10, epoch_samples=10))
+    with pytest.raises(ShardError, match="shape") as raised:  # raised in a loader worker process
+        all_batches(MixedStream((a,), batch_size=5, image_shape=(3, 8, 8), num_classes=10, epoch_samples=10,
+                                loader_workers=1))
+    assert "Traceback" not in str(raised.value) and str(raised.value).startswith("sample a-")
     with pytest.raises(ShardError, match="label 7"):
         all_batches(MixedStream((a,), batch_size=5, image_shape=SHAPE, num_classes=5, epoch_samples=10))
 

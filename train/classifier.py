@@ -94,6 +94,10 @@ class ClassifierTrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -412,6 +416,9 @@ def build_stream(config: ClassifierTrainConfig, out: Path, test: LabeledImages, 
             epoch_samples = round(sum(n for _, n in real.shards()) * total_weight / real.weight)
         else:
             epoch_samples = sum(n for s in sets for _, n in s.shards())
+    for shard_set in sets:  # a missing or damaged manifest is reported here, before any reader starts
+        if not shard_set.follow:
+            shard_set.shards()
     info = test.info
     return MixedStream(sets, batch_size=config.batch_size // world_size,
                        image_shape=(info.channels, info.image_size, info.image_size), num_classes=info.num_classes,
@@ -437,7 +444,7 @@ def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext,
     own_stage = stage is None
     stage = make_diffaug_stage_for(config) if own_stage else stage
     try:
-        model = run_training(config, model, lambda start: stream.at(start, config.epochs).loader(),
+        model = run_training(config, model, lambda start: stream.at(start, config.epochs).batches(),
                              stream.steps_per_epoch, ctx, source_names=tuple(s.name for s in stream.sets), test=test,
                              checkpoints=Checkpoints(out / CHECKPOINTS, config, meta), log_path=out / LOG_FILE,
                              stage=stage, progress=progress)

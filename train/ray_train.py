@@ -13,6 +13,7 @@ of steps are those of a one-process run. A worker group that fails is restarted 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ from .classifier import ClassifierTrainConfig, RankContext, Stage, train_rank
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """The per-worker function TorchTrainer runs (the process group is already set up)."""
+    """The per-worker function TorchTrainer runs (the process group is already set up). Relative
+    paths (dataset spec, shard sets) mean what they mean to the driver wherever its working
+    directory exists on the worker's node."""
+    if os.path.isdir(loop_config["cwd"]):
+        os.chdir(loop_config["cwd"])
     context = ray.train.get_context()
     ctx = RankContext(device=get_device(), rank=context.get_world_rank(), world_size=context.get_world_size(),
                       wrap=prepare_model, report=ray.train.report)
@@ -51,7 +56,8 @@ def train_on_ray(config: ClassifierTrainConfig, out: str | Path, *, address: str
     connect(address)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "out": str(out), "progress": progress, "stage": stage},
+        train_loop_config={"config": config, "out": str(out), "progress": progress, "stage": stage,
+                           "cwd": os.getcwd()},
         scaling_config=scaling_for(config.workers),
         run_config=RunConfig(name="train", storage_path=str(out / "ray_train"),
                              failure_config=FailureConfig(max_failures=max_failures)),

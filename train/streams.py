@@ -55,7 +55,7 @@ from webdataset.filters import shuffle
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from ..gen.datasets import LabeledImages, load_dataset, parse_spec
-from ..gen.errors import ConfigError
+from ..gen.errors import ConfigError, TailforgeError
 from ..gen.shards import (IMAGE_EXTENSIONS, RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards,
                           read_shard_bytes, sample_key, shard_entries)
 from ..gen.storage import Storage
@@ -383,10 +383,19 @@ class MixedStream(IterableDataset):
     def at(self, start_epoch: int, end_epoch: int) -> "MixedStream":
         return dataclasses.replace(self, start_epoch=start_epoch, end_epoch=end_epoch)
 
-    def loader(self) -> DataLoader:
-        """A DataLoader over this stream (batches are made in the readers)."""
-        return DataLoader(self, batch_size=None, num_workers=self.loader_workers,
-                          persistent_workers=False, prefetch_factor=4 if self.loader_workers else None)
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Every batch of this rank, in global-step order, through a DataLoader (batches are made
+        in the readers). A reader's error keeps its own one-line message: a DataLoader re-raises a
+        worker's exception with the worker's traceback folded into the message."""
+        loader = DataLoader(self, batch_size=None, num_workers=self.loader_workers, persistent_workers=False,
+                            prefetch_factor=4 if self.loader_workers else None)
+        try:
+            yield from loader
+        except TailforgeError as err:
+            text = str(err).strip()
+            if not text.startswith("Caught "):
+                raise
+            raise type(err)(text.splitlines()[-1].split(": ", 1)[-1]) from None
 
     # -- reading --------------------------------------------------------------------------------
 
