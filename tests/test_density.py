@@ -132,3 +132,20 @@ def test_eval_density_refuses_the_guidance_classifier(tmp_path, eval_classifier)
     write_sample_set(tmp_path, test.images[:10], test.labels[:10], {"guidance_classifier_sha256": sha})
     with pytest.raises(ConfigError, match="guided these samples"):
         evaluate_density(tmp_path, "digits?n=200", eval_classifier, DensityConfig())
+
+
+def test_bin_costs_charge_every_generated_sample_to_the_accepted_ones():
+    """Hand-computed: rejection pays 8 s for 4 samples, guided 6 s for 3; per bin, cost per accepted
+    sample is the whole run's cost over the samples that landed in the bin."""
+    from tailforge.eval.bench_lowdensity import bin_costs
+
+    scores = {"baseline": np.array([0.5, 1.5, 2.5, 0.1]), "guided": np.array([1.2, 2.2, 3.0])}
+    cost = {"baseline": {"seconds": 8.0, "unet_evals": 40}, "guided": {"seconds": 6.0, "unet_evals": 30, "all_evals": 42}}
+    low, high, empty = bin_costs([1.0, 2.0, 10.0], scores, cost)
+    assert (low["low"], low["high"], high["high"], empty["high"]) == (1.0, 2.0, 10.0, None)
+    assert low["baseline"] == {"accepted": 1, "acceptance": 0.25, "seconds_per_accepted": 8.0, "unet_evals_per_accepted": 40.0}
+    assert low["guided"]["seconds_per_accepted"] == 6.0 and low["guided"]["all_evals_per_accepted"] == 42.0
+    assert (low["ratio_seconds"], low["ratio_unet_evals"]) == (1.333, 1.333)
+    assert high["guided"]["accepted"] == 2 and (high["ratio_seconds"], high["ratio_unet_evals"]) == (2.667, 2.667)
+    assert "ratio_all_evals" not in high and low["filled"] and high["filled"]
+    assert empty["ratio_seconds"] is None and not empty["filled"]

@@ -55,7 +55,7 @@ def run_guidance(args: argparse.Namespace) -> int:
                                  lr=args.lr, shrinkage=args.shrinkage, levels=args.levels,
                                  synthetic=SamplingConfig(sampler=args.sampler, steps=args.steps),
                                  synthetic_shards=args.synthetic_shards or "", seed=args.seed)
-    info = train_guidance(config, args.out, progress=not args.quiet)
+    info = train_guidance(config, args.out, device=args.device, progress=not args.quiet)
     print_json({"guidance": args.out, **{k: info[k] for k in ("input", "guidance_hash", "classifier_test_accuracy",
                                                                "discriminator_holdout_accuracy")}})
     return 0
@@ -173,4 +173,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     guidance.add_argument("--synthetic-shards", default=None,
                           help="read the synthetic samples from this shard set (e.g. `gen baseline` output) instead")
     guidance.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and noise seed")
+    guidance.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     guidance.add_argument("--quiet", action="store_true", help="no progress bars")

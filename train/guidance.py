@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
-from ..gen.checkpoint import config_dict, load_diffusion_model
+from ..gen.checkpoint import DiffusionModel, config_dict, load_diffusion_model
 from ..gen.classifier_nets import create_classifier, embed, predict_logits
 from ..gen.datasets import DatasetInfo, LabeledImages, load_dataset
 from ..gen.errors import ConfigError
@@ -71,18 +71,17 @@ class GuidanceTrainConfig:
             raise ConfigError("levels, epochs and batch_size must be >= 1")
 
 
-def baseline_samples(model_dir: str, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
+def baseline_samples(model: DiffusionModel, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
                      progress: bool = True) -> LabeledImages:
     """`num` class-balanced baseline samples (uint8), sample i seeded by (seed, i) as in a baseline job."""
-    model = load_diffusion_model(model_dir)
     meta = model.meta
     if meta.num_classes is None:
-        raise ConfigError(f"{model_dir} is unconditional; guidance needs a class-conditional model")
+        raise ConfigError(f"{model.path} is unconditional; guidance needs a class-conditional model")
     batches = []
     for first in tqdm(range(0, num, batch_size), desc="baseline samples", unit="batch", disable=not progress):
         indices = list(range(first, min(first + batch_size, num)))
         batches.append(generate_batch(model, sampling, seed, indices, balanced_labels(indices, meta.num_classes)))
-    info = DatasetInfo(spec=f"baseline:{model_dir}", image_size=meta.image_size, channels=meta.channels,
+    info = DatasetInfo(spec=f"baseline:{model.path}", image_size=meta.image_size, channels=meta.channels,
                        num_classes=meta.num_classes, class_names=meta.class_names, flip_augment=False)
     return LabeledImages(images=torch.cat(batches), labels=balanced_labels(range(num), meta.num_classes),
                          keys=[f"baseline-{i:09d}" for i in range(num)], info=info, split="train")
@@ -113,12 +112,12 @@ def noise_levels(train_sigmas: Tensor, levels: int) -> Tensor:
 
 
 def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, config: GuidanceTrainConfig, *,
-                         progress: bool = True) -> nn.Module:
+                         device: str = "cpu", progress: bool = True) -> nn.Module:
     """A timestep-aware classifier (input "xt"): each step draws a batch of images and, per image, a
     timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.guidance.noisy_net_input
     (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps."""
     torch.manual_seed(config.seed)
-    net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).train()
+    net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).to(device).train()
     x0, labels, train_sigmas = data.float_images(), data.labels, train_sigmas.cpu()
     steps = config.epochs * math.ceil(len(data) / config.batch_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=5e-4)
@@ -128,7 +127,7 @@ def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, c
         index = torch.randint(len(data), (config.batch_size,), generator=gen)
         sigma = train_sigmas[torch.randint(len(train_sigmas), (config.batch_size,), generator=gen)]
         x = x0[index] + sigma.view(-1, 1, 1, 1) * torch.randn(x0[index].shape, generator=gen)
-        loss = F.cross_entropy(net(noisy_net_input(x, sigma)), labels[index])
+        loss = F.cross_entropy(net(noisy_net_input(x, sigma).to(device)), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -145,30 +144,32 @@ def net_inputs(data: LabeledImages, sigma: float, input: str, seed: int) -> Tens
 
 
 def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, config: GuidanceTrainConfig,
-                     level_sigmas: Tensor, train_sigmas: Tensor, *, progress: bool = True,
+                     level_sigmas: Tensor, train_sigmas: Tensor, *, device: str = "cpu", progress: bool = True,
                      ) -> tuple[GuidanceNet, dict[str, float]]:
     """Train one guidance net for `config.input`, fit its class Gaussians at every level, and
     measure its held-out accuracy at every level (clean images for "x0"), keyed by sigma."""
     if config.input == "x0":
         classifier_config = ClassifierTrainConfig(dataset=train.info.spec, model=name, epochs=config.epochs,
                                                   batch_size=config.batch_size, lr=config.lr, seed=config.seed)
-        net = fit_classifier(classifier_config, train, test, progress=progress)
+        net = fit_classifier(classifier_config, train, test, device=device, progress=progress)
     else:
-        net = fit_noisy_classifier(name, train, train_sigmas, config, progress=progress)
+        net = fit_noisy_classifier(name, train, train_sigmas, config, device=device, progress=progress)
     gaussians, accuracy = [], {}
     for level, sigma in enumerate(level_sigmas.tolist()):
         features = embed(net, net_inputs(train, sigma, config.input, config.seed + level))
         gaussians.append(fit_class_gaussians(features, train.labels, train.info.num_classes, config.shrinkage))
         logits = predict_logits(net, net_inputs(test, sigma, config.input, config.seed + 10_000 + level))
         accuracy[f"{sigma:.4g}"] = round(float((logits.argmax(1) == test.labels).float().mean()), 4)
-    return GuidanceNet(net, gaussians, level_sigmas, config.input), accuracy
+    return GuidanceNet(net, [g.to(device) for g in gaussians], level_sigmas, config.input).to(device), accuracy
 
 
-def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, progress: bool = True) -> dict:
+def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str | None = None,
+                   progress: bool = True) -> dict:
     """Train both guidance nets and save them with their class Gaussians in `out`; returns guidance.json."""
     config.validate()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     real, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
-    model = load_diffusion_model(config.model)
+    model = load_diffusion_model(config.model, device)
     meta = model.meta
     if (meta.image_size, meta.channels, meta.num_classes) != (real.info.image_size, real.info.channels,
                                                              real.info.num_classes):
@@ -178,14 +179,14 @@ def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, progress: bo
     if config.synthetic_shards:
         synthetic = load_dataset(f"shards:{config.synthetic_shards}", "train")
     else:
-        synthetic = baseline_samples(config.model, len(real), config.synthetic, config.synthetic_seed, progress=progress)
+        synthetic = baseline_samples(model, len(real), config.synthetic, config.synthetic_seed, progress=progress)
     train_sigmas = model.denoiser.train_sigmas.cpu()
     level_sigmas = torch.zeros(1) if config.input == "x0" else noise_levels(train_sigmas, config.levels)
     classifier, classifier_acc = fit_guidance_net(config.classifier, real, test, config, level_sigmas, train_sigmas,
-                                                  progress=progress)
+                                                  device=device, progress=progress)
     disc_train, disc_held = real_vs_synthetic(real, synthetic, config.holdout, config.seed)
     discriminator, disc_acc = fit_guidance_net(config.discriminator, disc_train, disc_held, config, level_sigmas,
-                                               train_sigmas, progress=progress)
+                                               train_sigmas, device=device, progress=progress)
     common = {"in_chans": real.info.channels + (config.input == "xt"),
               "image_size": real.info.image_size, "train_config": config_dict(config)}
     info = {"config": config_dict(config), "model_hash": model.model_hash, "num_real": len(real),
