@@ -145,23 +145,27 @@ def write_labeled_shards(root: Path, data: LabeledImages, class_names: Sequence[
     return f"shards:{root}"
 
 
-def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple[str, int | None, int]:
+def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple[str, int | None, list[int]]:
     """The spec the model trains on, the number of classes the model is conditioned on (None:
-    unconditional) and the number of classes samples are drawn from."""
+    unconditional) and the classes samples are drawn for: only those with training images, since
+    a small random subset can miss a class, whose (untrained) embedding could not reproduce any
+    training image and would only dilute the ratio; the dummy class is never sampled."""
     num_classes = real.info.num_classes
     if config.labels == "none":
-        return real.info.spec, None, 0
+        return real.info.spec, None, []
     if config.labels == "true" and not config.dummy:
-        return real.info.spec, num_classes, num_classes
+        return real.info.spec, num_classes, sorted(set(real.labels.tolist()))
     gen = torch.Generator().manual_seed(config.seed)
     if config.labels == "random":
         classes = config.random_classes or num_classes
         data = dataclasses.replace(real, labels=torch.randint(classes, (len(real),), generator=gen))
         names: list[str] = [f"random-{c}" for c in range(classes)]
-        return write_labeled_shards(run_dir / "trainset", data, names), classes, classes
+        return (write_labeled_shards(run_dir / "trainset", data, names), classes,
+                sorted(set(data.labels.tolist())))
     if config.labels == "unique":
         data = dataclasses.replace(real, labels=torch.arange(len(real)))
-        return write_labeled_shards(run_dir / "trainset", data, [f"image-{i}" for i in range(len(real))]), len(real), len(real)
+        return (write_labeled_shards(run_dir / "trainset", data, [f"image-{i}" for i in range(len(real))]),
+                len(real), list(range(len(real))))
     # GM dummy images (seed 004 App. B.2) as one extra class after the real ones
     info = real.info
     dummy = load_dataset(f"gm?size={info.image_size}&channels={info.channels}&train={config.dummy}&seed={config.seed}")
@@ -169,7 +173,19 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
                                labels=torch.cat([real.labels, torch.full((config.dummy,), num_classes)]),
                                keys=real.keys + dummy.keys)
     return (write_labeled_shards(run_dir / "trainset", data, [*info.class_names, "gm-dummy"]),
-            num_classes + 1, num_classes)
+            num_classes + 1, sorted(set(real.labels.tolist())))
+
+
+#: bumped when a run's result would change for the same settings (2: samples only for classes
+#: that have training images), so results written by older code are recomputed, not reused
+RESULT_VERSION = 2
+
+
+def _run_identity(config_json: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """What one run depends on: every setting but the list of sizes (so a study with more or
+    fewer sizes reuses the runs it shares with an earlier one)."""
+    return {"config": {k: v for k, v in config_json.items() if k != "sizes"}, "size": size,
+            "result_version": RESULT_VERSION}
 
 
 def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = None) -> dict[str, Any]:
@@ -186,10 +202,11 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     result_path = run / "result.json"
-    identity = {"config": config_dict(config), "size": size}
+    identity = _run_identity(config_dict(config), size)
     if result_path.is_file():
         saved = read_json(result_path, "EMM run result")
-        if {k: saved.get(k) for k in identity} == identity:
+        if {**_run_identity(saved.get("config") or {}, saved.get("size")),
+                "result_version": saved.get("result_version")} == identity:
             return saved
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -206,7 +223,8 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     images, labels = [], []
     for first in range(0, config.num_samples, 500):
         indices = list(range(first, min(first + 500, config.num_samples)))
-        batch_labels = balanced_labels(indices, sample_classes) if model_classes is not None else None
+        batch_labels = (torch.tensor(sample_classes)[balanced_labels(indices, len(sample_classes))]
+                        if model_classes is not None else None)
         images.append(generate_batch(model, sampling, config.seed, indices, batch_labels))
         labels.append(batch_labels)
     images = torch.cat(images)
@@ -216,7 +234,8 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     true_labels = torch.cat(labels) if config.labels == "true" else None
     stats, nn2 = memorization_stats(images, true_labels, real, device=device)
     save_png_atomic(nearest_pairs_grid(images, real.images, nn2), run / "nearest_pairs.png")
-    result = {**identity, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
+    result = {"config": config_dict(config), "size": size, "result_version": RESULT_VERSION,
+              "sampled_classes": sample_classes, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
               "model_classes": model_classes, "memorization_ratio": stats["memorization_ratio"],
               "memorization": stats, "nearest_pairs_png": "nearest_pairs.png", "device": device,
               "seconds": {"train": round(trained - started, 2), "sample": round(sampled - trained, 2),

@@ -144,6 +144,10 @@ def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train
                 "distinct_train_images_replicated": int(len(torch.unique(nn2.i1[members][rep]))),
             })
         stats["per_class"] = per_class
+        # samples requested for a class the training set lacks cannot be copies of that class
+        present = torch.zeros(train.info.num_classes, dtype=torch.bool)
+        present[train.labels] = True
+        stats["generated_for_classes_without_training_images"] = int((~present[generated_labels]).sum())
     order = nn2.d1.argsort()[:pairs]
     stats["closest_pairs"] = [{"generated": int(i), "train_key": train.keys[int(nn2.i1[i])], "d1": float(nn2.d1[i]),
                                "d2": float(nn2.d2[i]), "ratio": float(ratio[i])} for i in order]

@@ -530,7 +530,7 @@ def build_report(*, results: list[str], samples: dict[str, str], classifier: str
                 accuracy_section(found["accuracy"], tre, dataset)]
     sections += [result_section(key, title, build, command, found[key]) for key, title, build, command in RESULT_SECTIONS]
     inputs = {"results": results, "found": {k: [str(p) for p, _ in v] for k, v in found.items()},
-              "not_recognised": ignored, "samples": samples, "classifier": classifier, "dataset": dataset,
+              "not_recognised": {"count": len(ignored), "first": ignored[:20]}, "samples": samples, "classifier": classifier, "dataset": dataset,
               "tre": {str(k): v for k, v in tre.items()}}
     return sections, inputs
 

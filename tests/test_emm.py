@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -52,7 +53,7 @@ def test_training_sets_for_dummy_random_and_unique_labels(tmp_path):
     real = load_dataset("digits?n=30&subset_seed=0")
     spec, model_classes, sample_classes = training_set(EMMConfig(dummy=20), real, tmp_path / "dummy")
     data = load_dataset(spec)
-    assert (model_classes, sample_classes) == (11, 10) and len(data) == 50
+    assert (model_classes, sample_classes) == (11, sorted(set(real.labels.tolist()))) and len(data) == 50
     assert (data.labels == 10).sum() == 20 and data.info.class_names[-1] == "gm-dummy"
     assert torch.equal(data.images[:30], real.images)  # the real images are all there, unchanged
 
@@ -64,7 +65,11 @@ def test_training_sets_for_dummy_random_and_unique_labels(tmp_path):
     data = load_dataset(spec)
     assert model_classes == 30 and data.labels.tolist() == list(range(30))
 
-    assert training_set(EMMConfig(labels="none"), real, tmp_path)[1:] == (None, 0)
+    assert training_set(EMMConfig(labels="none"), real, tmp_path)[1:] == (None, [])
+    # a subset missing classes: samples are drawn only for the classes it has
+    few = load_dataset("digits?n=5&subset_seed=0")
+    assert training_set(EMMConfig(), few, tmp_path)[1:] == (10, sorted(set(few.labels.tolist())))
+    assert len(set(few.labels.tolist())) < 10
 
 
 def test_config_validation():
@@ -86,5 +91,8 @@ def test_tiny_study_in_process_and_resumes(tmp_path):
     result = tmp_path / "runs" / "n12" / "result.json"
     stamp = result.stat().st_mtime_ns
     run_emm(config, tmp_path, in_process=True, progress=False)  # finished sizes are reused, not retrained
+    assert result.stat().st_mtime_ns == stamp
+    smaller = dataclasses.replace(config, sizes=(12,))  # a study over fewer sizes reuses the shared run
+    assert run_emm(smaller, tmp_path, in_process=True, progress=False)["points"][0]["size"] == 12
     assert result.stat().st_mtime_ns == stamp
     assert (tmp_path / "runs" / "n24" / "nearest_pairs.png").is_file()
