@@ -15,7 +15,7 @@ from webdataset.tariterators import tarfile_samples
 from tailforge.gen.datasets import load_dataset
 from tailforge.gen.errors import ConfigError
 from tailforge.gen.shards import ShardError, ShardRecord, encode_sample, plan_shards, save_record, write_manifest, write_shard
-from tailforge.train.streams import (MixedStream, MixSource, ShardSet, parse_mix, read_tar_files, stream_samples,
+from tailforge.train.streams import (MixedStream, MixSource, ShardSet, parse_mix, stream_samples,
                                      write_real_shards)
 
 SHAPE = (1, 8, 8)
@@ -43,7 +43,7 @@ def all_batches(stream: MixedStream) -> list[dict]:
     return list(stream.batches())
 
 
-def test_read_tar_files_matches_webdataset_and_checks_headers(tmp_path):
+def test_stream_samples_match_webdataset_and_check_shards(tmp_path):
     buf = io.BytesIO()
     long_key = "k" * 120  # needs a pax header
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -55,22 +55,26 @@ def test_read_tar_files_matches_webdataset_and_checks_headers(tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("c.png")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "a-000.png"
-        tar.addfile(link)
     path = tmp_path / "x.tar"
     path.write_bytes(buf.getvalue())
-    ours = list(stream_samples([{"url": str(path)}]))
+    ours = [{k: v for k, v in s.items() if k != "__offset__"} for s in stream_samples([{"url": str(path)}])]
     theirs = list(tarfile_samples([{"url": str(path)}]))
     assert [s["__key__"] for s in ours] == ["a-000", long_key, "dir/b-001"]
     assert ours == theirs
     damaged = bytearray(buf.getvalue())
-    damaged[10] ^= 0xFF  # inside the first header's name: checksum no longer matches
-    with pytest.raises(ShardError, match="checksum"):
-        list(read_tar_files(io.BytesIO(bytes(damaged)), "damaged.tar"))
-    with pytest.raises(ShardError, match="truncated"):
-        list(read_tar_files(io.BytesIO(buf.getvalue()[:1100]), "short.tar"))
+    damaged[512 + 10] ^= 0xFF  # inside the second header's name (after "dir"): checksum no longer matches
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ShardError, match="corrupt or truncated tar header at byte offset 512"):
+        list(stream_samples([{"url": str(path)}]))
+    path.write_bytes(buf.getvalue()[:1100])
+    with pytest.raises(ShardError, match="unreadable tar data at byte offset 1100: unexpected end of data"):
+        list(stream_samples([{"url": str(path)}]))
+    with tarfile.open(path, mode="w") as tar:  # training streams refuse links like every reader
+        link = tarfile.TarInfo("c.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a-000.png"
+        tar.addfile(link)
+    with pytest.raises(ShardError, match="'c.png' at byte offset 0 is a link"):
+        list(stream_samples([{"url": str(path)}]))
 
 
 def test_mixing_ratios_hold_and_no_rank_starves(tmp_path):

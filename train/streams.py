@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import random
 import time
@@ -52,12 +51,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.filters import shuffle
-from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from ..gen.datasets import LabeledImages, load_dataset, parse_spec
 from ..gen.errors import ConfigError, TailforgeError
 from ..gen.shards import (IMAGE_EXTENSIONS, RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards,
-                          read_shard_bytes, sample_key, shard_entries)
+                          read_shard_bytes, sample_key, shard_entries, tar_samples)
 from ..gen.storage import Storage
 
 REAL = "real"
@@ -137,9 +135,8 @@ def _record(root: str, name: str) -> dict[str, Any]:
 
 
 def count_tar_samples(url: str) -> int:
-    """Number of samples (distinct keys) in a tar shard: for manifests without shard_lengths."""
-    names = (name for name, _ in read_tar_files(io.BytesIO(read_shard_bytes(url)), url))
-    return len({base_plus_ext(name)[0] for name in names} - {None})
+    """Number of samples in a tar shard: for manifests without shard_lengths."""
+    return len(tar_samples(url, read_shard_bytes(url)))
 
 
 class _ShardPool:
@@ -184,76 +181,17 @@ class _ShardPool:
 # ------------------------------------------------------------------------------------------------
 # Reading tar shards
 
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The "path" record of a pax extended header ("LEN path=VALUE\n" records)."""
-    path = None
-    while data:
-        length, _, _ = data.partition(b" ")
-        record, data = data[:int(length)], data[int(length):]
-        key, _, value = record[len(length) + 1:-1].partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8")
-    return path
-
-
-def read_tar_files(stream, url: str = "") -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file of a tar stream, in order.
-
-    Hand-written because Python's tarfile, under webdataset's reader, decodes every header field in
-    pure Python: on 8x8 images that was about 3/4 of the pipeline's time (`tailforge bench stream`),
-    about 70x this reader's cost. It reads the POSIX ustar/pax layout that tarfile and webdataset's
-    TarWriter write (checksums verified, pax "path" records, GNU long names, ustar prefixes) and
-    skips every other member type; tests check it against webdataset's reader.
-    """
-    long_name = None
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header == _ZERO_BLOCK:
-            return
-        if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ShardError(f"shard {url}: bad tar header checksum (not a tar file, or damaged)")
-        size = _octal(header[124:136])
-        padded = -(-size // _BLOCK) * _BLOCK
-        data = stream.read(padded)
-        if len(data) < padded:
-            raise ShardError(f"shard {url} is truncated")
-        data, kind = data[:size], header[156:157]
-        if kind == b"x":
-            long_name = _pax_path(data) or long_name
-        elif kind == b"L":
-            long_name = data.rstrip(b"\0").decode("utf-8")
-        else:
-            if kind in _REGULAR:
-                name = header[:100].rstrip(b"\0").decode("utf-8")
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
-                yield long_name or (f"{prefix}/{name}" if prefix else name), data
-            long_name = None
-
 
 def stream_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
-    """webdataset samples (``__key__``, ``__url__``, one entry per extension) of the shards named by
-    a stream of ``{"url": ...}`` dicts (paths or fsspec URLs, each read whole), grouped into samples
-    by webdataset's group_by_keys."""
-
-    def files() -> Iterator[dict[str, Any]]:
-        for item in urls:
-            url = item["url"]
-            for name, data in read_tar_files(io.BytesIO(read_shard_bytes(url)), url):
-                yield {"fname": name, "data": data, "__url__": url}
-            yield {}  # end of shard: group_by_keys never joins samples across shards
-
-    return group_by_keys(files())
+    """webdataset-style raw samples (``__key__``, ``__url__``, one entry per extension) of the shards
+    named by a stream of ``{"url": ...}`` dicts (paths or fsspec URLs). Each shard is read whole and
+    checked by gen.shards.tar_samples (the same reader as every other, so damaged shards and unsafe
+    members stop training with the shard and byte offset) before any of its samples is yielded."""
+    for item in urls:
+        url = item["url"]
+        for raw in tar_samples(url, read_shard_bytes(url)):
+            raw["__url__"] = url
+            yield raw
 
 
 # ------------------------------------------------------------------------------------------------
