@@ -17,15 +17,18 @@ from torch import Tensor
 from .errors import ConfigError
 
 
-def sample_seed(job_seed: int, index: int) -> int:
-    """A 64-bit seed for sample `index` of job `job_seed`.
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed from a tuple of integers. numpy's SeedSequence hashes the tuple, so neighbouring
+    tuples give unrelated streams (a plain `seed + index` would make job 0's sample 1 equal job 1's
+    sample 0)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
-    numpy's SeedSequence hashes the pair, so neighbouring (seed, index) pairs give unrelated
-    streams (a plain `seed + index` would make job 0's sample 1 equal job 1's sample 0).
-    """
+
+def sample_seed(job_seed: int, index: int) -> int:
+    """A 64-bit seed for sample `index` of job `job_seed` (see :func:`derive_seed`)."""
     if job_seed < 0 or index < 0:
         raise ConfigError(f"job_seed and index must be >= 0, got {job_seed}, {index}")
-    return int(np.random.SeedSequence([job_seed, index]).generate_state(1, np.uint64)[0])
+    return derive_seed(job_seed, index)
 
 
 class PerSampleNoise:

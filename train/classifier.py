@@ -41,7 +41,8 @@ from ..gen.checkpoint import (CheckpointError, config_dict, load_module_state, l
 from ..gen.classifier_nets import CLASSIFIER_WEIGHTS, create_classifier, load_classifier, predict_logits, save_classifier
 from ..gen.datasets import LabeledImages, load_dataset, uint8_to_float
 from ..gen.errors import ConfigError
-from .streams import REAL, MixedStream, MixSource, derive_seed, real_shard_root, resolve_sets, write_real_shards
+from ..gen.noise import derive_seed
+from .streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
 
 Batch = dict[str, Any]
 Stage = Callable[[Iterable[Batch]], Iterator[Batch]]

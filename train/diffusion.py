@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..gen.checkpoint import (CheckpointError, ModelMeta, config_dict, load_module_state, load_optimizer,
                               load_safetensors, read_json, save_diffusion_model, save_optimizer)
 from ..gen.datasets import LabeledImages, load_dataset
+from ..gen.noise import derive_seed
 from ..gen.schedules import BETA_SCHEDULES
 from ..gen.unet import build_unet, default_preset
 from ..gen.errors import ConfigError
@@ -67,7 +68,7 @@ class DiffusionTrainConfig:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
+    return torch.Generator().manual_seed(derive_seed(seed, step))
 
 
 def training_batch(data: LabeledImages, images: torch.Tensor, scheduler: DDPMScheduler, batch_size: int,

@@ -54,6 +54,7 @@ from webdataset.filters import shuffle
 
 from ..gen.datasets import LabeledImages, load_dataset, parse_spec
 from ..gen.errors import ConfigError, TailforgeError
+from ..gen.noise import derive_seed
 from ..gen.shards import (IMAGE_EXTENSIONS, RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards,
                           read_shard_bytes, sample_key, shard_entries, tar_samples)
 from ..gen.storage import Storage
@@ -240,12 +241,6 @@ def write_real_shards(spec: str, root: str | Path, *, shard_size: int = 256, pro
 
 # ------------------------------------------------------------------------------------------------
 # The stream
-
-
-def derive_seed(*parts: int) -> int:
-    """A 64-bit seed from a tuple of integers (numpy's SeedSequence mixing: nearby tuples give
-    unrelated streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
 def _image_key(sample: dict[str, Any]) -> str:
