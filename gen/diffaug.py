@@ -4,7 +4,9 @@ DiffAug(x0, t) (Eq. 3) diffuses x0 to a random time t and applies one denoising 
 x_hat_t = x_t + sigma^2(t) s_theta(x_t, t), which is the denoiser's estimate of x0 (Tweedie). As in
 the authors' released code it returns that one-step estimate D(x0 + sigma_t eps, sigma_t), with t
 drawn uniformly from [0, T) per sample, and trains on the clean batch and its DiffAug batch
-together: loss = CE(clean) + CE(augmented) (:func:`diffaug_loss`).
+together: loss = CE(clean) + CE(augmented). The trainer computes that loss
+(:func:`tailforge.train.classifier.classification_loss`, one forward pass over the concatenated
+batch); this module supplies the augmented half through a stage.
 
 DiffAug-Ensemble (:class:`DiffAugEnsemble`) averages the classifier's softmax over
 t in S = {0, 50, ..., 450} (of T = 1000), t = 0 being the image itself.
@@ -12,10 +14,14 @@ t in S = {0, 50, ..., 450} (of T = 1000), t = 0 being the image itself.
 t counts forward-diffusion steps (Ho et al. 2020), t = 0 the clean image: see
 :func:`~tailforge.gen.reconstruct.sigma_at_step`, shared with reconstruction (seed 001).
 
-Randomness: every row's t and noise come from its own generator seeded by
+Reproducibility: every row's t and noise come from its own generator seeded by
 (seed, batch index, row) (:func:`batch_noise`), never from torch's global generator or from which
-process runs it, so the in-process stage and the actor pool (:mod:`tailforge.gen.augment`) give the
-same batches.
+process runs it; and the denoiser runs with a fixed number of torch CPU threads
+(``DiffAugConfig.threads``) wherever the stage runs, because a CPU convolution's float sums are
+split by thread and round differently with another count (Ray gives an actor OMP_NUM_THREADS=1,
+a trainer has all cores), and x0_hat = x - sigma * eps_hat multiplies that rounding by sigma (up
+to about 157 at t = T - 1). So the in-process stage and the actor pool
+(:mod:`tailforge.gen.augment`) give bitwise-equal batches on the same hardware and libraries.
 
 The stage contract, shared with the classifier trainer: a stage is
 ``Callable[[Iterable[Batch]], Iterator[Batch]]``; a Batch is a dict with "images" (float32 NCHW in
@@ -26,12 +32,12 @@ the added key "augmented" (float32, shaped like "images", CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import DiffusionModel, load_diffusion_model
@@ -82,19 +88,6 @@ def augment_images(denoiser: Denoiser, images: Tensor, labels: Tensor | None, se
     return diffaug(denoiser, images, t, rng.randn_like(images), labels)
 
 
-def diffaug_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """The released DiffAug recipe: CE(clean) + CE(augmented).
-
-    ``logits`` are the classifier's outputs on ``torch.cat([images, augmented])`` (one forward pass
-    over both halves, as the released code concatenates them), ``labels`` those of the clean half.
-    """
-    if len(logits) != 2 * len(labels):
-        raise ConfigError(f"expected logits for the clean and augmented halves ({2 * len(labels)} rows), got {len(logits)}")
-    clean, augmented = logits.chunk(2)
-    return (F.cross_entropy(clean, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(augmented, labels, label_smoothing=label_smoothing))
-
-
 @dataclasses.dataclass(frozen=True)
 class DiffAugConfig:
     """DiffAug served to a trainer; copied into the trainer's config."""
@@ -102,6 +95,22 @@ class DiffAugConfig:
     model: str  # diffusion model folder (unconditional, or conditioned on the batch labels)
     seed: int | None = None  # per-sample seed; None uses each batch's "seed" (the run seed)
     clip_denoised: bool = True  # clamp the denoised estimate to the data range [-1, 1]
+    threads: int = 1  # torch CPU threads for the denoiser, the same in every process (bitwise-equal results)
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ConfigError(f"DiffAug threads must be >= 1, got {self.threads}")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch intra-op threads, then restore the process's count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def load_denoiser(config: DiffAugConfig, device: str | torch.device) -> tuple[Denoiser, DiffusionModel]:
@@ -112,11 +121,13 @@ def load_denoiser(config: DiffAugConfig, device: str | torch.device) -> tuple[De
 
 def augment_batch(denoiser: Denoiser, model: DiffusionModel, config: DiffAugConfig, images: Tensor, labels: Tensor,
                   batch_index: int, batch_seed: int) -> Tensor:
-    """The stage's work on one batch, the same in-process and in an AugmentActor; returns CPU float32."""
+    """The stage's work on one batch, the same in-process and in an AugmentActor (with the same
+    thread count, ``config.threads``); returns CPU float32."""
     device = model.device
     seed = batch_seed if config.seed is None else config.seed
     labels = labels.to(device) if model.meta.num_classes is not None else None
-    out = augment_images(denoiser, images.to(device=device, dtype=torch.float32), labels, seed, batch_index)
+    with torch_threads(config.threads):
+        out = augment_images(denoiser, images.to(device=device, dtype=torch.float32), labels, seed, batch_index)
     return out.float().cpu()
 
 
@@ -135,18 +146,19 @@ class DiffAugStage:
 
 
 def make_diffaug_stage(model_dir: str, actors: int = 0, seed: int | None = None, *, clip_denoised: bool = True,
-                       device: str | None = None, max_in_flight: int | None = None, address: str | None = None,
-                       actor_cpus: float | None = None) -> Stage:
+                       threads: int = 1, device: str | None = None, max_in_flight: int | None = None,
+                       address: str | None = None, actor_cpus: float | None = None) -> Stage:
     """The DiffAug stage for a trainer: in-process with ``actors=0``, else served by a pool of
     ``actors`` AugmentActors (one model each) with at most ``max_in_flight`` batches in flight
     (default 2 per actor). Both give the same augmented batches for the same seed.
 
-    ``seed`` None uses each batch's "seed". ``device`` is the in-process stage's torch device;
+    ``seed`` None uses each batch's "seed"; ``threads`` is the denoiser's torch CPU thread count in
+    every process that runs it (:class:`DiffAugConfig`). ``device`` is the in-process stage's torch device;
     ``address`` / ``actor_cpus`` configure the pool (see :class:`tailforge.gen.augment.ServedDiffAugStage`).
     """
     if actors < 0:
         raise ConfigError(f"actors must be >= 0, got {actors}")
-    config = DiffAugConfig(model=str(model_dir), seed=seed, clip_denoised=clip_denoised)
+    config = DiffAugConfig(model=str(model_dir), seed=seed, clip_denoised=clip_denoised, threads=threads)
     if actors == 0:
         return DiffAugStage(config, device)
     from .augment import ServedDiffAugStage
@@ -175,11 +187,15 @@ class DiffAugEnsemble(nn.Module):
     do not depend on batching.
     """
 
-    def __init__(self, classifier: nn.Module, denoiser: Denoiser, times: Sequence[int] = ENSEMBLE_TIMES, seed: int = 0):
+    def __init__(self, classifier: nn.Module, denoiser: Denoiser, times: Sequence[int] = ENSEMBLE_TIMES, seed: int = 0,
+                 clip_denoised: bool = True):
         super().__init__()
         if not times:
             raise ConfigError("DiffAug-Ensemble needs at least one diffusion time")
-        self.classifier, self.denoiser = classifier, denoiser
+        self.classifier = classifier
+        # clamped to [-1, 1] like the training-time stage (DiffAugConfig.clip_denoised), so the
+        # classifier sees the same kind of input at test time as in training
+        self.denoiser = ClampDenoised(denoiser) if clip_denoised else denoiser
         self.times, self.seed = tuple(int(t) for t in times), int(seed)
         sigma_at_step(denoiser.train_sigmas, torch.tensor(self.times))  # validates the times
 
@@ -198,9 +214,8 @@ def load_diffaug_ensemble(classifier: nn.Module, model_dir: str, *, seed: int = 
                           times: Sequence[int] = ENSEMBLE_TIMES) -> DiffAugEnsemble:
     """DiffAug-Ensemble of `classifier` with the unconditional diffusion model in `model_dir`,
     on the classifier's device."""
-    device = next(classifier.parameters()).device
-    denoiser, model = load_denoiser(DiffAugConfig(model=str(model_dir), clip_denoised=clip_denoised), device)
+    model = load_diffusion_model(model_dir, next(classifier.parameters()).device)
     if model.meta.num_classes is not None:
         raise ConfigError(f"{model_dir} is a class-conditional model; DiffAug-Ensemble runs at test time without "
                           "labels and needs an unconditional one (tailforge train diffusion --unconditional)")
-    return DiffAugEnsemble(classifier, denoiser, times, seed).eval()
+    return DiffAugEnsemble(classifier, model.denoiser, times, seed, clip_denoised).eval()
