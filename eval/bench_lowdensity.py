@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
 from ..gen.checkpoint import config_dict, load_diffusion_model
-from ..gen.classifier_nets import embed, load_classifier
+from ..gen.classifier_nets import embed, load_classifier, predict_logits
 from ..gen.datasets import load_dataset
 from ..gen.guidance import GuidanceConfig, load_guidance
 from ..gen.hardness import hardness
 from ..gen.lowdensity import generate_guided_batch
 from .bench import benchmark
-from .density import DensityConfig, real_reference
+from .density import DensityConfig, check_independent, real_reference
 
 #: environment variables naming existing folders for the benchmark (else it trains its own, cached)
 ENV_MODEL, ENV_GUIDANCE, ENV_CLASSIFIER = ("TAILFORGE_LOWDENSITY_MODEL", "TAILFORGE_LOWDENSITY_GUIDANCE",
@@ -60,32 +60,45 @@ class CostBenchConfig:
     batch_size: int = 100  # samples per batch on both sides
 
 
-def _timed_generation(label: str, num: int, batch_size: int, num_classes: int, make_batch,
-                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """make_batch(indices, labels) over `num` class-balanced samples: (images, labels, wall seconds of
-    generation alone)."""
-    images, labels, seconds = [], [], 0.0
-    for first in tqdm(range(0, num, batch_size), desc=label, unit="batch"):
-        indices = list(range(first, min(first + batch_size, num)))
-        batch_labels = balanced_labels(indices, num_classes)
-        start = time.perf_counter()
-        images.append(make_batch(indices, batch_labels))
-        seconds += time.perf_counter() - start
-        labels.append(batch_labels)
-    return torch.cat(images), torch.cat(labels), seconds
+def _timed_generation(sides: dict[str, tuple[int, Callable[[list[int], torch.Tensor], torch.Tensor]]],
+                      batch_size: int, num_classes: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each side's `num` class-balanced samples from make_batch(indices, labels), one batch of each side
+    in turn, so both sides run under the same machine load (on a shared machine, load that changes over
+    the run would otherwise favour whichever side ran in the quieter period). Per side: (images,
+    labels, wall seconds of its generation alone)."""
+    images: dict[str, list[torch.Tensor]] = {side: [] for side in sides}
+    labels: dict[str, list[torch.Tensor]] = {side: [] for side in sides}
+    seconds = dict.fromkeys(sides, 0.0)
+    longest = max(num for num, _ in sides.values())
+    for first in tqdm(range(0, longest, batch_size), desc="rejection vs guided", unit="batch"):
+        for side, (num, make_batch) in sides.items():
+            if first >= num:
+                continue
+            indices = list(range(first, min(first + batch_size, num)))
+            labels[side].append(balanced_labels(indices, num_classes))
+            start = time.perf_counter()
+            images[side].append(make_batch(indices, labels[side][-1]))
+            seconds[side] += time.perf_counter() - start
+    return {side: (torch.cat(images[side]), torch.cat(labels[side]), seconds[side]) for side in sides}
 
 
 def bin_costs(edges: list[float], scores: dict[str, np.ndarray], cost: dict[str, dict[str, float]],
-              ) -> list[dict[str, Any]]:
+              faithful: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Per bin [edges[i], edges[i+1]) (the last open-ended): accepted counts, acceptance rates, cost
-    per accepted sample for every cost measure of each side, and rejection / guided ratios."""
+    per accepted sample for every cost measure of each side, and rejection / guided ratios.
+    ``faithful`` (per side, one bool per sample: the evaluation classifier assigns it to the class it
+    was generated for) adds the fraction of each bin's accepted samples that are, so a bin filled
+    with off-class samples shows as such; it does not change what is accepted."""
     bounds = list(edges) + [float("inf")]
     rows = []
     for low, high in zip(bounds[:-1], bounds[1:]):
         row: dict[str, Any] = {"low": round(low, 4), "high": None if high == float("inf") else round(high, 4)}
         for side, values in scores.items():
-            accepted = int(((values >= low) & (values < high)).sum())
+            inside = (values >= low) & (values < high)
+            accepted = int(inside.sum())
             row[side] = {"accepted": accepted, "acceptance": round(accepted / len(values), 5),
+                         **({"faithful": round(float(faithful[side][inside].mean()), 4) if accepted else None}
+                            if faithful is not None else {}),
                          **{f"{measure}_per_accepted": (round(total / accepted, 5) if accepted else None)
                             for measure, total in cost[side].items()}}
         for measure in cost["baseline"].keys() & cost["guided"].keys():
@@ -100,28 +113,32 @@ def lowdensity_cost(config: CostBenchConfig, *, device: str = "cpu") -> dict[str
     """Generate both sides, measure, bin, and return every figure."""
     model = load_diffusion_model(config.model, device)
     guidance = load_guidance(config.guidance, device)
+    # The bins must be measured by a network that did not guide (DESIGN.md), as in `eval density`.
+    check_independent(config.eval_classifier, [{"guidance_classifier_sha256": guidance.info.get("classifier_sha256")}])
     net, net_config = load_classifier(config.eval_classifier, device)
     train = load_dataset(config.dataset, "train")
     reference = real_reference(embed(net, train.images), train.labels, train.info.num_classes,
                                DensityConfig(shrinkage=config.shrinkage))
     edges = np.percentile(reference.train_hardness.numpy(), config.percentiles).tolist()
 
-    num_classes = model.meta.num_classes
-    base_images, base_labels, base_seconds = _timed_generation(
-        "rejection (baseline)", config.num_baseline, config.batch_size, num_classes,
-        lambda idx, lab: generate_batch(model, config.sampling, config.seed, idx, lab))
     guidance.evals = 0
-    guided_images, guided_labels, guided_seconds = _timed_generation(
-        "guided", config.num_guided, config.batch_size, num_classes,
-        lambda idx, lab: generate_guided_batch(model, guidance, config.sampling, config.guide, config.seed, idx, lab))
+    generated = _timed_generation({
+        "baseline": (config.num_baseline,
+                     lambda idx, lab: generate_batch(model, config.sampling, config.seed, idx, lab)),
+        "guided": (config.num_guided,
+                   lambda idx, lab: generate_guided_batch(model, guidance, config.sampling, config.guide, config.seed,
+                                                          idx, lab)),
+    }, config.batch_size, model.meta.num_classes)
+    base_seconds, guided_seconds = generated["baseline"][2], generated["guided"][2]
     evals = config.sampling.evals_per_sample()
     cost = {"baseline": {"seconds": base_seconds, "unet_evals": config.num_baseline * evals},
             "guided": {"seconds": guided_seconds, "unet_evals": config.num_guided * evals,
                        "all_evals": config.num_guided * evals + guidance.evals}}
     scores = {side: hardness(embed(net, images), labels, reference.gaussians).detach().numpy()
-              for side, images, labels in (("baseline", base_images, base_labels),
-                                           ("guided", guided_images, guided_labels))}
-    bins = bin_costs(edges, scores, cost)
+              for side, (images, labels, _) in generated.items()}
+    faithful = {side: (predict_logits(net, images).argmax(1) == labels).numpy()
+                for side, (images, labels, _) in generated.items()}
+    bins = bin_costs(edges, scores, cost, faithful)
     filled = [b for b in bins if b["filled"]]
     return {
         "config": config_dict(config), "eval_classifier_model": net_config.get("model"),

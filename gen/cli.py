@@ -96,8 +96,8 @@ def run_lowdensity(args: argparse.Namespace) -> int:
     from .jobs import run_job
     from .lowdensity import LowDensityConfig, LowDensitySource
 
-    # Unset options keep GuidanceConfig's defaults (the paper's alpha = beta = 0.5).
-    guide = GuidanceConfig(**{k: v for k in ("alpha", "beta", "tau", "loss") if (v := getattr(args, k)) is not None})
+    # Options left out keep GuidanceConfig's defaults (the paper's alpha = beta = 0.5).
+    guide = GuidanceConfig(**{k: getattr(args, k) for k in ("alpha", "beta", "tau", "loss") if hasattr(args, k)})
     guide.validate()
     config = LowDensityConfig(model=args.model, guidance=args.guidance, num=args.num, sampling=sampling_config(args),
                               guide=guide, seed=args.seed, job=args.job, shard_size=args.shard_size,
@@ -154,11 +154,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     lowdensity.add_argument("--model", required=True, help="class-conditional diffusion model folder")
     lowdensity.add_argument("--guidance", required=True, help="guidance folder (tailforge train guidance)")
     lowdensity.add_argument("--num", type=positive_int, required=True, help="number of samples")
-    lowdensity.add_argument("--alpha", type=float, default=None, help="scale of the hardness term (default 0.5, the paper's)")
-    lowdensity.add_argument("--beta", type=float, default=None, help="scale of the fidelity term (default 0.5, the paper's)")
-    lowdensity.add_argument("--tau", type=float, default=None,
-                            help="temperature of Eq. 4 and Eq. 6 (default: gen.guidance.GuidanceConfig.tau)")
-    lowdensity.add_argument("--loss", choices=("hardness", "softmax"), default=None,
+    # SUPPRESS: an option left out is absent from args, so GuidanceConfig's own default applies.
+    lowdensity.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
+                            help="scale of the hardness term (default: 0.5, the paper's)")
+    lowdensity.add_argument("--beta", type=float, default=argparse.SUPPRESS,
+                            help="scale of the fidelity term (default: 0.5, the paper's)")
+    lowdensity.add_argument("--tau", type=float, default=argparse.SUPPRESS,
+                            help="temperature of Eq. 4 and Eq. 6 (default: 1; the paper gives no value)")
+    lowdensity.add_argument("--loss", choices=("hardness", "softmax"), default=argparse.SUPPRESS,
                             help="hardness (default): Eq. 4/6 on class Gaussians of embeddings; softmax: the "
                                  "probability variant")
     add_sampling_options(lowdensity)

@@ -149,3 +149,8 @@ def test_bin_costs_charge_every_generated_sample_to_the_accepted_ones():
     assert high["guided"]["accepted"] == 2 and (high["ratio_seconds"], high["ratio_unet_evals"]) == (2.667, 2.667)
     assert "ratio_all_evals" not in high and low["filled"] and high["filled"]
     assert empty["ratio_seconds"] is None and not empty["filled"]
+    # Per bin, the fraction of accepted samples the evaluation classifier puts in their class; acceptance unchanged.
+    faithful = {"baseline": np.array([True, False, True, True]), "guided": np.array([True, False, True])}
+    low, high, empty = bin_costs([1.0, 2.0, 10.0], scores, cost, faithful)
+    assert (low["baseline"]["faithful"], low["guided"]["faithful"], high["guided"]["faithful"]) == (0.0, 1.0, 0.5)
+    assert high["guided"]["accepted"] == 2 and empty["baseline"]["faithful"] is None

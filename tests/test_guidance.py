@@ -282,3 +282,19 @@ def test_lowdensity_shards_record_guidance_and_hardness(tmp_path, tiny_model_dir
         image = uint8_to_float(torch.from_numpy(sample["image"])[None])
         expected = loaded.sample_hardness(image, torch.tensor([sample["label"]]))
         assert meta["hardness"] == pytest.approx(float(expected), rel=1e-4, abs=1e-3)
+
+
+def test_gen_lowdensity_cli_keeps_the_paper_defaults_for_options_left_out(tmp_path, tiny_model_dir, models_x0, capsys):
+    from tailforge.cli import main
+
+    save_guidance(tmp_path / "g", models_x0.classifier, {"model": "tinycnn", "num_classes": 10, "in_chans": 1},
+                  models_x0.discriminator, {"model": "tinycnn", "num_classes": 2, "in_chans": 1}, {})
+    common = ["gen", "lowdensity", "--model", str(tiny_model_dir), "--guidance", str(tmp_path / "g"), "--num", "2",
+              "--steps", "2", "--actors", "0", "--quiet"]
+    assert main([*common, "--alpha", "0.3", "--out", str(tmp_path / "s")]) == 0
+    meta = next(iter_samples(tmp_path / "s"))["meta"]
+    assert (meta["alpha"], meta["beta"], meta["tau"], meta["guidance_loss"]) == (0.3, 0.5, 1.0, "hardness")
+    capsys.readouterr()
+    assert main([*common, "--beta", "-1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "alpha and beta must be >= 0" in err
