@@ -24,7 +24,8 @@ Benchmark = Callable[[bool, Path], dict[str, Any]]
 BENCHMARKS: dict[str, tuple[Benchmark, str]] = {}
 
 #: Modules that register benchmarks when imported (each keeps its benchmark next to what it measures).
-BENCHMARK_MODULES: list[str] = [".bench_sampler", ".bench_stream", ".bench_lowdensity"]
+BENCHMARK_MODULES: list[str] = [".bench_sampler", ".bench_stream", ".bench_lowdensity", ".bench_guidance",
+                                 ".bench_reconstruct"]
 
 
 def benchmark(name: str, description: str) -> Callable[[Benchmark], Benchmark]:
