@@ -12,7 +12,6 @@ included) and the steady-state rate (samples over the summed per-shard seconds, 
 
 from __future__ import annotations
 
-import functools
 import shutil
 import time
 from pathlib import Path
@@ -22,9 +21,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig, generate_batch
-from ..gen.checkpoint import ModelMeta, config_dict, load_diffusion_model, save_diffusion_model
-from ..gen.jobs import run_job
-from ..gen.shards import plan_shards
+from ..gen.checkpoint import ModelMeta, load_diffusion_model, save_diffusion_model
+from ..gen.jobs import run_config_job
 from ..gen.unet import build_unet
 from .bench import benchmark
 
@@ -99,8 +97,7 @@ def bench_ray(quick: bool, workdir: Path) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
         config = BaselineConfig(model=str(model_dir), num=num, sampling=sampling, shard_size=shard_size, batch_size=64)
         start = time.perf_counter()
-        records = run_job(out, config_dict(config), plan_shards(config.job, num, shard_size, config.seed),
-                          functools.partial(BaselineSource, config), actors=actors, progress=False)
+        records = run_config_job(out, config, BaselineSource, num, actors=actors, progress=False)
         wall = time.perf_counter() - start
         busy = sum(r.seconds for r in records)
         result[f"actors_{actors}"] = {"wall_s": round(wall, 2), "job_images_per_s": round(num / wall, 1),

@@ -19,7 +19,6 @@ pipeline rate at least 2x the trainer's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-from ..gen.checkpoint import ModelMeta, config_dict, save_diffusion_model
+from ..gen.checkpoint import ModelMeta, save_diffusion_model
 from ..gen.datasets import load_dataset
-from ..gen.jobs import run_job
-from ..gen.shards import plan_shards
+from ..gen.jobs import run_config_job
 from ..gen.unet import build_unet
 from ..train.classifier import (ClassifierTrainConfig, RankContext, build_stream, default_device, memory_batches,
                                 new_classifier, run_training)
@@ -48,8 +46,7 @@ def _synthetic_shards(workdir: Path, num: int) -> Path:
                              ModelMeta(image_size=8, channels=1, num_classes=10, class_names=tuple("0123456789")))
     config = BaselineConfig(model=str(model_dir), num=num, sampling=SamplingConfig(sampler="ddim", steps=2),
                             shard_size=250)
-    run_job(shards, config_dict(config), plan_shards(config.job, num, config.shard_size, config.seed),
-            functools.partial(BaselineSource, config), actors=0, progress=False, manifest_extra={"num_classes": 10})
+    run_config_job(shards, config, BaselineSource, num, actors=0, progress=False, manifest_extra={"num_classes": 10})
     return shards
 
 

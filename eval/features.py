@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gen.checkpoint import load_diffusion_model
 from ..gen.classifier_nets import load_classifier
-from ..gen.errors import ConfigError
 
 
 def default_device() -> str:
@@ -36,19 +34,14 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     return head if isinstance(head, nn.Linear) else None
 
 
-def wrap_diffaug_ensemble(classifier: nn.Module, model_dir: str | os.PathLike, device: str | None = None) -> nn.Module:
-    """Wrap `classifier` in DiffAug-Ensemble (seed 003: mean softmax over t in {0, 50, ..., 450})
-    with the diffusion model in `model_dir`, on the classifier's device. The wrapper lives in
-    ``tailforge.gen.diffaug``; it returns log-probabilities, so softmax of its output is the ensemble's
-    probability and every logit-based metric applies to it."""
-    try:
-        from ..gen.diffaug import DiffAugEnsemble
-    except ImportError as err:
-        raise ConfigError(f"--diffaug-ensemble needs tailforge.gen.diffaug.DiffAugEnsemble, which is not "
-                          f"available in this checkout ({err}); evaluate without the flag") from None
-    device = device or next(classifier.parameters()).device
-    model = load_diffusion_model(model_dir, device)
-    return DiffAugEnsemble(classifier, model.denoiser).eval()
+def wrap_diffaug_ensemble(classifier: nn.Module, model_dir: str | os.PathLike) -> nn.Module:
+    """`classifier` wrapped in DiffAug-Ensemble (seed 003: mean softmax over t in {0, 50, ..., 450})
+    with the unconditional diffusion model in `model_dir`, on the classifier's device
+    (:func:`tailforge.gen.diffaug.load_diffaug_ensemble`). It returns log-probabilities, so softmax
+    of its output is the ensemble's probability and every logit-based metric applies to it."""
+    from ..gen.diffaug import load_diffaug_ensemble
+
+    return load_diffaug_ensemble(classifier, str(model_dir))
 
 
 def load_eval_classifier(folder: str | os.PathLike, *, diffaug_ensemble: str | None = None,
@@ -59,7 +52,7 @@ def load_eval_classifier(folder: str | os.PathLike, *, diffaug_ensemble: str | N
     model, config = load_classifier(folder, device)
     described = {"classifier": str(folder), "model": config.get("model"), "diffaug_ensemble": diffaug_ensemble}
     if diffaug_ensemble:
-        model = wrap_diffaug_ensemble(model, diffaug_ensemble, device)
+        model = wrap_diffaug_ensemble(model, diffaug_ensemble)
     return model, {**described, "num_classes": int(config["num_classes"])}
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -250,16 +249,12 @@ def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | No
                      progress: bool) -> Path:
     """Run a baseline generation job with the model into `root` (resumable, on the actor pool)."""
     from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-    from ..gen.checkpoint import config_dict
-    from ..gen.cli import manifest_extra
-    from ..gen.jobs import run_job
-    from ..gen.shards import plan_shards
+    from ..gen.jobs import model_manifest, run_config_job
 
     job = BaselineConfig(model=config.model, num=config.num, seed=config.seed, job="memorization",
                          sampling=SamplingConfig(sampler=config.sampler, steps=config.steps))
-    run_job(root, config_dict(job), plan_shards(job.job, job.num, job.shard_size, job.seed),
-            functools.partial(BaselineSource, job), actors=actors, address=address,
-            manifest_extra=manifest_extra(config.model), progress=progress)
+    run_config_job(root, job, BaselineSource, job.num, actors=actors, address=address,
+                   manifest_extra=model_manifest(config.model), progress=progress)
     return root
 
 

@@ -353,7 +353,7 @@ def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages
     trained = ClassifierTrainConfig(dataset=config.dataset, model=config.model, epochs=config.epochs, seed=config.seed)
     classifier = fit_classifier(trained, train, test, device=device, progress=progress)
     if config.diffaug_ensemble:
-        classifier = wrap_diffaug_ensemble(classifier, config.diffaug_ensemble, device)
+        classifier = wrap_diffaug_ensemble(classifier, config.diffaug_ensemble)
     return classifier, {"trained_on_classes": keep}, train, test, held
 
 

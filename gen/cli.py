@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 from .baseline import BaselineConfig, BaselineSource, SamplingConfig
-from .checkpoint import config_dict, load_diffusion_model
+from .jobs import model_manifest
 from .cliutil import add_command, add_group, add_ray_options, non_negative_int, positive_int, print_json
 from .samplers import SAMPLERS
-from .shards import plan_shards
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -35,21 +33,13 @@ def add_job_options(parser: argparse.ArgumentParser, job: str) -> None:
     add_ray_options(parser)
 
 
-def manifest_extra(model_path: str) -> dict:
-    meta = load_diffusion_model(model_path).meta
-    return {"num_classes": meta.num_classes, "class_names": list(meta.class_names), "image_size": meta.image_size,
-            "channels": meta.channels}
-
-
 def run_baseline(args: argparse.Namespace) -> int:
-    from .jobs import run_job
+    from .jobs import run_config_job
 
     config = BaselineConfig(model=args.model, num=args.num, sampling=sampling_config(args), seed=args.seed,
                             job=args.job, shard_size=args.shard_size, batch_size=args.batch_size)
-    extra = manifest_extra(args.model)
-    specs = plan_shards(config.job, config.num, config.shard_size, config.seed)
-    records = run_job(args.out, config_dict(config), specs, functools.partial(BaselineSource, config),
-                      actors=args.actors, address=args.address, manifest_extra=extra, progress=not args.quiet)
+    records = run_config_job(args.out, config, BaselineSource, config.num, actors=args.actors, address=args.address,
+                             manifest_extra=model_manifest(args.model), progress=not args.quiet)
     print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
                 "seconds": round(sum(r.seconds for r in records), 2)})
     return 0
@@ -68,10 +58,10 @@ def fraction_list(text: str) -> list[float]:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     from .datasets import load_dataset
-    from .jobs import run_job
+    from .jobs import run_config_job
     from .reconstruct import ReconstructConfig, ReconstructSource, shard_set_name
 
-    extra = manifest_extra(args.model)
+    extra = model_manifest(args.model)
     num = len(load_dataset(args.dataset, args.split))
     outputs = {}
     for t_re in args.t_re:
@@ -79,12 +69,11 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         config = ReconstructConfig(model=args.model, dataset=args.dataset, t_re=t_re, split=args.split,
                                    sampling=sampling_config(args), seed=args.seed, job=f"{args.job}_{name}",
                                    shard_size=args.shard_size, batch_size=args.batch_size)
-        specs = plan_shards(config.job, num, config.shard_size, config.seed)
         out = str(Path(args.out) / name)
-        records = run_job(out, config_dict(config), specs, functools.partial(ReconstructSource, config),
-                          actors=args.actors, address=args.address, progress=not args.quiet,
-                          manifest_extra={**extra, "t_re": t_re, "source_dataset": args.dataset,
-                                          "source_split": args.split})
+        records = run_config_job(out, config, ReconstructSource, num, actors=args.actors, address=args.address,
+                                 progress=not args.quiet, manifest_extra={**extra, "t_re": t_re,
+                                                                          "source_dataset": args.dataset,
+                                                                          "source_split": args.split})
         outputs[name] = {"out": out, "t_re": t_re, "samples": sum(r.count for r in records),
                          "seconds": round(sum(r.seconds for r in records), 2)}
     print_json(outputs)
@@ -93,7 +82,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 def run_lowdensity(args: argparse.Namespace) -> int:
     from .guidance import GuidanceConfig
-    from .jobs import run_job
+    from .jobs import run_config_job
     from .lowdensity import LowDensityConfig, LowDensitySource
 
     # Options left out keep GuidanceConfig's defaults (the paper's alpha = beta = 0.5).
@@ -102,10 +91,8 @@ def run_lowdensity(args: argparse.Namespace) -> int:
     config = LowDensityConfig(model=args.model, guidance=args.guidance, num=args.num, sampling=sampling_config(args),
                               guide=guide, seed=args.seed, job=args.job, shard_size=args.shard_size,
                               batch_size=args.batch_size)
-    specs = plan_shards(config.job, config.num, config.shard_size, config.seed)
-    records = run_job(args.out, config_dict(config), specs, functools.partial(LowDensitySource, config),
-                      actors=args.actors, address=args.address, manifest_extra=manifest_extra(args.model),
-                      progress=not args.quiet)
+    records = run_config_job(args.out, config, LowDensitySource, config.num, actors=args.actors, address=args.address,
+                             manifest_extra=model_manifest(args.model), progress=not args.quiet)
     print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
                 "seconds": round(sum(r.seconds for r in records), 2)})
     return 0

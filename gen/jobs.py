@@ -25,6 +25,7 @@ The output folder may be any fsspec URL (``s3://bucket/prefix``) that every node
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -173,6 +174,29 @@ def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence
     planned = {"shards": len(specs), "samples": sum(s.count for s in specs)}
     write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config, "planned": planned})
     return [records[i] for i in sorted(records)]
+
+
+def model_manifest(model_path: str) -> dict[str, Any]:
+    """What a shard set's manifest records about the model that generated it."""
+    from .checkpoint import load_diffusion_model
+
+    meta = load_diffusion_model(model_path).meta
+    return {"num_classes": meta.num_classes, "class_names": list(meta.class_names), "image_size": meta.image_size,
+            "channels": meta.channels}
+
+
+def run_config_job(out: str | os.PathLike, config: Any, source: Callable[[Any], SampleSource], num: int, *,
+                   actors: int | None = None, address: str | None = None,
+                   manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> list[ShardRecord]:
+    """:func:`run_job` for a job config with ``job``, ``shard_size`` and ``seed`` fields (the
+    baseline, low-density and reconstruction configs): plans `num` samples and builds ``source(config)``
+    once per actor."""
+    from .checkpoint import config_dict
+    from .shards import plan_shards
+
+    specs = plan_shards(config.job, num, config.shard_size, config.seed)
+    return run_job(out, config_dict(config), specs, functools.partial(source, config), actors=actors, address=address,
+                   manifest_extra=manifest_extra, progress=progress)
 
 
 def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequence[ShardSpec],
