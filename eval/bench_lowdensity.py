@@ -181,7 +181,7 @@ def _bench_models(quick: bool, workdir: Path) -> tuple[str, str, str]:
 def bench_lowdensity_cost(quick: bool, workdir: Path) -> dict[str, Any]:
     model, guidance, classifier = _bench_models(quick, workdir)
     config = CostBenchConfig(model=model, guidance=guidance, eval_classifier=classifier,
-                             num_baseline=400 if quick else 1000, num_guided=200 if quick else 300,
+                             num_baseline=400 if quick else 2000, num_guided=200 if quick else 400,
                              sampling=SamplingConfig(steps=50 if quick else 100),
-                             percentiles=(80.0, 90.0, 97.0) if quick else (90.0, 97.0, 99.5))
+                             percentiles=(80.0, 90.0, 97.0) if quick else (90.0, 97.0, 99.5, 99.9))
     return lowdensity_cost(config)

@@ -47,10 +47,18 @@ def run_density(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..gen.baseline import SamplingConfig
+    from ..gen.guidance import GuidanceConfig
     from .demo import DemoConfig, run_demo as demo
 
-    demo(DemoConfig(out=args.out, diffusion_steps=args.diffusion_steps, num_samples=args.num_samples,
-                    actors=args.actors))
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    settings["sampling"] = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps)
+    settings["guide"] = GuidanceConfig(alpha=args.alpha, beta=args.beta)
+    settings["guide"].validate()
+    demo(DemoConfig(**settings), address=args.address)
     return 0
 
 
@@ -97,18 +105,96 @@ def register(sub: argparse._SubParsersAction) -> None:
     density.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds for the training hardness")
     density.add_argument("--json", default=None, help="also write the report to this file")
 
+    register_demo(sub)
+    register_bench(sub)
+
+
+DEMO_EPILOG = """\
+The same study on CIFAR-10 on a GPU cluster
+-------------------------------------------
+CIFAR-10 in torchvision's on-disk format (cifar-10-batches-py) must be at the same local path on
+every node (or use shards:s3://... after converting it); nothing is downloaded. Start the cluster
+(cluster.yaml, or `ray start --head` plus `ray start --address HEAD:6379` on each GPU node), then
+from this checkout:
+
+  ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    tailforge demo --out /shared/demo-cifar10 \\
+      --dataset cifar10:/data/cifar-10-batches-py \\
+      --unet-preset ddpm-cifar10 --diffusion-steps 800000 --unconditional-steps 800000 \\
+      --diffusion-batch-size 128 --num-samples 50000 --sampler ddpm --sampling-steps 250 \\
+      --guidance-epochs 30 --classifier resnet18_cifar --classifier-epochs 100 \\
+      --reference-classifier resnet18_cifar --reference-epochs 100 \\
+      --corruptions all --severities 1,2,3,4,5 --t-re 0.3 \\
+      --actors 8 --diffaug-actors 4
+
+What to change and why: --unet-preset ddpm-cifar10 is the DDPM paper's 35.7M-parameter net and
+800k steps its schedule (seed 000 uses 250 DDPM steps for sampling); --num-samples 50000 matches
+the training-set size of seed 000's experiments; --actors is the number of generation actors (one
+per GPU by default when unset on GPU nodes), --diffaug-actors the AugmentActors serving DiffAug to
+the trainer; --corruptions all --severities 1,2,3,4,5 runs the full CIFAR-10-C suite at 32 px. Each stage is cached in
+--out, so a resubmitted job continues where the last one stopped (--out must be on storage every
+node sees for the shard sets: a shared filesystem or an s3:// URL).
+"""
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    from ..gen.cliutil import add_ray_options
+    from ..gen.samplers import SAMPLERS
     from .demo import DemoConfig
 
     defaults = DemoConfig()
     demo = sub.add_parser(
         "demo", help="the embedded default: the whole pipeline on digits on this machine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a tiny class-conditional diffusion model on scikit-learn's bundled digits, generate "
-                    "baseline shards on a local Ray actor pool, and check them with an independently trained "
-                    "classifier. Results and models are cached in --out, so a second run reuses them.")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EPILOG,
+        description="Run the project's main job end to end on a local Ray instance (or --address): train a "
+                    "class-conditional and an unconditional diffusion model, an independent evaluation classifier "
+                    "and seed 000's guidance nets; generate baseline, low-density (alpha = beta = 0.5) and "
+                    "reconstructed (t_re) shard sets on the actor pool; train one classifier architecture on real "
+                    "data, real + baseline, real + low-density, real + reconstructed and real with DiffAug on the "
+                    "fly (same seed, epochs and steps); evaluate accuracy, corruptions, OOD and DiffAug-Ensemble, "
+                    "and the shard sets' density, fidelity and memorization; write OUT/report/report.html and "
+                    "report.json (led by the papers' findings this run reproduced or not) and OUT/summary.json. "
+                    "Every stage is cached in --out: a second run reuses what is there. Defaults fit scikit-learn's "
+                    "bundled digits on a 2-core CPU.")
     demo.set_defaults(run=run_demo)
-    demo.add_argument("--out", default=defaults.out, help="output folder")
-    demo.add_argument("--diffusion-steps", type=int, default=defaults.diffusion_steps, help="diffusion training steps")
-    demo.add_argument("--num-samples", type=int, default=defaults.num_samples, help="baseline samples to generate")
-    demo.add_argument("--actors", type=int, default=defaults.actors, help="Ray actors for generation")
-    register_bench(sub)
+    add = demo.add_argument
+    add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
+    add("--dataset", default=defaults.dataset, help="dataset spec (default: digits)")
+    add("--diffusion-steps", type=positive_int, default=defaults.diffusion_steps,
+        help=f"class-conditional diffusion model's training steps (default: {defaults.diffusion_steps})")
+    add("--unconditional-steps", type=positive_int, default=defaults.unconditional_steps,
+        help=f"unconditional model's training steps, for DiffAug (default: {defaults.unconditional_steps})")
+    add("--unet-preset", default=None, help="U-Net preset (default: tiny for <= 16 px, small above)")
+    add("--diffusion-batch-size", type=positive_int, default=defaults.diffusion_batch_size,
+        help=f"diffusion training batch (default: {defaults.diffusion_batch_size})")
+    add("--num-samples", type=positive_int, default=defaults.num_samples,
+        help=f"baseline and low-density samples each (default: {defaults.num_samples})")
+    add("--sampler", choices=sorted(SAMPLERS), default=defaults.sampling.sampler,
+        help=f"sampler of every generation job (default: {defaults.sampling.sampler})")
+    add("--sampling-steps", type=positive_int, default=defaults.sampling.steps,
+        help=f"its steps (default: {defaults.sampling.steps})")
+    add("--alpha", type=float, default=defaults.guide.alpha, help="low-density hardness scale (default: 0.5, seed 000)")
+    add("--beta", type=float, default=defaults.guide.beta, help="low-density fidelity scale (default: 0.5, seed 000)")
+    add("--guidance-epochs", type=positive_int, default=defaults.guidance_epochs,
+        help=f"guidance nets' epochs (default: {defaults.guidance_epochs})")
+    add("--t-re", type=float, default=defaults.t_re, help=f"reconstruction's t_re, a fraction of T (default: {defaults.t_re})")
+    add("--classifier", default=defaults.classifier,
+        help=f"architecture of the compared classifiers, any timm name (default: {defaults.classifier})")
+    add("--classifier-epochs", type=positive_int, default=defaults.classifier_epochs,
+        help=f"their epochs (default: {defaults.classifier_epochs})")
+    add("--synthetic-weight", type=float, default=defaults.synthetic_weight,
+        help=f"sampling weight of a synthetic set next to real = 1 (default: {defaults.synthetic_weight})")
+    add("--reference-classifier", default=defaults.reference_classifier,
+        help=f"independent evaluation classifier (default: {defaults.reference_classifier})")
+    add("--reference-epochs", type=positive_int, default=defaults.reference_epochs,
+        help=f"its epochs (default: {defaults.reference_epochs})")
+    add("--corruptions", type=lambda text: tuple() if text == "all" else tuple(text.split(",")),
+        default=defaults.corruptions, help=f"comma-separated corruptions, or all (default: {','.join(defaults.corruptions)})")
+    add("--severities", type=lambda text: tuple(int(v) for v in text.split(",")), default=defaults.severities,
+        help=f"comma-separated corruption severities (default: {','.join(map(str, defaults.severities))})")
+    add("--corruption-reference-size", type=positive_int, default=defaults.corruption_reference_size,
+        help="image size CIFAR-10-C's pixel parameters are stated for (default: 32)")
+    add("--diffaug-actors", type=int, default=defaults.diffaug_actors,
+        help="serve DiffAug from this many AugmentActors (default: 0, in the training process)")
+    add("--seed", type=int, default=defaults.seed, help="seed of every job and trainer (default: 0)")
+    add_ray_options(demo)

@@ -16,7 +16,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -546,11 +546,13 @@ def render_html(sections: list[Section], inputs: dict[str, Any], title: str) -> 
 
 def write_report(out: str | Path, *, results: list[str], samples: dict[str, str], classifier: str | None = None,
                  dataset: str | None = None, tre: dict[float, str] | None = None, grid: int = 40,
-                 title: str = "tailforge evaluation report") -> dict[str, Any]:
+                 title: str = "tailforge evaluation report", lead: Sequence[Section] = ()) -> dict[str, Any]:
+    """Write OUT/report.html and OUT/report.json; ``lead`` sections (e.g. the demo's findings) come first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections, inputs = build_report(results=results, samples=samples, classifier=classifier, dataset=dataset,
                                     tre=tre or {}, grid=grid)
+    sections = [*lead, *sections]
     report = {"title": title, "inputs": inputs, "sections": {s.key: s.to_json() for s in sections},
               "present": [s.key for s in sections if not s.absent], "absent": {s.key: s.absent for s in sections if s.absent}}
     page = render_html(sections, inputs, title)

@@ -1,0 +1,56 @@
+"""`tailforge demo` end to end at toy sizes: every stage, the report, and the cache on a second run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tailforge.cli import main
+
+TOY = ["--diffusion-steps", "8", "--unconditional-steps", "8", "--num-samples", "20", "--sampling-steps", "3",
+       "--guidance-epochs", "1", "--classifier-epochs", "1", "--reference-epochs", "1",
+       "--corruptions", "gaussian_noise", "--severities", "5", "--actors", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), *TOY]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "report" not in p.parts}
+    assert main(["demo", "--out", str(out), *TOY]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    return out, first, second, mtimes
+
+
+def test_demo_writes_every_stage_and_a_report_led_by_the_findings(demo_runs):
+    out, first, _, _ = demo_runs
+    assert set(first["classifiers"]) == {"real", "real+baseline", "real+lowdensity", "real+reconstructed",
+                                         "real+diffaug"}
+    for row in first["classifiers"].values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["mean_corruption_accuracy"] <= 1.0
+    for shard_set in ("baseline", "lowdensity", "reconstructed"):
+        info = json.loads((out / "shards" / shard_set / "_info.json").read_text())
+        expected = 20 if shard_set != "reconstructed" else 1437  # the digits training split, reconstructed
+        assert info["splits"]["train"]["num_samples"] == info["planned"]["samples"] == expected
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["present"][0] == "findings"
+    # every evaluation the issue names is in the report with its figures
+    for key in ("samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization"):
+        assert key in report["present"], (key, report["absent"].get(key))
+    findings = report["sections"]["findings"]["data"]["findings"]
+    assert findings == first["findings"] and len(findings) >= 8
+    assert {row["paper"] for row in findings} >= {"000", "001", "003", "002/004"}
+    assert all(isinstance(row["reproduced"], bool) and re.search(r"\d", row["measured"]) for row in findings)
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "reproduced" in html
+
+
+def test_second_run_reuses_models_shards_classifiers_and_results(demo_runs):
+    _, first, second, mtimes = demo_runs
+    changed = [str(p) for p, mtime in mtimes.items() if p.exists() and p.stat().st_mtime_ns != mtime]
+    assert changed == [p for p in changed if p.endswith("summary.json")]
+    assert second["findings"] == first["findings"] and second["classifiers"] == first["classifiers"]
+    assert second["seconds"]["models"] < 5 and second["seconds"]["classifiers"] < 5
