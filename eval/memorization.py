@@ -71,6 +71,7 @@ def nearest_two(queries: Tensor, reference: Tensor, *, query_chunk: int = 1024, 
     device = torch.device(device or default_device())
     keep = min(3, len(reference))
     ref = reference.to(device, torch.float32)
+    ref_sq = ref.square().sum(1)
     d1, d2, i1, i2 = [], [], [], []
     for qs in range(0, len(queries), query_chunk):
         q = queries[qs:qs + query_chunk].to(device, torch.float32)
@@ -78,11 +79,12 @@ def nearest_two(queries: Tensor, reference: Tensor, *, query_chunk: int = 1024, 
         best_i = torch.zeros((len(q), keep), dtype=torch.long, device=device)
         for rs in range(0, len(ref), reference_chunk):
             chunk = ref[rs:rs + reference_chunk]
-            dist = torch.cdist(q, chunk)
-            cand_d = torch.cat([best_d, dist], 1)
-            cand_i = torch.cat([best_i, torch.arange(rs, rs + len(chunk), device=device).expand(len(q), -1)], 1)
-            best_d, pos = cand_d.topk(keep, dim=1, largest=False)
-            best_i = cand_i.gather(1, pos)
+            # candidates ranked by ||r||^2 - 2 q.r, one matmul (||q - r||^2 less the per-query
+            # constant ||q||^2; no sqrt): the chunk's best `keep`, merged with the best so far
+            dist = torch.addmm(ref_sq[rs:rs + len(chunk)], q, chunk.T, beta=1, alpha=-2)
+            top_d, top_i = dist.topk(min(keep, len(chunk)), dim=1, largest=False)
+            best_d, pos = torch.cat([best_d, top_d], 1).topk(keep, dim=1, largest=False)
+            best_i = torch.cat([best_i, top_i + rs], 1).gather(1, pos)
         # re-rank the candidates with exact float64 distances computed from the differences
         exact = (q.double().unsqueeze(1) - ref[best_i].double()).norm(dim=2)
         exact, order = exact.sort(dim=1)
