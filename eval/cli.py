@@ -124,7 +124,7 @@ from this checkout:
       --diffusion-batch-size 128 --num-samples 50000 --sampler ddpm --sampling-steps 250 \\
       --guidance-epochs 30 --classifier resnet18_cifar --classifier-epochs 100 \\
       --reference-classifier resnet18_cifar --reference-epochs 100 \\
-      --corruptions all --severities 1,2,3,4,5 --t-re 0.3 \\
+      --corruptions all --severities 1,2,3,4,5 --corruption-reference-size 32 --t-re 0.3 \\
       --actors 8 --diffaug-actors 4
 
 What to change and why: --unet-preset ddpm-cifar10 is the DDPM paper's 35.7M-parameter net and
@@ -193,7 +193,8 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     add("--severities", type=lambda text: tuple(int(v) for v in text.split(",")), default=defaults.severities,
         help=f"comma-separated corruption severities (default: {','.join(map(str, defaults.severities))})")
     add("--corruption-reference-size", type=positive_int, default=defaults.corruption_reference_size,
-        help="image size CIFAR-10-C's pixel parameters are stated for (default: 32)")
+        help="image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to 8 px digits "
+             "(default: 8)")
     add("--diffaug-actors", type=int, default=defaults.diffaug_actors,
         help="serve DiffAug from this many AugmentActors (default: 0, in the training process)")
     add("--seed", type=int, default=defaults.seed, help="seed of every job and trainer (default: 0)")

@@ -50,9 +50,10 @@ from .memorization import MemorizationConfig, run_memorization
 from .ood import OODConfig, run_ood
 from .report import Section, Table, write_report
 
-#: noise and blur corruptions that change 8 px images (README, "Corruptions at small sizes"), and contrast;
-#: with three severities, so that DiffAug-Ensemble (nine extra U-Net passes per image) fits the CPU budget
-DEMO_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "motion_blur", "contrast")
+#: a noise, two blurs and contrast (with CIFAR-10-C's pixel parameters unscaled at 8 px, see
+#: DemoConfig.corruption_reference_size), at three severities, so that DiffAug-Ensemble (nine extra
+#: U-Net passes per image) fits the CPU budget
+DEMO_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "motion_blur", "contrast")
 DEMO_SEVERITIES = (1, 3, 5)
 
 
@@ -78,7 +79,9 @@ class DemoConfig:
     reference_epochs: int = 20  # its epochs
     corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty: every one that applies)
     severities: tuple[int, ...] = DEMO_SEVERITIES  # CIFAR-10-C severities evaluated
-    corruption_reference_size: int = 32  # image size CIFAR-10-C's pixel parameters are stated for
+    # image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to digits (scaled to
+    # 8 px, blurs stay below a pixel and change nothing: README, "Corruptions at small sizes")
+    corruption_reference_size: int = 8
     diffaug_actors: int = 0  # DiffAug served by this many AugmentActors (0: in the training process)
     actors: int | None = None  # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
     seed: int = 0  # every job's and trainer's seed
@@ -240,7 +243,9 @@ def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[s
 
 
 def _mean_corruption(result: dict[str, Any]) -> float:
-    return result["mean_corruption_accuracy"]
+    """Mean accuracy over every evaluated corruption that changes the images (benchmark or extra)."""
+    rows = [row["mean_accuracy"] for row in result["corruptions"].values() if row["effective"]]
+    return sum(rows) / len(rows)
 
 
 def findings(config: DemoConfig, results: dict[str, Any]) -> list[dict[str, Any]]:
