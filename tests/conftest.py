@@ -40,12 +40,17 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are picked, so the kernel
+    cannot hand the same port out twice (Ray refuses to start when two components share one)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +75,7 @@ def ray_head():
     names = ("port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port")
-    ports = {name: _free_port() for name in names}
+    ports = dict(zip(names, _free_ports(len(names))))
     temp_dir = tempfile.mkdtemp(prefix="rtf", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
