@@ -122,14 +122,9 @@ def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
     """Stage 1: diffusion models, the evaluation classifier and the guidance nets."""
     common = dict(dataset=config.dataset, preset=config.unet_preset, batch_size=config.diffusion_batch_size,
                   seed=config.seed)
-    for folder, diffusion in ((paths["diffusion"], DiffusionTrainConfig(steps=config.diffusion_steps, **common)),
-                              (paths["unconditional"], DiffusionTrainConfig(steps=config.unconditional_steps,
-                                                                            class_conditional=False, **common))):
-        saved = folder / "tailforge.json"
-        trained = read_json(saved).get("train_config", {}) if saved.is_file() else {}
-        # a preset left as None is recorded resolved (tiny or small, from the image size)
-        if trained != {**config_dict(diffusion), "preset": diffusion.preset or trained.get("preset")}:
-            train_diffusion(diffusion, folder)  # resumes from the newest checkpoint of an interrupted run
+    train_diffusion(DiffusionTrainConfig(steps=config.diffusion_steps, **common), paths["diffusion"])
+    train_diffusion(DiffusionTrainConfig(steps=config.unconditional_steps, class_conditional=False, **common),
+                    paths["unconditional"])
     _classifier(ClassifierTrainConfig(dataset=config.dataset, model=config.reference_classifier,
                                       epochs=config.reference_epochs, seed=config.seed + 1), paths["reference"])
     guidance = GuidanceTrainConfig(dataset=config.dataset, model=str(paths["diffusion"]), epochs=config.guidance_epochs,

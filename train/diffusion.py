@@ -148,6 +148,11 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     preset = config.preset or default_preset(info.image_size)
     resolved = dataclasses.replace(config, preset=preset)
     config_json = config_dict(resolved)
+    exported = out / "tailforge.json"
+    if exported.is_file():  # a finished run with this config: nothing to train, nothing to rewrite
+        saved = read_json(exported)
+        if saved.get("train_config") == config_json and saved.get("step") == config.steps:
+            return out
     torch.manual_seed(config.seed)
     unet = build_unet(preset, image_size=info.image_size, channels=info.channels,
                       num_classes=info.num_classes if config.class_conditional else None).to(device)
