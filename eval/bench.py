@@ -25,7 +25,8 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {}
 
 #: Modules that register benchmarks when imported (each keeps its benchmark next to what it measures).
 BENCHMARK_MODULES: list[str] = [".bench_sampler", ".bench_stream", ".bench_lowdensity", ".bench_guidance",
-                                 ".bench_reconstruct", ".bench_diffaug", ".bench_memorization"]
+                                 ".bench_reconstruct", ".bench_diffaug", ".bench_memorization",
+                                 ".bench_demo"]
 
 
 def benchmark(name: str, description: str) -> Callable[[Benchmark], Benchmark]:

@@ -120,7 +120,7 @@ from this checkout:
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
     tailforge demo --out /shared/demo-cifar10 \\
       --dataset cifar10:/data/cifar-10-batches-py \\
-      --unet-preset ddpm-cifar10 --diffusion-steps 800000 --unconditional-steps 800000 \\
+      --unet-preset ddpm-cifar10 --diffusion-steps 800000 --label-dropout 0.1 \\
       --diffusion-batch-size 128 --num-samples 50000 --sampler ddpm --sampling-steps 250 \\
       --guidance-epochs 30 --classifier resnet18_cifar --classifier-epochs 100 \\
       --reference-classifier resnet18_cifar --reference-epochs 100 \\
@@ -128,7 +128,9 @@ from this checkout:
       --actors 8 --diffaug-actors 4
 
 What to change and why: --unet-preset ddpm-cifar10 is the DDPM paper's 35.7M-parameter net and
-800k steps its schedule (seed 000 uses 250 DDPM steps for sampling); --num-samples 50000 matches
+800k steps its schedule (seed 000 uses 250 DDPM steps for sampling); --label-dropout 0.1 gives the
+one model the null class that DiffAug and DiffAug-Ensemble denoise with (seed 003 used separate
+unconditional models); --num-samples 50000 matches
 the training-set size of seed 000's experiments; --actors is the number of generation actors (one
 per GPU by default when unset on GPU nodes), --diffaug-actors the AugmentActors serving DiffAug to
 the trainer; --corruptions all --severities 1,2,3,4,5 runs the full CIFAR-10-C suite at 32 px. Each stage is cached in
@@ -147,7 +149,8 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
         "demo", help="the embedded default: the whole pipeline on digits on this machine",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EPILOG,
         description="Run the project's main job end to end on a local Ray instance (or --address): train a "
-                    "class-conditional and an unconditional diffusion model, an independent evaluation classifier "
+                    "diffusion model with label dropout (class-conditional, and unconditional through its null "
+                    "class), an independent evaluation classifier "
                     "and seed 000's guidance nets; generate baseline, low-density (alpha = beta = 0.5) and "
                     "reconstructed (t_re) shard sets on the actor pool; train one classifier architecture on real "
                     "data, real + baseline, real + low-density, real + reconstructed and real with DiffAug on the "
@@ -162,8 +165,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     add("--dataset", default=defaults.dataset, help="dataset spec (default: digits)")
     add("--diffusion-steps", type=positive_int, default=defaults.diffusion_steps,
         help=f"class-conditional diffusion model's training steps (default: {defaults.diffusion_steps})")
-    add("--unconditional-steps", type=positive_int, default=defaults.unconditional_steps,
-        help=f"unconditional model's training steps, for DiffAug (default: {defaults.unconditional_steps})")
+    add("--label-dropout", type=float, default=defaults.label_dropout,
+        help="probability a training label is replaced by the null class, which DiffAug and DiffAug-Ensemble use "
+             f"(default: {defaults.label_dropout}; Ho & Salimans 2022 use 0.1-0.2)")
     add("--unet-preset", default=None, help="U-Net preset (default: tiny for <= 16 px, small above)")
     add("--diffusion-batch-size", type=positive_int, default=defaults.diffusion_batch_size,
         help=f"diffusion training batch (default: {defaults.diffusion_batch_size})")

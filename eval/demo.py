@@ -3,11 +3,12 @@
 On scikit-learn's bundled digits by default, on a local Ray instance (or the cluster at
 ``--address``):
 
-1. models: a class-conditional diffusion model (generation, guidance, reconstruction), an
-   unconditional one (DiffAug and DiffAug-Ensemble, which see no labels), an independent evaluation
-   classifier that never guides, and the guidance nets of seed 000;
+1. models: one diffusion model trained with label dropout, so that it is class-conditional
+   (generation, guidance, reconstruction) and, given the null class, unconditional (DiffAug and
+   DiffAug-Ensemble, which see no labels); an independent evaluation classifier that never guides;
+   and the guidance nets of seed 000;
 2. shard sets on the actor pool: baseline and low-density samples from the same seeds, and the
-   training split reconstructed at t_re (seed 001);
+   training split reconstructed at t_re (seed 001), and the test split for Fig. 5's entropy;
 3. classifiers with the same architecture, seed, epochs and steps: real, real + baseline,
    real + low-density, real + reconstructed, real with DiffAug on the fly (seed 003);
 4. evaluations (accuracy, corruptions, OOD, DiffAug-Ensemble; density, fidelity, memorization),
@@ -32,6 +33,7 @@ from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
 from ..gen.checkpoint import config_dict, read_json, write_json_atomic
 from ..gen.classifier_nets import CLASSIFIER_CONFIG, load_classifier, predict_logits
 from ..gen.datasets import load_dataset
+from ..gen.errors import ConfigError
 from ..gen.guidance import GuidanceConfig
 from ..gen.jobs import model_manifest, run_config_job
 from ..gen.lowdensity import LowDensityConfig, LowDensitySource
@@ -63,12 +65,17 @@ class DemoConfig:
 
     out: str = "demo-out"  # output folder (models, shards, classifiers, evaluations, report)
     dataset: str = "digits"  # any dataset spec; digits is bundled with scikit-learn
-    diffusion_steps: int = 800  # class-conditional diffusion model: training steps
-    unconditional_steps: int = 500  # unconditional model (DiffAug, DiffAug-Ensemble): training steps
+    diffusion_steps: int = 800  # the diffusion model's training steps
+    # labels replaced by the null class in training (Ho & Salimans 2022's p_uncond): the one model also
+    # denoises without labels for DiffAug, instead of a second, unconditional model (about 2 min on the CPU)
+    label_dropout: float = 0.2
     unet_preset: str | None = None  # U-Net preset; None: tiny for <= 16 px, small above (ddpm-cifar10 for the paper)
     diffusion_batch_size: int = 128  # diffusion training batch
     num_samples: int = 500  # baseline and low-density samples each (sample i uses the same seed in both)
-    sampling: SamplingConfig = SamplingConfig(sampler="ddim", steps=50)  # every generation job's sampler
+    # every generation job's sampler: ancestral DDPM (seed 000's baseline sampler) on a 50-step grid. Not DDIM at
+    # eta = 0: without fresh noise each step, guidance at alpha = beta = 0.5 drives the samples off the data
+    # (README, "Low-density generation": class agreement 0.26 with alpha alone at DDIM 50, 0.99 at DDPM 50)
+    sampling: SamplingConfig = SamplingConfig(sampler="ddpm", steps=50)
     guide: GuidanceConfig = GuidanceConfig()  # seed 000's alpha = beta = 0.5
     guidance_epochs: int = 10  # guidance nets' training epochs
     t_re: float = 0.5  # reconstruction's reverse step as a fraction of T (seed 001)
@@ -86,12 +93,18 @@ class DemoConfig:
     actors: int | None = None  # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
     seed: int = 0  # every job's and trainer's seed
 
+    def validate(self) -> None:
+        if not 0 < self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must be in (0, 1), got {self.label_dropout}: DiffAug-Ensemble needs "
+                              "the null class to denoise test images without their labels")
+
 
 def _paths(out: Path) -> dict[str, Path]:
-    return {"diffusion": out / "models" / "diffusion", "unconditional": out / "models" / "diffusion-unconditional",
+    return {"diffusion": out / "models" / "diffusion",
             "reference": out / "models" / "reference-classifier", "guidance": out / "models" / "guidance",
             "baseline": out / "shards" / "baseline", "lowdensity": out / "shards" / "lowdensity",
-            "reconstructed": out / "shards" / "reconstructed", "classifiers": out / "classifiers",
+            "reconstructed": out / "shards" / "reconstructed",
+            "reconstructed-test": out / "shards" / "reconstructed-test", "classifiers": out / "classifiers",
             "eval": out / "eval", "report": out / "report"}
 
 
@@ -119,12 +132,11 @@ def _classifier(config: ClassifierTrainConfig, out: Path) -> float:
 
 
 def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
-    """Stage 1: diffusion models, the evaluation classifier and the guidance nets."""
+    """Stage 1: the diffusion model, the evaluation classifier and the guidance nets."""
     common = dict(dataset=config.dataset, preset=config.unet_preset, batch_size=config.diffusion_batch_size,
                   seed=config.seed)
-    train_diffusion(DiffusionTrainConfig(steps=config.diffusion_steps, **common), paths["diffusion"])
-    train_diffusion(DiffusionTrainConfig(steps=config.unconditional_steps, class_conditional=False, **common),
-                    paths["unconditional"])
+    train_diffusion(DiffusionTrainConfig(steps=config.diffusion_steps, label_dropout=config.label_dropout, **common),
+                    paths["diffusion"])
     _classifier(ClassifierTrainConfig(dataset=config.dataset, model=config.reference_classifier,
                                       epochs=config.reference_epochs, seed=config.seed + 1), paths["reference"])
     guidance = GuidanceTrainConfig(dataset=config.dataset, model=str(paths["diffusion"]), epochs=config.guidance_epochs,
@@ -147,12 +159,15 @@ def generate_shards(config: DemoConfig, paths: dict[str, Path], address: str | N
                                   shard_size=baseline.shard_size)
     run_config_job(paths["lowdensity"], lowdensity, LowDensitySource, lowdensity.num, actors=config.actors,
                    address=address, manifest_extra=extra)
-    train_size = len(load_dataset(config.dataset, "train"))
-    reconstruct = ReconstructConfig(model=model, dataset=config.dataset, t_re=config.t_re, sampling=config.sampling,
-                                    seed=config.seed, shard_size=max(1, -(-train_size // 4)))
-    run_config_job(paths["reconstructed"], reconstruct, ReconstructSource, train_size, actors=config.actors,
-                   address=address, manifest_extra={**extra, "t_re": config.t_re, "source_dataset": config.dataset,
-                                   "source_split": "train"})
+    for split in ("train", "test"):  # train: a training set (seed 001 Table 2); test: only for Fig. 5's entropy
+        size = len(load_dataset(config.dataset, split))
+        reconstruct = ReconstructConfig(model=model, dataset=config.dataset, split=split, t_re=config.t_re,
+                                        sampling=config.sampling, seed=config.seed,
+                                        shard_size=max(1, -(-size // 4)))
+        run_config_job(paths["reconstructed" if split == "train" else "reconstructed-test"], reconstruct,
+                       ReconstructSource, size, actors=config.actors, address=address,
+                       manifest_extra={**extra, "t_re": config.t_re, "source_dataset": config.dataset,
+                                       "source_split": split})
 
 
 def classifier_configs(config: DemoConfig, paths: dict[str, Path]) -> dict[str, ClassifierTrainConfig]:
@@ -166,7 +181,7 @@ def classifier_configs(config: DemoConfig, paths: dict[str, Path]) -> dict[str, 
 
     return {"real": base, "real+baseline": with_set("baseline"), "real+lowdensity": with_set("lowdensity"),
             "real+reconstructed": with_set("reconstructed"),
-            "real+diffaug": dataclasses.replace(base, diffaug=str(paths["unconditional"]),
+            "real+diffaug": dataclasses.replace(base, diffaug=str(paths["diffusion"]),
                                                 diffaug_actors=config.diffaug_actors)}
 
 
@@ -193,7 +208,7 @@ def _accuracy(name: str, folder: Path, config: DemoConfig, ensemble: str | None,
 def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, Path]) -> dict[str, Any]:
     """Stage 4: every evaluation suite, each result reused when its config is unchanged."""
     ev, ref = paths["eval"], str(paths["reference"])
-    uncond = str(paths["unconditional"])
+    uncond = str(paths["diffusion"])  # called without labels: its null class
     results: dict[str, Any] = {"accuracy": {}, "corruptions": {}, "density": {}, "fidelity": {}}
     ensemble_of = {"real", "real+diffaug"}  # seed 003 evaluates DiffAug-Ensemble on plain and DiffAug classifiers
     for name, folder in classifiers.items():
@@ -232,14 +247,17 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
     return results
 
 
-def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[str, float]:
-    """Seed 001 Fig. 5: the evaluation classifier's mean output entropy (Eq. 4) on the real training
-    images and on their reconstructions at t_re."""
+def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Seed 001 Fig. 5: the evaluation classifier's mean output entropy (Eq. 4) on the real images and on
+    their reconstructions at t_re, for the training and the test split (Fig. 5's "Train/Test Samples")."""
     net, _ = load_classifier(paths["reference"])
-    real = load_dataset(config.dataset, "train")
-    reconstructed = load_dataset(f"shards:{paths['reconstructed']}", "train")
-    return {"real": mean_output_entropy(predict_logits(net, real.images)),
-            f"t_re={config.t_re}": mean_output_entropy(predict_logits(net, reconstructed.images))}
+    entropy = {}
+    for split, shards in (("train", paths["reconstructed"]), ("test", paths["reconstructed-test"])):
+        real = load_dataset(config.dataset, split)
+        reconstructed = load_dataset(f"shards:{shards}", "train")  # a shard set's samples form its "train" split
+        entropy[split] = {"real": mean_output_entropy(predict_logits(net, real.images)),
+                          f"t_re={config.t_re}": mean_output_entropy(predict_logits(net, reconstructed.images))}
+    return entropy
 
 
 def _mean_corruption(result: dict[str, Any]) -> float:
@@ -254,6 +272,11 @@ def findings(config: DemoConfig, results: dict[str, Any]) -> list[dict[str, Any]
     corr = {name: _mean_corruption(r) for name, r in results["corruptions"].items()}
     base, low = results["density"]["baseline"]["samples"], results["density"]["lowdensity"]["samples"]
     rows = []
+
+    def images_apart(a: str, b: str) -> str:
+        """How many test images separate two classifiers' accuracies: small test sets make small gaps noise."""
+        n = results["accuracy"][a]["n"]
+        return f"{round(abs(acc[a] - acc[b]) * n)} of {n} test images apart"
 
     def add(paper: str, claim: str, measured: str, held: bool) -> None:
         rows.append({"paper": paper, "finding": claim, "measured": measured, "reproduced": bool(held)})
@@ -271,18 +294,21 @@ def findings(config: DemoConfig, results: dict[str, Any]) -> list[dict[str, Any]
         low["accuracy"] >= 0.6 and low["precision"] >= 0.5 * base["precision"])
     add("000", "adding low-density samples to real data helps the classifier more than adding baseline samples",
         f"test accuracy real+lowdensity {acc['real+lowdensity']:.4f}, real+baseline {acc['real+baseline']:.4f}, "
-        f"real {acc['real']:.4f}", acc["real+lowdensity"] > acc["real+baseline"])
-    entropy = results["entropy"]
-    recon_key = f"t_re={config.t_re}"
-    add("001", "reconstructed samples are easier: the real-data classifier's mean output entropy is lower on them "
-               "than on the real images",
-        f"entropy {entropy[recon_key]:.4f} on the reconstructions vs {entropy['real']:.4f} on the real training "
-        f"images", entropy[recon_key] < entropy["real"])
+        f"real {acc['real']:.4f} ({images_apart('real+lowdensity', 'real+baseline')})",
+        acc["real+lowdensity"] > acc["real+baseline"])
+    entropy, recon_key = results["entropy"], f"t_re={config.t_re}"
+    add("001", "reconstructed samples are easier: the real-data classifier's mean output entropy is lower on "
+               "reconstructions of test images than on the test images themselves (Fig. 5)",
+        f"test: entropy {entropy['test'][recon_key]:.4f} on the reconstructions vs {entropy['test']['real']:.4f} on "
+        f"the real images; train (which that classifier was fit to): {entropy['train'][recon_key]:.4f} vs "
+        f"{entropy['train']['real']:.4f}", entropy["test"][recon_key] < entropy["test"]["real"])
     add("001", "training on reconstructed data does not raise test accuracy over real data",
-        f"real+reconstructed {acc['real+reconstructed']:.4f}, real {acc['real']:.4f}",
+        f"real+reconstructed {acc['real+reconstructed']:.4f}, real {acc['real']:.4f} "
+        f"({images_apart('real+reconstructed', 'real')})",
         acc["real+reconstructed"] <= acc["real"])
     add("003", "DiffAug keeps clean accuracy (within 1 point) and raises accuracy on corrupted data",
-        f"clean {acc['real+diffaug']:.4f} vs {acc['real']:.4f}; mean corruption accuracy "
+        f"clean {acc['real+diffaug']:.4f} vs {acc['real']:.4f} ({images_apart('real+diffaug', 'real')}); "
+        f"mean corruption accuracy "
         f"{corr['real+diffaug']:.4f} vs {corr['real']:.4f}",
         acc["real+diffaug"] >= acc["real"] - 0.01 and corr["real+diffaug"] > corr["real"])
     add("003", "DiffAug-Ensemble adds to DiffAug's robustness",
@@ -311,6 +337,7 @@ def findings_section(rows: list[dict[str, Any]], config: DemoConfig) -> Section:
 
 
 def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any]:
+    config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = _paths(out)
@@ -323,7 +350,7 @@ def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any
         seconds[name] = round(time.perf_counter() - started, 1)
         return value
 
-    stage(1, "models", f"diffusion models, evaluation classifier and guidance nets -> {out / 'models'}",
+    stage(1, "models", f"diffusion model, evaluation classifier and guidance nets -> {out / 'models'}",
           lambda: train_models(config, paths))
     stage(2, "shards", f"baseline, low-density and reconstructed shards on the Ray actor pool -> "
                        f"{out / 'shards'}", lambda: generate_shards(config, paths, address))

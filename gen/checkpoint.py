@@ -117,9 +117,17 @@ class ModelMeta:
     channels: int  # 1 for grayscale (digits), 3 for RGB
     num_classes: int | None  # None for an unconditional model
     class_names: tuple[str, ...] = ()  # names of the class labels, in label order
+    # label of the "no class" embedding of a model trained with label dropout (train_diffusion's
+    # label_dropout): it then also denoises without labels; None for every other model
+    null_class: int | None = None
     dataset: str = ""  # dataset spec the model was trained on
     train_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the training config
     step: int = 0  # optimizer steps taken
+
+    @property
+    def denoises_without_labels(self) -> bool:
+        """Whether the model can be called without class labels (unconditional, or with a null class)."""
+        return self.num_classes is None or self.null_class is not None
 
 
 @dataclasses.dataclass
@@ -206,7 +214,7 @@ def load_diffusion_model(path: str | os.PathLike, device: str | torch.device = "
             raise CheckpointError(f"{folder / MODEL_META} has unexpected fields: {err}") from err
     else:
         meta = _meta_from_diffusers(folder, unet)
-    denoiser = EpsDenoiser(UNetEpsModel(unet.eval()), scheduler.alphas_cumprod).to(device)
+    denoiser = EpsDenoiser(UNetEpsModel(unet.eval(), meta.null_class), scheduler.alphas_cumprod).to(device)
     return DiffusionModel(denoiser=denoiser, meta=meta, model_hash=file_sha256(weights)[:16], path=str(folder))
 
 

@@ -144,19 +144,24 @@ class CheckFinite(DenoiserWrapper):
 class UNetEpsModel(nn.Module):
     """Adapts a diffusers ``UNet2DModel`` to the EpsModel signature eps(x_vp, t, labels).
 
-    Class labels go to the U-Net only when it was built class-conditional (``num_class_embeds``);
-    a learned-variance network (output channels = 2 x input, improved DDPM) contributes only its
+    Class labels go to the U-Net only when it was built class-conditional (``num_class_embeds``).
+    A conditional model trained with label dropout has a ``null_class`` label, given when no labels
+    are passed (its unconditional denoiser, as in classifier-free guidance, Ho & Salimans 2022).
+    A learned-variance network (output channels = 2 x input, improved DDPM) contributes only its
     epsilon half.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, null_class: int | None = None):
         super().__init__()
         self.unet = unet
         self.conditional = getattr(unet.config, "num_class_embeds", None) is not None
+        self.null_class = null_class
         self.in_channels = unet.config.in_channels
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.conditional and labels is None:
-            raise ValueError("this model is class-conditional: pass labels")
+            if self.null_class is None:
+                raise ValueError("this model is class-conditional: pass labels")
+            labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         out = self.unet(x, t, class_labels=labels if self.conditional else None).sample
         return out[:, : self.in_channels]

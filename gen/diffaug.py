@@ -125,7 +125,8 @@ def augment_batch(denoiser: Denoiser, model: DiffusionModel, config: DiffAugConf
     thread count, ``config.threads``); returns CPU float32."""
     device = model.device
     seed = batch_seed if config.seed is None else config.seed
-    labels = labels.to(device) if model.meta.num_classes is not None else None
+    # the paper's DiffAug is unconditional; a conditional model without a null class sees the batch labels
+    labels = None if model.meta.denoises_without_labels else labels.to(device)
     with torch_threads(config.threads):
         out = augment_images(denoiser, images.to(device=device, dtype=torch.float32), labels, seed, batch_index)
     return out.float().cpu()
@@ -215,7 +216,8 @@ def load_diffaug_ensemble(classifier: nn.Module, model_dir: str, *, seed: int = 
     """DiffAug-Ensemble of `classifier` with the unconditional diffusion model in `model_dir`,
     on the classifier's device."""
     model = load_diffusion_model(model_dir, next(classifier.parameters()).device)
-    if model.meta.num_classes is not None:
-        raise ConfigError(f"{model_dir} is a class-conditional model; DiffAug-Ensemble runs at test time without "
-                          "labels and needs an unconditional one (tailforge train diffusion --unconditional)")
+    if not model.meta.denoises_without_labels:
+        raise ConfigError(f"{model_dir} is a class-conditional model without a null class; DiffAug-Ensemble runs at "
+                          "test time without labels and needs an unconditional one (tailforge train diffusion "
+                          "--unconditional, or --label-dropout P for one model that serves both)")
     return DiffAugEnsemble(classifier, model.denoiser, times, seed, clip_denoised).eval()

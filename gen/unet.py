@@ -44,8 +44,9 @@ def default_preset(image_size: int) -> str:
 
 
 def build_unet(preset: str, *, image_size: int, channels: int, num_classes: int | None) -> UNet2DModel:
-    """A U-Net for `channels` x `image_size`^2 images; class-conditional when num_classes is set
-    (a learned class embedding added to the timestep embedding)."""
+    """A U-Net for `channels` x `image_size`^2 images; class-conditional when num_classes (the number of
+    class embeddings, a null class included) is set: a learned class embedding added to the timestep
+    embedding."""
     if preset not in UNET_PRESETS:
         raise ConfigError(f"unknown U-Net preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
     config = UNET_PRESETS[preset]

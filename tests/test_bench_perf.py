@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from tailforge.eval.bench import load_benchmarks
+from tailforge.eval.bench_demo import run_measured
 from tailforge.eval.bench_memorization import max_distance_difference, sklearn_nearest_two
 from tailforge.eval.bench_reconstruct import within_tolerance
 from tailforge.eval.memorization import nearest_two
@@ -13,7 +17,7 @@ from tailforge.eval.memorization import nearest_two
 
 def test_every_issue_benchmark_is_registered():
     assert {"sampler", "ray", "stream", "lowdensity-cost", "guidance", "reconstruct", "diffaug",
-            "memorization"} <= set(load_benchmarks())
+            "memorization", "demo"} <= set(load_benchmarks())
 
 
 def test_within_tolerance_is_relative_to_t_re():
@@ -31,3 +35,21 @@ def test_our_nearest_two_matches_scikit_learn_brute_force():
     distances, indices = sklearn_nearest_two(queries, reference)
     assert max_distance_difference(ours, distances) < 1e-5
     assert (indices[50:, 0] == np.arange(10)).all()  # a near copy's nearest image is its source
+
+
+#: a child that holds 300 MB while its own child holds another 300 MB (both pages touched)
+HOLD_300MB = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(1.5)"
+PARENT_AND_CHILD = (f"import subprocess, sys, numpy as np; p = subprocess.Popen([sys.executable, '-c', {HOLD_300MB!r}]); "
+                    "a = np.ones(300 * 2**20, np.uint8); p.wait()")
+
+
+def test_run_measured_sums_the_memory_of_the_whole_process_tree(tmp_path):
+    measured = run_measured([sys.executable, "-c", PARENT_AND_CHILD], tmp_path / "log", rss_interval=0.05,
+                            pss_every=2)
+    assert 0.55 <= measured["peak_pss_gib"] <= measured["peak_rss_sum_gib"] < 1.5
+    assert measured["seconds"] >= 1.5
+
+
+def test_run_measured_names_the_log_of_a_failed_command(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with 3.*fail.log"):
+        run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log")

@@ -94,3 +94,40 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train_diffusion(DiffusionTrainConfig(**base), tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different config"):
         train_diffusion(DiffusionTrainConfig(**{**base, "lr": 1e-4}), tmp_path, progress=False)
+
+
+def test_label_dropout_trains_one_model_that_also_denoises_without_labels(tmp_path):
+    """--label-dropout: an extra null-class embedding, recorded in the model folder; the loaded model
+    denoises with labels (generation) and without them (the null class: DiffAug, DiffAug-Ensemble)."""
+    from tailforge.gen.diffaug import load_diffaug_ensemble
+
+    config = DiffusionTrainConfig(dataset="digits?n=32", steps=2, batch_size=8, checkpoint_every=2, label_dropout=0.2)
+    model = load_diffusion_model(train_diffusion(config, tmp_path, progress=False))
+    assert model.meta.num_classes == 10 and model.meta.null_class == 10 and model.meta.denoises_without_labels
+    unet = model.denoiser.eps_model.unet
+    assert unet.config.num_class_embeds == 11
+    x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 2.0)
+    unlabeled = model.denoiser(x, sigma)
+    assert torch.equal(unlabeled, model.denoiser(x, sigma, torch.full((4,), 10)))  # no labels = the null class
+    assert not torch.equal(unlabeled, model.denoiser(x, sigma, torch.arange(4)))
+    load_diffaug_ensemble(create_classifier("tinycnn", num_classes=10, in_chans=1), str(tmp_path))  # accepted
+
+
+def test_drop_labels_draws_nothing_at_probability_zero():
+    from tailforge.train.diffusion import drop_labels
+
+    labels, gen = torch.arange(10).repeat(1000), torch.Generator().manual_seed(0)
+    assert drop_labels(labels, 0.0, 10, gen) is labels
+    assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    dropped = drop_labels(labels, 0.2, 10, torch.Generator().manual_seed(1))
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], labels[kept]) and abs(float((~kept).float().mean()) - 0.2) < 0.02
+
+
+@pytest.mark.parametrize("fields, message", [({"label_dropout": 1.0}, "label_dropout must be in"),
+                                             ({"label_dropout": 0.1, "class_conditional": False}, "class-conditional")])
+def test_bad_label_dropout_is_refused(tmp_path, fields, message):
+    from tailforge.gen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train_diffusion(DiffusionTrainConfig(dataset="digits?n=8", steps=1, **fields), tmp_path, progress=False)

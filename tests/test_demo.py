@@ -9,7 +9,7 @@ import pytest
 
 from tailforge.cli import main
 
-TOY = ["--diffusion-steps", "8", "--unconditional-steps", "8", "--num-samples", "20", "--sampling-steps", "3",
+TOY = ["--diffusion-steps", "8", "--num-samples", "20", "--sampling-steps", "3",
        "--guidance-epochs", "1", "--classifier-epochs", "1", "--reference-epochs", "1",
        "--corruptions", "gaussian_noise", "--severities", "5", "--actors", "0"]
 
@@ -31,9 +31,10 @@ def test_demo_writes_every_stage_and_a_report_led_by_the_findings(demo_runs):
                                          "real+diffaug"}
     for row in first["classifiers"].values():
         assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["mean_corruption_accuracy"] <= 1.0
-    for shard_set in ("baseline", "lowdensity", "reconstructed"):
+    # baseline and low-density: --num-samples; reconstructed: the digits training and test splits
+    for shard_set, expected in (("baseline", 20), ("lowdensity", 20), ("reconstructed", 1437),
+                                ("reconstructed-test", 360)):
         info = json.loads((out / "shards" / shard_set / "_info.json").read_text())
-        expected = 20 if shard_set != "reconstructed" else 1437  # the digits training split, reconstructed
         assert info["splits"]["train"]["num_samples"] == info["planned"]["samples"] == expected
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["present"][0] == "findings"

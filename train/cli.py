@@ -15,7 +15,7 @@ def run_diffusion(args: argparse.Namespace) -> int:
     config = DiffusionTrainConfig(dataset=args.dataset, preset=args.preset, beta_schedule=args.schedule,
                                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                   checkpoint_every=args.checkpoint_every,
-                                  class_conditional=not args.unconditional)
+                                  class_conditional=not args.unconditional, label_dropout=args.label_dropout)
     out = train_diffusion(config, args.out, device=args.device, progress=not args.quiet)
     print_json({"model": str(out)})
     return 0
@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="U-Net size (default: tiny up to 16 px, small above)")
     diffusion.add_argument("--schedule", choices=sorted(BETA_SCHEDULES), default="linear", help="beta schedule, T = 1000")
     diffusion.add_argument("--unconditional", action="store_true", help="train without class labels")
+    diffusion.add_argument("--label-dropout", type=float, default=0.0,
+                           help="replace each training label by a null class with this probability (classifier-free "
+                                "guidance's p_uncond, 0.1-0.2): one model that generates by class and also denoises "
+                                "without labels for DiffAug / DiffAug-Ensemble")
     diffusion.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     diffusion.add_argument("--seed", type=non_negative_int, default=0, help="initialisation and batch seed")
     diffusion.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

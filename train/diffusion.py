@@ -50,6 +50,10 @@ class DiffusionTrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip (DDPM, Appendix B)
     ema_decay: float = 0.999  # EMA of the weights used for sampling (0.9999 in DDPM at 800k steps)
     class_conditional: bool = True  # learn a class embedding (False: unconditional model)
+    # probability that a training label is replaced by an extra "null" class (classifier-free guidance's
+    # p_uncond, Ho & Salimans 2022: 0.1-0.2); > 0 gives one model that also denoises without labels
+    # (DiffAug, DiffAug-Ensemble) next to its class-conditional use
+    label_dropout: float = 0.0
     hflip: bool | None = None  # random horizontal flips; None: only if the dataset allows it
     checkpoint_every: int = 500  # steps between checkpoints (and resumable points)
     keep_checkpoints: int = 2  # how many step-N checkpoints to keep
@@ -63,6 +67,10 @@ class DiffusionTrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.label_dropout and not self.class_conditional:
+            raise ConfigError("label_dropout needs a class-conditional model (an unconditional one has no labels to drop)")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"unknown beta schedule {self.beta_schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
 
@@ -83,6 +91,14 @@ def training_batch(data: LabeledImages, images: torch.Tensor, scheduler: DDPMSch
     t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     return scheduler.add_noise(x0, eps, t), t, data.labels[index], eps
+
+
+def drop_labels(labels: torch.Tensor, probability: float, null_class: int, gen: torch.Generator) -> torch.Tensor:
+    """Each label replaced by `null_class` with `probability` (classifier-free guidance's training, Ho &
+    Salimans 2022, Algorithm 1); no draw at all when the probability is 0, so such runs are unchanged."""
+    if probability == 0:
+        return labels
+    return torch.where(torch.rand(labels.shape, generator=gen) < probability, null_class, labels)
 
 
 def _lr_at(step: int, config: DiffusionTrainConfig) -> float:
@@ -154,8 +170,9 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
         if saved.get("train_config") == config_json and saved.get("step") == config.steps:
             return out
     torch.manual_seed(config.seed)
-    unet = build_unet(preset, image_size=info.image_size, channels=info.channels,
-                      num_classes=info.num_classes if config.class_conditional else None).to(device)
+    null_class = info.num_classes if config.label_dropout else None  # the embedding after the real classes
+    embeddings = None if not config.class_conditional else info.num_classes + (null_class is not None)
+    unet = build_unet(preset, image_size=info.image_size, channels=info.channels, num_classes=embeddings).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps,
                               beta_schedule=BETA_SCHEDULES[config.beta_schedule])
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -170,8 +187,9 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     window, started = [], time.perf_counter()
     unet.train()
     for step in range(start, config.steps):
-        x_t, t, labels, eps = training_batch(data, images, scheduler, config.batch_size,
-                                             step_generator(config.seed, step), hflip)
+        gen = step_generator(config.seed, step)
+        x_t, t, labels, eps = training_batch(data, images, scheduler, config.batch_size, gen, hflip)
+        labels = drop_labels(labels, config.label_dropout, null_class, gen) if null_class is not None else labels
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         pred = unet(x_t.to(device), t.to(device), class_labels=labels.to(device) if labels_on else None).sample
@@ -198,14 +216,13 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
             _save_checkpoint(out, done, unet, ema, optimizer, config_json, config.keep_checkpoints)
     bar.close()
     log.close()
-    ema_unet = build_unet(preset, image_size=info.image_size, channels=info.channels,
-                          num_classes=info.num_classes if config.class_conditional else None)
+    ema_unet = build_unet(preset, image_size=info.image_size, channels=info.channels, num_classes=embeddings)
     ema_unet.load_state_dict(unet.state_dict())
     ema.copy_to(ema_unet.parameters())
     meta = ModelMeta(image_size=info.image_size, channels=info.channels,
                      num_classes=info.num_classes if config.class_conditional else None,
-                     class_names=info.class_names, dataset=config.dataset, train_config=config_json,
-                     step=config.steps)
+                     class_names=info.class_names, null_class=null_class, dataset=config.dataset,
+                     train_config=config_json, step=config.steps)
     save_diffusion_model(out, ema_unet, scheduler, meta)
     return out
 
