@@ -164,7 +164,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
     add("--dataset", default=defaults.dataset, help="dataset spec (default: digits)")
     add("--diffusion-steps", type=positive_int, default=defaults.diffusion_steps,
-        help=f"class-conditional diffusion model's training steps (default: {defaults.diffusion_steps})")
+        help=f"the diffusion model's training steps (default: {defaults.diffusion_steps})")
     add("--label-dropout", type=float, default=defaults.label_dropout,
         help="probability a training label is replaced by the null class, which DiffAug and DiffAug-Ensemble use "
              f"(default: {defaults.label_dropout}; Ho & Salimans 2022 use 0.1-0.2)")

@@ -92,7 +92,7 @@ def augment_images(denoiser: Denoiser, images: Tensor, labels: Tensor | None, se
 class DiffAugConfig:
     """DiffAug served to a trainer; copied into the trainer's config."""
 
-    model: str  # diffusion model folder (unconditional, or conditioned on the batch labels)
+    model: str  # diffusion model folder (unconditional or with a null class; else conditioned on the batch labels)
     seed: int | None = None  # per-sample seed; None uses each batch's "seed" (the run seed)
     clip_denoised: bool = True  # clamp the denoised estimate to the data range [-1, 1]
     threads: int = 1  # torch CPU threads for the denoiser, the same in every process (bitwise-equal results)

@@ -70,7 +70,8 @@ class DiffusionTrainConfig:
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.label_dropout and not self.class_conditional:
-            raise ConfigError("label_dropout needs a class-conditional model (an unconditional one has no labels to drop)")
+            raise ConfigError("label_dropout needs a class-conditional model "
+                              "(an unconditional one has no labels to drop)")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"unknown beta schedule {self.beta_schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
 
