@@ -53,7 +53,9 @@ class ClassGaussians:
         return self.means.shape[1]
 
     def to(self, device: torch.device | str) -> "ClassGaussians":
-        return ClassGaussians(*(t.to(device) for t in dataclasses.astuple(self)))
+        # fields read one by one: dataclasses.astuple deep-copies every tensor, which on each guided
+        # step (hardness_matrix moves the Gaussians to the features' device) was 9 % of the guidance direction
+        return ClassGaussians(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     def state(self, prefix: str) -> dict[str, Tensor]:
         """Tensors for a safetensors file, keyed ``{prefix}.{field}``."""
