@@ -112,7 +112,10 @@ class GuidanceNet(nn.Module):
         super().__init__()
         if input not in GUIDANCE_INPUTS:
             raise ConfigError(f"unknown guidance input {input!r}; choose one of {GUIDANCE_INPUTS}")
-        self.net = net.eval().requires_grad_(False)
+        # channels_last: the guidance passes of a guided step (forward and input-gradient backward of
+        # small convs) ran 1.2-1.3x faster in it than in NCHW on the 2-core CPU at batch 128, and
+        # it is the layout GPU convolutions prefer (`tailforge bench guidance`)
+        self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.gaussians = gaussians
         self.register_buffer("level_sigmas", level_sigmas.float(), persistent=False)
         self.input = input
