@@ -17,6 +17,7 @@ against 0.97x for the same batches timed inside a warm actor).
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,18 +42,30 @@ def _random_model(folder: Path, preset: str, image_size: int, channels: int) -> 
     return folder
 
 
-def best_seconds_interleaved(fns: list, repeats: int) -> list[float]:
-    """Best-of-`repeats` wall time of each function, runs interleaved (a, b, a, b, ...) after one
-    warm-up each, so a load change on the machine hits both sides alike."""
+def interleaved_seconds(fns: list, repeats: int) -> list[list[float]]:
+    """Wall times of each function in `repeats` rounds, run interleaved (a, b, a, b, ...) after one
+    warm-up each, so a load change on the machine hits both sides of a round alike."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    seconds: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        for times, fn in zip(seconds, fns):
             start = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
+def best_seconds_interleaved(fns: list, repeats: int) -> list[float]:
+    """Best-of-`repeats` wall time of each function (:func:`interleaved_seconds`)."""
+    return [min(times) for times in interleaved_seconds(fns, repeats)]
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator / denominator measured in the same round: on a shared host
+    whose speed drifts by a third between minutes, the ratio of the two best-of figures can pair a
+    fast minute with a slow one; a round's two sides share their minute."""
+    return round(statistics.median(n / d for n, d in zip(numerator, denominator)), 3)
 
 
 def compare_samplers(model_dir: Path, *, batch: int, steps: int, repeats: int, device: str) -> dict[str, Any]:
@@ -65,13 +78,15 @@ def compare_samplers(model_dir: Path, *, batch: int, steps: int, repeats: int, d
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device).manual_seed(0)
-        reference, ours = best_seconds_interleaved([
+        reference_s, ours_s = interleaved_seconds([
             lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=generator, output_type="np"),
             lambda: generate_batch(model, SamplingConfig(sampler=name, steps=steps), 0, list(range(batch)), None),
         ], repeats)
+        reference, ours = min(reference_s), min(ours_s)
         results[name] = {"diffusers_images_per_s": round(batch / reference, 1),
                          "ours_images_per_s": round(batch / ours, 1),
-                         "ratio_ours_over_diffusers": round(reference / ours, 3)}
+                         "ratio_ours_over_diffusers": round(reference / ours, 3),
+                         "median_ratio_ours_over_diffusers": median_ratio(reference_s, ours_s), "rounds": repeats}
     return results
 
 
@@ -85,7 +100,7 @@ def bench_sampler(quick: bool, workdir: Path) -> dict[str, Any]:
     for preset, size, channels, batch, steps in configs:
         model_dir = _random_model(workdir / f"{preset}-{size}", preset, size, channels)
         result[preset] = {"image_size": size, "channels": channels, "batch": batch, "steps": steps,
-                          **compare_samplers(model_dir, batch=batch, steps=steps, repeats=2 if quick else 3,
+                          **compare_samplers(model_dir, batch=batch, steps=steps, repeats=3,
                                              device=device)}
     return result
 

@@ -12,6 +12,7 @@ from tailforge.eval.bench import load_benchmarks
 from tailforge.eval.bench_demo import run_measured
 from tailforge.eval.bench_memorization import max_distance_difference, sklearn_nearest_two
 from tailforge.eval.bench_reconstruct import within_tolerance
+from tailforge.eval.bench_sampler import interleaved_seconds, median_ratio
 from tailforge.eval.memorization import nearest_two
 
 
@@ -23,6 +24,18 @@ def test_every_issue_benchmark_is_registered():
 def test_within_tolerance_is_relative_to_t_re():
     assert within_tolerance(0.29, 0.3) and within_tolerance(0.54, 0.5) and within_tolerance(1.05, 1.0)
     assert not within_tolerance(0.34, 0.3) and not within_tolerance(0.44, 0.5)
+
+
+def test_median_ratio_pairs_each_round_with_itself():
+    # per-round ratios 3, 2, 2: the median is 2, where the ratio of the best-of figures is 3 / 1
+    assert median_ratio([3.0, 6.0, 6.0], [1.0, 3.0, 3.0]) == 2.0
+    assert median_ratio([3.0, 1.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
+
+
+def test_interleaved_seconds_runs_every_function_once_per_round_after_a_warm_up():
+    calls = []
+    seconds = interleaved_seconds([lambda: calls.append("a"), lambda: calls.append("b")], 3)
+    assert calls == ["a", "b"] * 4 and [len(s) for s in seconds] == [3, 3]
 
 
 def test_our_nearest_two_matches_scikit_learn_brute_force():
