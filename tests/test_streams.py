@@ -15,8 +15,8 @@ from webdataset.tariterators import tarfile_samples
 from tailforge.gen.datasets import load_dataset
 from tailforge.gen.errors import ConfigError
 from tailforge.gen.shards import ShardError, ShardRecord, encode_sample, plan_shards, save_record, write_manifest, write_shard
-from tailforge.train.streams import (MixedStream, MixSource, ShardSet, parse_mix, stream_samples,
-                                     write_real_shards)
+from tailforge.train.streams import (PIPE_MAX_BYTES, MixedStream, MixSource, ShardSet, _for_pipe, _from_pipe,
+                                     parse_mix, stream_samples, write_real_shards)
 
 SHAPE = (1, 8, 8)
 
@@ -205,3 +205,12 @@ def test_parse_mix():
             parse_mix(bad)
     with pytest.raises(ConfigError, match="does not use"):
         parse_mix("real=1", {"low": "/x"})
+
+
+def test_worker_batches_cross_the_pipe_as_arrays_and_come_back_as_the_same_tensors():
+    small = torch.arange(128 * 64, dtype=torch.uint8).view(128, 1, 8, 8)
+    large = torch.zeros(PIPE_MAX_BYTES + 1, dtype=torch.uint8)
+    sent = _for_pipe({"images": small, "large": large, "keys": ["a"], "step": 3})
+    assert isinstance(sent["images"], np.ndarray) and sent["large"] is large  # large: shared memory, no copy
+    back = _from_pipe(sent)
+    assert torch.equal(back["images"], small) and back["keys"] == ["a"] and back["step"] == 3
