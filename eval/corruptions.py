@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..gen.errors import ConfigError
-from ..gen.noise import PerSampleNoise, sample_seed
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.noise import PerSampleNoise, sample_seed
 
 REFERENCE_SIZE = 32  # CIFAR-10-C's image size: pixel parameters are stated for it
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -497,7 +497,7 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
     """
     from tqdm import tqdm
 
-    from ..gen.classifier_nets import predict_logits
+    from tailforge.gen.models.classifiers import predict_logits
 
     available, skipped = applicable_corruptions(images.shape[1])
     names = list(names) if names else available
@@ -578,10 +578,10 @@ class CorruptionSuiteConfig:
 def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, device: str | None = None,
                          progress: bool = True) -> dict[str, Any]:
     """Run the suite, write OUT/corruptions.json and OUT/corruption_examples.png."""
-    from ..gen.checkpoint import config_dict, write_json_atomic
-    from ..gen.datasets import load_dataset
-    from .features import load_eval_classifier
-    from .figures import image_grid, save_png_atomic
+    from tailforge.eval.features import load_eval_classifier
+    from tailforge.eval.figures import image_grid, save_png_atomic
+    from tailforge.gen.core.files import config_dict, write_json_atomic
+    from tailforge.gen.data.datasets import load_dataset
 
     started = time.perf_counter()
     classifier, described = load_eval_classifier(config.classifier, diffaug_ensemble=config.diffaug_ensemble,
@@ -606,7 +606,7 @@ def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, devi
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     names = () if args.corruptions == "all" else tuple(n.strip() for n in args.corruptions.split(","))
     config = CorruptionSuiteConfig(classifier=args.classifier, dataset=args.dataset, split=args.split, corruptions=names,
@@ -630,8 +630,8 @@ def _severities(text: str) -> tuple[int, ...]:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, non_negative_int, positive_int
-    from .features import add_classifier_options
+    from tailforge.cli.util import add_command, non_negative_int, positive_int
+    from tailforge.eval.features import add_classifier_options
 
     parser = add_command(
         group, "corruptions", "CIFAR-10-C corruptions at 5 severities: mean corruption accuracy", run_cli,

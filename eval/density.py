@@ -21,12 +21,12 @@ import torch
 from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 from torch import Tensor
 
-from ..gen.checkpoint import config_dict, file_sha256
-from ..gen.classifier_nets import CLASSIFIER_WEIGHTS, embed, load_classifier, predict_logits
-from ..gen.datasets import load_dataset
-from ..gen.errors import ConfigError
-from ..gen.hardness import ClassGaussians, fit_class_gaussians, hardness
-from ..gen.shards import iter_samples
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict, file_sha256
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.methods.lowdensity import ClassGaussians, fit_class_gaussians, hardness
+from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, embed, load_classifier, predict_logits
 
 #: fields of a sample's json that say how it was generated (copied into the report)
 PROVENANCE = ("kind", "sampler", "steps", "eta", "alpha", "beta", "tau", "guidance_loss", "guidance_input",

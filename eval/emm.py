@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..gen.checkpoint import config_dict, read_json, write_json_atomic
-from ..gen.datasets import LabeledImages, load_dataset
-from ..gen.errors import ConfigError
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict, read_json, write_json_atomic
+from tailforge.gen.data.datasets import LabeledImages, load_dataset
 
 LABEL_MODES = ("true", "none", "random", "unique")
 
@@ -126,7 +126,8 @@ def write_labeled_shards(root: Path, data: LabeledImages, class_names: Sequence[
                          shard_size: int = 1000) -> str:
     """Write an in-memory training set as a shard set (temp + rename per shard, records, manifest)
     and return its ``shards:`` spec, so the standard trainer reads modified training sets."""
-    from ..gen.shards import ShardRecord, encode_sample, plan_shards, sample_key, save_record, write_manifest, write_shard
+    from tailforge.gen.data.shards.format import ShardRecord, encode_sample, plan_shards, sample_key
+    from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
 
     root.mkdir(parents=True, exist_ok=True)
     records = []
@@ -193,11 +194,11 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     ratio against the real training images. The result is written to RUN_DIR/result.json, and a
     re-run with the same config returns it without retraining (training itself also resumes
     from its checkpoints)."""
-    from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
-    from ..gen.checkpoint import load_diffusion_model
-    from ..train.diffusion import DiffusionTrainConfig, train_diffusion
-    from .figures import save_png_atomic
-    from .memorization import memorization_stats, nearest_pairs_grid
+    from tailforge.eval.figures import save_png_atomic
+    from tailforge.eval.memorization import memorization_stats, nearest_pairs_grid
+    from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch
+    from tailforge.gen.models.diffusion import load_diffusion_model
+    from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,7 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
     else:
         import ray
 
-        from ..gen.jobs import connect
+        from tailforge.gen.jobs.ray import connect
 
         connect(address)
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -316,7 +317,7 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     config = EMMConfig(dataset=args.dataset, sizes=args.sizes, labels=args.labels, random_classes=args.random_classes,
                        dummy=args.dummy, steps=args.steps, batch_size=args.batch_size, lr=args.lr, preset=args.preset,
@@ -330,9 +331,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, non_negative_int, positive_float, positive_int
-    from ..gen.samplers import SAMPLERS
-    from ..gen.unet import UNET_PRESETS
+    from tailforge.cli.util import add_command, non_negative_int, positive_float, positive_int
+    from tailforge.gen.diffusion.samplers import SAMPLERS
+    from tailforge.gen.models.unet import UNET_PRESETS
 
     defaults = EMMConfig()
     parser = add_command(

@@ -40,10 +40,10 @@ def entropy_report(logits: Tensor, labels: Tensor, num_classes: int) -> dict:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.checkpoint import write_json_atomic
-    from ..gen.classifier_nets import load_classifier, predict_logits
-    from ..gen.cliutil import print_json
-    from ..gen.datasets import load_dataset
+    from tailforge.cli.util import print_json
+    from tailforge.gen.core.files import write_json_atomic
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.models.classifiers import load_classifier, predict_logits
 
     model, config = load_classifier(args.classifier, args.device or "cpu")
     report = {"classifier": args.classifier, "split": args.split, "datasets": {}}
@@ -58,7 +58,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command
+    from tailforge.cli.util import add_command
 
     parser = add_command(
         group, "entropy", "mean output entropy of a classifier on datasets (seed 001 Eq. 4, Fig. 5)", run_cli,

@@ -2,7 +2,7 @@
 
 Every suite (accuracy, corruptions, OOD, fidelity, memorization's feature-space check) takes a
 *classifier-like module*: an ``nn.Module`` mapping float NCHW images in [-1, 1] to logits, which is
-what :func:`tailforge.gen.classifier_nets.predict_logits` runs in batches. A timm-style model
+what :func:`tailforge.gen.models.classifiers.predict_logits` runs in batches. A timm-style model
 additionally exposes ``forward_features`` / ``forward_head(pre_logits=True)`` and a linear head
 (``get_classifier()``), which the feature-based OOD scores (ReAct, ASH, SCALE, Mahalanobis, kNN)
 and the feature-space metrics need (DESIGN.md: features come from the classifier's own
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gen.classifier_nets import load_classifier
+from tailforge.gen.models.classifiers import load_classifier
 
 
 def default_device() -> str:
@@ -37,9 +37,9 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
 def wrap_diffaug_ensemble(classifier: nn.Module, model_dir: str | os.PathLike) -> nn.Module:
     """`classifier` wrapped in DiffAug-Ensemble (seed 003: mean softmax over t in {0, 50, ..., 450})
     with the unconditional diffusion model in `model_dir`, on the classifier's device
-    (:func:`tailforge.gen.diffaug.load_diffaug_ensemble`). It returns log-probabilities, so softmax
+    (:func:`tailforge.gen.methods.diffaug.load_diffaug_ensemble`). It returns log-probabilities, so softmax
     of its output is the ensemble's probability and every logit-based metric applies to it."""
-    from ..gen.diffaug import load_diffaug_ensemble
+    from tailforge.gen.methods.diffaug import load_diffaug_ensemble
 
     return load_diffaug_ensemble(classifier, str(model_dir))
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..gen.errors import ConfigError
+from tailforge.gen.core.errors import ConfigError
 
 
 def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,7 @@ def fidelity_report(classifier: torch.nn.Module, samples: Tensor, train: Tensor,
                     folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Frechet distance in `classifier`'s embedding (samples vs real training images; real test vs
     real training as the floor) and fake-detection accuracy in the pixel and DCT domains."""
-    from ..gen.classifier_nets import embed
+    from tailforge.gen.models.classifiers import embed
 
     train_f = embed(classifier, train)
     report: dict[str, Any] = {"frechet_distance": frechet_distance_features(embed(classifier, samples), train_f),
@@ -124,10 +124,11 @@ class FidelityConfig:
 
 def run_fidelity(config: FidelityConfig, out: str | Path, *, device: str | None = None) -> dict[str, Any]:
     """Measure the shard set against the real data, write OUT/fidelity.json."""
-    from ..gen.checkpoint import config_dict, write_json_atomic
-    from ..gen.classifier_nets import load_classifier
-    from ..gen.datasets import DatasetError, load_dataset
-    from .features import default_device
+    from tailforge.eval.features import default_device
+    from tailforge.gen.core.errors import DatasetError
+    from tailforge.gen.core.files import config_dict, write_json_atomic
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.models.classifiers import load_classifier
 
     started = time.perf_counter()
     classifier, saved = load_classifier(config.classifier, device or default_device())
@@ -151,7 +152,7 @@ def run_fidelity(config: FidelityConfig, out: str | Path, *, device: str | None 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     config = FidelityConfig(shards=args.shards, dataset=args.dataset, classifier=args.classifier, folds=args.folds,
                             seed=args.seed)
@@ -163,7 +164,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, non_negative_int, positive_int
+    from tailforge.cli.util import add_command, non_negative_int, positive_int
 
     parser = add_command(
         group, "fidelity", "Frechet distance in classifier features and real-vs-synthetic fake detection", run_cli,

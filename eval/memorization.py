@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..gen.checkpoint import write_json_atomic
-from ..gen.datasets import DatasetError, LabeledImages, load_dataset, uint8_to_float
-from ..gen.errors import ConfigError
-from .features import default_device
-from .figures import image_grid, save_png_atomic
+from tailforge.eval.features import default_device
+from tailforge.eval.figures import image_grid, save_png_atomic
+from tailforge.gen.core.errors import ConfigError, DatasetError
+from tailforge.gen.core.files import write_json_atomic
+from tailforge.gen.core.images import uint8_to_float
+from tailforge.gen.data.datasets import LabeledImages, load_dataset
 
 #: seed 004 Section 3.1: replicate when d1 / d2 < 1/3
 RATIO_THRESHOLD = 1.0 / 3.0
@@ -178,7 +179,7 @@ def feature_nn_distances(classifier: torch.nn.Module, generated: Tensor, generat
     of each generated image's `k` nearest training images share its class."""
     from sklearn.neighbors import NearestNeighbors
 
-    from ..gen.classifier_nets import embed
+    from tailforge.gen.models.classifiers import embed
 
     train_f = embed(classifier, train.images).numpy()
     index = NearestNeighbors(n_neighbors=k).fit(train_f)
@@ -250,8 +251,9 @@ class MemorizationConfig:
 def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | None, address: str | None,
                      progress: bool) -> Path:
     """Run a baseline generation job with the model into `root` (resumable, on the actor pool)."""
-    from ..gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-    from ..gen.jobs import model_manifest, run_config_job
+    from tailforge.gen.diffusion.samplers import SamplingConfig
+    from tailforge.gen.jobs.runner import model_manifest, run_config_job
+    from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
 
     job = BaselineConfig(model=config.model, num=config.num, seed=config.seed, job="memorization",
                          sampling=SamplingConfig(sampler=config.sampler, steps=config.steps))
@@ -263,7 +265,7 @@ def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | No
 def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str | None = None,
                      actors: int | None = None, address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate (with a model) or read the samples, measure them, write OUT/memorization.json."""
-    from ..gen.checkpoint import config_dict
+    from tailforge.gen.core.files import config_dict
 
     config.validate()
     out = Path(out)
@@ -275,7 +277,7 @@ def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str
     train = load_dataset(config.dataset, "train")
     classifier, heldout = None, None
     if config.classifier:
-        from ..gen.classifier_nets import load_classifier
+        from tailforge.gen.models.classifiers import load_classifier
 
         classifier, _ = load_classifier(config.classifier, device or default_device())
         try:
@@ -287,7 +289,7 @@ def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     config = MemorizationConfig(dataset=args.dataset, shards=args.shards, model=args.model, classifier=args.classifier,
                                 pairs=args.pairs, num=args.num, sampler=args.sampler, steps=args.steps, seed=args.seed)
@@ -300,8 +302,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, add_ray_options, non_negative_int, positive_int
-    from ..gen.samplers import SAMPLERS
+    from tailforge.cli.util import add_command, add_ray_options, non_negative_int, positive_int
+    from tailforge.gen.diffusion.samplers import SAMPLERS
 
     parser = add_command(
         group, "memorization", "ratio-criterion memorization of a shard set or model against its training data",

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..gen.datasets import LabeledImages, load_dataset
-from ..gen.errors import ConfigError
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.data.datasets import LabeledImages, load_dataset
 
 LOGIT_SCORES = ("msp", "maxlogit", "energy")
 FEATURE_SCORES = ("react", "ash", "scale", "mahalanobis", "knn")
@@ -204,7 +204,7 @@ class OODScorer:
         return reasons
 
     def scores(self, images: Tensor) -> dict[str, Tensor]:
-        from ..gen.classifier_nets import embed, predict_logits
+        from tailforge.gen.models.classifiers import embed, predict_logits
 
         logits = predict_logits(self.classifier, images)
         out = {"msp": msp_score(logits), "maxlogit": maxlogit_score(logits)}
@@ -233,8 +233,8 @@ def fit_scorer(classifier: nn.Module, fit: LabeledImages, *, knn_k: int = 50, re
                ash_percentile: float = 90.0, scale_percentile: float = 85.0) -> OODScorer:
     """Fit the feature statistics (ReAct clip value, class Gaussians, kNN bank) on ID training
     images. A classifier without a linear head on timm-style features gets the logit scores only."""
-    from ..gen.classifier_nets import embed, predict_logits
-    from .features import linear_head
+    from tailforge.eval.features import linear_head
+    from tailforge.gen.models.classifiers import embed, predict_logits
 
     sums = torch.logsumexp(predict_logits(classifier, fit.images[:64]), 1)
     log_probs = bool(torch.allclose(sums, torch.zeros_like(sums), atol=1e-4))
@@ -339,7 +339,7 @@ class OODConfig:
 def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages, device: str | None, progress: bool):
     """The classifier to score with, what it is, and the ID data (open-set: without the held-out
     classes) plus the held-out classes' test images."""
-    from .features import load_eval_classifier, wrap_diffaug_ensemble
+    from tailforge.eval.features import load_eval_classifier, wrap_diffaug_ensemble
 
     if not config.holdout_classes:
         if not config.classifier:
@@ -347,7 +347,7 @@ def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages
         classifier, described = load_eval_classifier(config.classifier, diffaug_ensemble=config.diffaug_ensemble,
                                                      device=device)
         return classifier, described, train, test, None
-    from ..train.classifier import ClassifierTrainConfig, fit_classifier
+    from tailforge.train.classifier import ClassifierTrainConfig, fit_classifier
 
     train, test, held, keep = split_holdout(train, test, config.holdout_classes)
     trained = ClassifierTrainConfig(dataset=config.dataset, model=config.model, epochs=config.epochs, seed=config.seed)
@@ -359,8 +359,8 @@ def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages
 
 def run_ood(config: OODConfig, out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Score ID and every OOD set, write OUT/ood.json."""
-    from ..gen.checkpoint import config_dict, write_json_atomic
-    from ..gen.datasets import DatasetError
+    from tailforge.gen.core.errors import DatasetError
+    from tailforge.gen.core.files import config_dict, write_json_atomic
 
     started = time.perf_counter()
     train, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
@@ -390,7 +390,7 @@ def run_ood(config: OODConfig, out: str | Path, *, device: str | None = None, pr
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     holdout = tuple(int(c) for c in args.holdout_classes.split(",")) if args.holdout_classes else ()
     config = OODConfig(dataset=args.dataset, classifier=args.classifier, diffaug_ensemble=args.diffaug_ensemble,
@@ -403,8 +403,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, positive_int
-    from .features import add_classifier_options
+    from tailforge.cli.util import add_command, positive_int
+    from tailforge.eval.features import add_classifier_options
 
     parser = add_command(
         group, "ood", "OOD detection: MSP, energy, MaxLogit, ReAct, ASH, SCALE, Mahalanobis, kNN", run_cli,

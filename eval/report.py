@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..gen.checkpoint import read_json, write_json_atomic
-from ..gen.errors import ConfigError
-from .figures import data_uri, image_grid, pil_data_uri
+from tailforge.eval.figures import data_uri, image_grid, pil_data_uri
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import read_json, write_json_atomic
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 
@@ -228,8 +228,8 @@ def discover(paths: list[str]) -> tuple[dict[str, list[tuple[Path, dict]]], list
 def samples_section(samples: dict[str, str], grid: int) -> Section:
     """Sample grids of each shard set, the first `grid` samples by global index: sets generated
     with the same job seed start from the same noise, so the grids are paired image by image."""
-    from ..gen.datasets import load_dataset
-    from ..gen.shards import JOB_FILE
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.data.shards.format import JOB_FILE
 
     section = Section("samples", "Samples (same seeds, same positions)")
     if not samples:
@@ -267,7 +267,7 @@ def density_section(samples: dict[str, str], classifier: str | None, dataset: st
         section.data[str(path)] = {k: obj[k] for k in ("samples", "real_test")}
     if samples and classifier and dataset:
         try:
-            from . import density
+            from tailforge.eval import density
         except ImportError as err:
             section.notes.append(f"histograms not drawn: tailforge.eval.density is not available ({err})")
         else:
@@ -280,8 +280,8 @@ def density_section(samples: dict[str, str], classifier: str | None, dataset: st
 
 
 def _density_histograms(section: Section, density, samples: dict[str, str], classifier: str, dataset: str) -> None:
-    from ..gen.classifier_nets import embed, load_classifier
-    from ..gen.datasets import load_dataset
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.models.classifiers import embed, load_classifier
 
     net, _ = load_classifier(classifier)
     config = density.DensityConfig()
@@ -331,8 +331,8 @@ def accuracy_section(results: list[tuple[Path, dict]], tre: dict[float, str], da
 
 
 def _tre_points(tre: dict[float, str], dataset: str | None) -> list[dict[str, Any]]:
-    from ..gen.classifier_nets import load_classifier, predict_logits
-    from ..gen.datasets import load_dataset
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.models.classifiers import load_classifier, predict_logits
 
     test = load_dataset(dataset, "test") if dataset else None
     points = []
@@ -574,7 +574,7 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gen.cliutil import print_json
+    from tailforge.cli.util import print_json
 
     tre = {}
     for name, folder in _pairs(args.tre, "--tre").items():
@@ -589,7 +589,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(group: argparse._SubParsersAction) -> None:
-    from ..gen.cliutil import add_command, positive_int
+    from tailforge.cli.util import add_command, positive_int
 
     parser = add_command(
         group, "report", "gather evaluation results into report.json and a self-contained report.html", run_cli,

@@ -27,9 +27,10 @@ def ray_session():
 def tiny_model_dir(tmp_path_factory):
     """An untrained (random-weight) class-conditional 8x8 model folder: enough for shape, I/O and
     determinism tests without spending minutes on training."""
-    from tailforge.gen.checkpoint import ModelMeta, save_diffusion_model
-    from tailforge.gen.unet import build_unet
     from diffusers import DDPMScheduler
+
+    from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+    from tailforge.gen.models.unet import build_unet
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_model")

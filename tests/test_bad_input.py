@@ -19,12 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tailforge.cli import main
-from tailforge.gen.checkpoint import CheckpointError, load_diffusion_model
-from tailforge.gen.classifier_nets import create_classifier, load_classifier, save_classifier
-from tailforge.gen.datasets import DatasetError, load_dataset
-from tailforge.gen.shards import (ShardError, ShardRecord, encode_sample, iter_samples, plan_shards, read_shard,
-                                  sample_key, save_record, shard_entries, write_manifest, write_shard)
-from tailforge.gen.verify import verify_shard_set
+from tailforge.gen.core.errors import CheckpointError, DatasetError, ShardError
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import ShardRecord, encode_sample, plan_shards, sample_key
+from tailforge.gen.data.shards.read import iter_samples, read_shard, shard_entries
+from tailforge.gen.data.shards.verify import verify_shard_set
+from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
+from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
+from tailforge.gen.models.diffusion import load_diffusion_model
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tailforge.eval.bench import load_benchmarks
-from tailforge.eval.bench_demo import run_measured
-from tailforge.eval.bench_memorization import max_distance_difference, sklearn_nearest_two
-from tailforge.eval.bench_reconstruct import within_tolerance
-from tailforge.eval.bench_sampler import interleaved_seconds, median_ratio
+from tailforge.bench import load_benchmarks
+from tailforge.bench.demo import run_measured
+from tailforge.bench.memorization import max_distance_difference, sklearn_nearest_two
+from tailforge.bench.reconstruct import within_tolerance
+from tailforge.bench.sampler import interleaved_seconds, median_ratio
 from tailforge.eval.memorization import nearest_two
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tailforge.gen.checkpoint import CheckpointError, load_diffusion_model
-from tailforge.gen.classifier_nets import create_classifier, load_classifier, save_classifier
+from tailforge.gen.core.errors import CheckpointError
+from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
+from tailforge.gen.models.diffusion import load_diffusion_model
 from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -99,7 +100,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_label_dropout_trains_one_model_that_also_denoises_without_labels(tmp_path):
     """--label-dropout: an extra null-class embedding, recorded in the model folder; the loaded model
     denoises with labels (generation) and without them (the null class: DiffAug, DiffAug-Ensemble)."""
-    from tailforge.gen.diffaug import load_diffaug_ensemble
+    from tailforge.gen.methods.diffaug import load_diffaug_ensemble
 
     config = DiffusionTrainConfig(dataset="digits?n=32", steps=2, batch_size=8, checkpoint_every=2, label_dropout=0.2)
     model = load_diffusion_model(train_diffusion(config, tmp_path, progress=False))
@@ -127,7 +128,7 @@ def test_drop_labels_draws_nothing_at_probability_zero():
 @pytest.mark.parametrize("fields, message", [({"label_dropout": 1.0}, "label_dropout must be in"),
                                              ({"label_dropout": 0.1, "class_conditional": False}, "class-conditional")])
 def test_bad_label_dropout_is_refused(tmp_path, fields, message):
-    from tailforge.gen.errors import ConfigError
+    from tailforge.gen.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         train_diffusion(DiffusionTrainConfig(dataset="digits?n=8", steps=1, **fields), tmp_path, progress=False)

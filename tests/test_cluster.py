@@ -14,8 +14,9 @@ import pytest
 import ray
 import yaml
 
-from tailforge.gen.shards import iter_samples, load_records
-from tailforge.gen.verify import verify_shard_set
+from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.data.shards.verify import verify_shard_set
+from tailforge.gen.data.shards.write import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 

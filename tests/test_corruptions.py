@@ -7,11 +7,19 @@ import pytest
 import torch
 from scipy import ndimage
 
-from tailforge.eval.corruptions import (CORRUPTIONS, applicable_corruptions, corrupt, corruption_suite, defocus_kernel,
-                                        gaussian_filter, motion_blur_kernel_offsets, plasma_fractal)
-from tailforge.gen.classifier_nets import create_classifier
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.errors import ConfigError
+from tailforge.eval.corruptions import (
+    CORRUPTIONS,
+    applicable_corruptions,
+    corrupt,
+    corruption_suite,
+    defocus_kernel,
+    gaussian_filter,
+    motion_blur_kernel_offsets,
+    plasma_fractal,
+)
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.models.classifiers import create_classifier
 
 
 @pytest.fixture(scope="module")

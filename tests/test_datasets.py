@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tailforge.gen.datasets import DatasetError, gaussian_mixture_images, load_dataset, mondrian_images, parse_spec
+from tailforge.gen.core.errors import DatasetError
+from tailforge.gen.data.datasets import load_dataset, parse_spec
+from tailforge.gen.data.procedural import gaussian_mixture_images, mondrian_images
 
 
 def test_digits_fixed_split():

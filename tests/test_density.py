@@ -8,15 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from tailforge.eval.density import (DensityConfig, avg_knn_distance, crossfit_hardness, evaluate_density, knn_radii,
-                                    lof_scores, manifold_coverage, precision_recall)
-from tailforge.gen.checkpoint import file_sha256
-from tailforge.gen.classifier_nets import save_classifier
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.hardness import fit_class_gaussians, hardness
-from tailforge.gen.shards import ShardSpec, encode_sample, save_record, write_manifest, write_shard
-from tailforge.gen.shards import ShardRecord
+from tailforge.eval.density import (
+    DensityConfig,
+    avg_knn_distance,
+    crossfit_hardness,
+    evaluate_density,
+    knn_radii,
+    lof_scores,
+    manifold_coverage,
+    precision_recall,
+)
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import file_sha256
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import ShardRecord, ShardSpec, encode_sample
+from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
+from tailforge.gen.methods.lowdensity import fit_class_gaussians, hardness
+from tailforge.gen.models.classifiers import save_classifier
 
 
 def pairwise(a, b):
@@ -137,7 +145,7 @@ def test_eval_density_refuses_the_guidance_classifier(tmp_path, eval_classifier)
 def test_bin_costs_charge_every_generated_sample_to_the_accepted_ones():
     """Hand-computed: rejection pays 8 s for 4 samples, guided 6 s for 3; per bin, cost per accepted
     sample is the whole run's cost over the samples that landed in the bin."""
-    from tailforge.eval.bench_lowdensity import bin_costs
+    from tailforge.bench.lowdensity import bin_costs
 
     scores = {"baseline": np.array([0.5, 1.5, 2.5, 0.1]), "guided": np.array([1.2, 2.2, 3.0])}
     cost = {"baseline": {"seconds": 8.0, "unet_evals": 40}, "guided": {"seconds": 6.0, "unet_evals": 30, "all_evals": 42}}

@@ -6,14 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from tailforge.gen.checkpoint import load_diffusion_model
-from tailforge.gen.classifier_nets import create_classifier
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.diffaug import (ENSEMBLE_TIMES, DiffAugEnsemble, augment_images, batch_noise, diffaug, draw_times,
-                                   load_diffaug_ensemble, make_diffaug_stage)
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.reconstruct import sigma_at_step
-from tailforge.gen.schedules import alphas_cumprod, sigmas_from_alphas_cumprod
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.diffusion.schedules import alphas_cumprod, sigma_at_step, sigmas_from_alphas_cumprod
+from tailforge.gen.jobs.diffaug import make_diffaug_stage
+from tailforge.gen.methods.diffaug import (
+    ENSEMBLE_TIMES,
+    DiffAugEnsemble,
+    augment_images,
+    batch_noise,
+    diffaug,
+    draw_times,
+    load_diffaug_ensemble,
+)
+from tailforge.gen.models.classifiers import create_classifier
+from tailforge.gen.models.diffusion import load_diffusion_model
 
 BATCH, NUM_BATCHES, SEED = 10, 6, 11
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tailforge.eval.emm import EMMConfig, estimate_emm, parse_sizes, run_emm, subset_spec, training_set
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.errors import ConfigError
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.data.datasets import load_dataset
 
 
 def test_emm_interpolates_between_the_bracketing_sizes():

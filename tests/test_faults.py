@@ -26,11 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from tailforge.gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-from tailforge.gen.checkpoint import config_dict
-from tailforge.gen.jobs import run_job
-from tailforge.gen.shards import RECORDS_DIR, iter_samples, load_records, plan_shards
-from tailforge.gen.verify import verify_shard_set
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.data.shards.format import RECORDS_DIR, plan_shards
+from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.data.shards.verify import verify_shard_set
+from tailforge.gen.data.shards.write import load_records
+from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.jobs.runner import run_job
+from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
 
 TRIALS = int(os.environ.get("TAILFORGE_FAULT_TRIALS", "1"))
 NUM, SHARD, BATCH, STEPS, SEED = 32, 4, 4, 25, 11

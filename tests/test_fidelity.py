@@ -7,9 +7,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from tailforge.eval.fidelity import (dct_features, fake_detection_accuracy, frechet_distance,
-                                     frechet_distance_features)
-from tailforge.gen.datasets import load_dataset
+from tailforge.eval.fidelity import dct_features, fake_detection_accuracy, frechet_distance, frechet_distance_features
+from tailforge.gen.data.datasets import load_dataset
 
 
 def test_frechet_distance_of_diagonal_gaussians():

@@ -13,11 +13,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tailforge.gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-from tailforge.gen.checkpoint import config_dict
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.jobs import run_job
-from tailforge.gen.shards import ShardError, load_records, plan_shards
+from tailforge.gen.core.errors import ShardError
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import plan_shards
+from tailforge.gen.data.shards.write import load_records
+from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.jobs.runner import run_job
+from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
 
 NUM, SHARD, BATCH = 30, 8, 5
 

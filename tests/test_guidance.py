@@ -11,21 +11,44 @@ import pytest
 import torch
 from torch import nn
 
-from tailforge.gen.baseline import BaselineConfig, BaselineSource, SamplingConfig, balanced_labels, generate_batch
-from tailforge.gen.checkpoint import config_dict, load_diffusion_model
-from tailforge.gen.classifier_nets import create_classifier, embed
-from tailforge.gen.datasets import uint8_to_float
-from tailforge.gen.denoiser import ClampDenoised, EpsDenoiser
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.guidance import (GuidanceConfig, GuidanceModels, GuidanceNet, LowDensityGuidance, guidance_direction,
-                                    load_guidance, noisy_net_input, normalize, save_guidance, step_rule)
-from tailforge.gen.hardness import fit_class_gaussians, hardness_matrix, loss_g1, loss_g2
-from tailforge.gen.jobs import run_job
-from tailforge.gen.lowdensity import LowDensityConfig, LowDensitySource, generate_guided_batch
-from tailforge.gen.noise import PerSampleNoise
-from tailforge.gen.samplers import ddpm_posterior_std, ddpm_step, sample_ddim, sample_ddpm, sampler_sigmas
-from tailforge.gen.schedules import alphas_cumprod
-from tailforge.gen.shards import iter_samples, plan_shards
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.core.images import uint8_to_float
+from tailforge.gen.core.noise import PerSampleNoise
+from tailforge.gen.data.shards.format import plan_shards
+from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.diffusion.denoiser import ClampDenoised, EpsDenoiser
+from tailforge.gen.diffusion.samplers import (
+    SamplingConfig,
+    balanced_labels,
+    ddpm_posterior_std,
+    ddpm_step,
+    generate_batch,
+    sample_ddim,
+    sample_ddpm,
+    sampler_sigmas,
+)
+from tailforge.gen.diffusion.schedules import alphas_cumprod
+from tailforge.gen.jobs.runner import run_job
+from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource, LowDensityConfig, LowDensitySource
+from tailforge.gen.methods.lowdensity import (
+    GuidanceConfig,
+    GuidanceModels,
+    GuidanceNet,
+    LowDensityGuidance,
+    fit_class_gaussians,
+    generate_guided_batch,
+    guidance_direction,
+    hardness_matrix,
+    loss_g1,
+    loss_g2,
+    noisy_net_input,
+    normalize,
+    step_rule,
+)
+from tailforge.gen.models.classifiers import create_classifier, embed
+from tailforge.gen.models.diffusion import load_diffusion_model
+from tailforge.gen.models.guidance import load_guidance, save_guidance
 
 MU, STD = 0.2, 0.4
 TAU = 200.0  # hardness gaps of the random test nets stay well below 200 * 80 nats: Eq. 4/6 do not saturate

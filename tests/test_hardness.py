@@ -10,9 +10,18 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import LedoitWolf
 from torch.distributions import MultivariateNormal
 
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.hardness import (ClassGaussians, direction_surrogate, fit_class_gaussians, hardness,
-                                    hardness_matrix, loss_g1, loss_g1_softmax, loss_g2, loss_g2_softmax)
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.methods.lowdensity import (
+    ClassGaussians,
+    direction_surrogate,
+    fit_class_gaussians,
+    hardness,
+    hardness_matrix,
+    loss_g1,
+    loss_g1_softmax,
+    loss_g2,
+    loss_g2_softmax,
+)
 
 C, K = 3, 6
 

@@ -11,8 +11,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from tailforge.cli import main
 from tailforge.eval.emm import write_labeled_shards
-from tailforge.eval.memorization import (evaluate_memorization, memorization_stats, nearest_two, ratio_criterion)
-from tailforge.gen.datasets import load_dataset
+from tailforge.eval.memorization import evaluate_memorization, memorization_stats, nearest_two, ratio_criterion
+from tailforge.gen.data.datasets import load_dataset
 
 
 def test_ratio_criterion_hand_built():
@@ -87,7 +87,7 @@ def test_cli_needs_exactly_one_source(tmp_path, capsys):
 
 
 def _classifier(tmp_path):
-    from tailforge.gen.classifier_nets import create_classifier, save_classifier
+    from tailforge.gen.models.classifiers import create_classifier, save_classifier
 
     torch.manual_seed(0)
     net = create_classifier("tinycnn", num_classes=10, in_chans=1)

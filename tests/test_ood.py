@@ -11,11 +11,27 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tailforge.eval.ood import (ash_b, ash_score, auroc, default_ood_sets, energy_score, fit_class_gaussians,
-                                fit_scorer, evaluate_ood, fpr_at_tpr, knn_score, mahalanobis_score, maxlogit_score,
-                                msp_score, react_score, react_threshold, scale_features, split_holdout)
-from tailforge.gen.classifier_nets import create_classifier
-from tailforge.gen.datasets import load_dataset
+from tailforge.eval.ood import (
+    ash_b,
+    ash_score,
+    auroc,
+    default_ood_sets,
+    energy_score,
+    evaluate_ood,
+    fit_class_gaussians,
+    fit_scorer,
+    fpr_at_tpr,
+    knn_score,
+    mahalanobis_score,
+    maxlogit_score,
+    msp_score,
+    react_score,
+    react_threshold,
+    scale_features,
+    split_holdout,
+)
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.models.classifiers import create_classifier
 
 
 def test_logit_scores_by_hand():

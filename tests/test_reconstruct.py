@@ -9,15 +9,17 @@ import torch
 from scipy.stats import entropy as scipy_entropy
 
 from tailforge.eval.entropy import entropy_report, mean_output_entropy, output_entropy
-from tailforge.gen.baseline import SamplingConfig, generate_batch
-from tailforge.gen.checkpoint import config_dict, load_diffusion_model
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.jobs import run_job
-from tailforge.gen.reconstruct import (ReconstructConfig, ReconstructSource, chain_steps, shard_set_name,
-                                       sigma_at_step, t_re_steps)
-from tailforge.gen.schedules import alphas_cumprod
-from tailforge.gen.shards import iter_samples, plan_shards
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import plan_shards
+from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
+from tailforge.gen.diffusion.schedules import alphas_cumprod, sigma_at_step
+from tailforge.gen.jobs.runner import run_job
+from tailforge.gen.jobs.sources import ReconstructConfig, ReconstructSource, shard_set_name
+from tailforge.gen.methods.reconstruct import chain_steps, t_re_steps
+from tailforge.gen.models.diffusion import load_diffusion_model
 
 DATASET = "digits?n=12"
 

@@ -20,10 +20,11 @@ from tailforge.cli import main
 from tailforge.eval.emm import estimate_emm, write_labeled_shards
 from tailforge.eval.fidelity import fidelity_report
 from tailforge.eval.report import write_report
-from tailforge.gen.checkpoint import ModelMeta, save_diffusion_model, write_json_atomic
-from tailforge.gen.classifier_nets import create_classifier, load_classifier, save_classifier
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.unet import build_unet
+from tailforge.gen.core.files import write_json_atomic
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
+from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+from tailforge.gen.models.unet import build_unet
 
 CHROMIUM = "/usr/bin/chromium"
 

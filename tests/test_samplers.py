@@ -8,12 +8,18 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from tailforge.gen.denoiser import ClampDenoised, EpsDenoiser, UNetEpsModel
-from tailforge.gen.noise import PerSampleNoise
-from tailforge.gen.samplers import (ddpm_posterior_std, ddpm_step, get_sampler, sample_ddim, sample_ddpm,
-                                    sampler_sigmas)
-from tailforge.gen.schedules import alphas_cumprod, karras_sigmas, spaced_timesteps
-from tailforge.gen.unet import build_unet
+from tailforge.gen.core.noise import PerSampleNoise
+from tailforge.gen.diffusion.denoiser import ClampDenoised, EpsDenoiser, UNetEpsModel
+from tailforge.gen.diffusion.samplers import (
+    ddpm_posterior_std,
+    ddpm_step,
+    get_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sampler_sigmas,
+)
+from tailforge.gen.diffusion.schedules import alphas_cumprod, karras_sigmas, spaced_timesteps
+from tailforge.gen.models.unet import build_unet
 
 MU, STD = 0.3, 0.5  # data distribution N(MU, STD^2) in every dimension
 
@@ -106,7 +112,7 @@ def test_ddpm_step_equals_diffusers(variance, clip):
 def test_ddim_eta_one_equals_ddpm_small():
     x, d = torch.randn(3, 5), torch.randn(3, 5)
     sigma, sigma_next, noise = torch.tensor(2.0), torch.tensor(0.7), torch.randn(3, 5)
-    from tailforge.gen.samplers import ddim_step
+    from tailforge.gen.diffusion.samplers import ddim_step
     torch.testing.assert_close(ddim_step(x, d, sigma, sigma_next, noise, eta=1.0), ddpm_step(x, d, sigma, sigma_next, noise))
     assert ddpm_posterior_std(sigma, torch.tensor(0.0)) == 0
 

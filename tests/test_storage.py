@@ -11,13 +11,17 @@ import socket
 import fsspec
 import pytest
 
-from tailforge.gen.baseline import BaselineConfig, BaselineSource, SamplingConfig
-from tailforge.gen.checkpoint import config_dict
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.jobs import run_job
-from tailforge.gen.shards import ShardError, ShardReadStats, iter_samples, load_records, plan_shards, read_manifest
-from tailforge.gen.storage import Storage, StorageError
-from tailforge.gen.verify import verify_shard_set
+from tailforge.gen.core.errors import ShardError, StorageError
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import plan_shards
+from tailforge.gen.data.shards.read import ShardReadStats, iter_samples, read_manifest
+from tailforge.gen.data.shards.verify import verify_shard_set
+from tailforge.gen.data.shards.write import load_records
+from tailforge.gen.data.storage import Storage
+from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.jobs.runner import run_job
+from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
 
 BUCKET = "tailforge-test"
 

@@ -12,11 +12,21 @@ import pytest
 import torch
 from webdataset.tariterators import tarfile_samples
 
-from tailforge.gen.datasets import load_dataset
-from tailforge.gen.errors import ConfigError
-from tailforge.gen.shards import ShardError, ShardRecord, encode_sample, plan_shards, save_record, write_manifest, write_shard
-from tailforge.train.streams import (PIPE_MAX_BYTES, MixedStream, MixSource, ShardSet, _for_pipe, _from_pipe,
-                                     parse_mix, stream_samples, write_real_shards)
+from tailforge.gen.core.errors import ConfigError, ShardError
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import ShardRecord, encode_sample, plan_shards
+from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
+from tailforge.train.streams import (
+    PIPE_MAX_BYTES,
+    MixedStream,
+    MixSource,
+    ShardSet,
+    _for_pipe,
+    _from_pipe,
+    parse_mix,
+    stream_samples,
+    write_real_shards,
+)
 
 SHAPE = (1, 8, 8)
 

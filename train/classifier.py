@@ -13,7 +13,7 @@ index within the run: ``(epoch * steps_per_epoch + step) * world_size + rank``, 
 A stage yields the same batches in order, each with an added "augmented" tensor shaped like
 "images". With a stage, the loss is CE(model(images), labels) + CE(model(augmented), labels),
 computed from one forward pass over the concatenated batch: the released DiffAug recipe (seed 003;
-shared/seeds/README.md). ``--diffaug MODEL_DIR`` builds the DiffAug stage of gen/diffaug.py.
+shared/seeds/README.md). ``--diffaug MODEL_DIR`` builds the DiffAug stage of gen/methods/diffaug.py.
 
 Data order is a function of (seed, epoch, rank, loader worker) only, and checkpoints hold the
 weights, the optimizer state and the AMP scaler state, so a run resumed from the checkpoint of
@@ -36,13 +36,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..gen.checkpoint import (CheckpointError, config_dict, load_module_state, load_optimizer, read_json,
-                              save_optimizer, write_json_atomic)
-from ..gen.classifier_nets import CLASSIFIER_WEIGHTS, create_classifier, load_classifier, predict_logits, save_classifier
-from ..gen.datasets import LabeledImages, load_dataset, uint8_to_float
-from ..gen.errors import ConfigError
-from ..gen.noise import derive_seed
-from .streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
+from tailforge.gen.core.errors import CheckpointError, ConfigError
+from tailforge.gen.core.files import config_dict, load_module_state, read_json, write_json_atomic
+from tailforge.gen.core.images import uint8_to_float
+from tailforge.gen.core.noise import derive_seed
+from tailforge.gen.data.datasets import LabeledImages, load_dataset
+from tailforge.gen.models.classifiers import (
+    CLASSIFIER_WEIGHTS,
+    create_classifier,
+    load_classifier,
+    predict_logits,
+    save_classifier,
+)
+from tailforge.train.run_folder import load_optimizer, save_optimizer
+from tailforge.train.streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
 
 Batch = dict[str, Any]
 Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
@@ -157,14 +164,11 @@ def build_optimizer(config: ClassifierTrainConfig, model: nn.Module) -> torch.op
 
 
 def make_diffaug_stage_for(config: ClassifierTrainConfig) -> Stage | None:
-    """The DiffAug stage named by ``config.diffaug`` (gen/diffaug.py), or None."""
+    """The DiffAug stage named by ``config.diffaug`` (gen/jobs/diffaug.py), or None."""
     if not config.diffaug:
         return None
-    try:
-        from ..gen.diffaug import make_diffaug_stage
-    except ImportError as err:
-        raise ConfigError(f"--diffaug needs tailforge.gen.diffaug.make_diffaug_stage, which this installation "
-                          f"lacks ({err})") from None
+    from tailforge.gen.jobs.diffaug import make_diffaug_stage
+
     return make_diffaug_stage(config.diffaug, actors=config.diffaug_actors, seed=config.seed)
 
 
@@ -475,7 +479,7 @@ def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: 
     if any(s.name == REAL for s in config.mix) and real_root == out / "data" / REAL:
         write_real_shards(config.dataset, real_root)
     if config.workers > 1:
-        from .ray_train import train_on_ray
+        from tailforge.train.ray_train import train_on_ray
 
         train_on_ray(config, out, address=address, progress=progress, stage=stage)
         model, saved = load_classifier(out)

@@ -23,13 +23,14 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..gen.checkpoint import (CheckpointError, ModelMeta, config_dict, load_module_state, load_optimizer,
-                              load_safetensors, read_json, save_diffusion_model, save_optimizer)
-from ..gen.datasets import LabeledImages, load_dataset
-from ..gen.noise import derive_seed
-from ..gen.schedules import BETA_SCHEDULES
-from ..gen.unet import build_unet, default_preset
-from ..gen.errors import ConfigError
+from tailforge.gen.core.errors import CheckpointError, ConfigError
+from tailforge.gen.core.files import config_dict, load_module_state, load_safetensors, read_json
+from tailforge.gen.core.noise import derive_seed
+from tailforge.gen.data.datasets import LabeledImages, load_dataset
+from tailforge.gen.diffusion.schedules import BETA_SCHEDULES
+from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+from tailforge.gen.models.unet import build_unet, default_preset
+from tailforge.train.run_folder import load_optimizer, save_optimizer
 
 CHECKPOINTS = "checkpoints"
 

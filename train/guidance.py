@@ -7,11 +7,11 @@
    synthetic images equal to the size of the training dataset"), with its own class Gaussians
    (H' of Eq. 6).
 
-``input`` decides what both networks see while sampling (gen.guidance): "x0" trains plain
+``input`` decides what both networks see while sampling (gen.methods.lowdensity): "x0" trains plain
 classifiers on clean images (they score x0_hat); "xt" trains timestep-aware classifiers on images
 diffused to a uniformly drawn timestep (Dhariwal & Nichol 2021's noisy classifiers; the paper's
 classifiers are "conditioned on the diffusion process timestep") and fits the class Gaussians
-separately at ``levels`` noise levels. Everything goes into one folder (gen.guidance.save_guidance).
+separately at ``levels`` noise levels. Everything goes into one folder (gen.models.guidance.save_guidance).
 """
 
 from __future__ import annotations
@@ -26,14 +26,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..gen.baseline import SamplingConfig, balanced_labels, generate_batch
-from ..gen.checkpoint import DiffusionModel, config_dict, load_diffusion_model
-from ..gen.classifier_nets import create_classifier, embed, predict_logits
-from ..gen.datasets import DatasetInfo, LabeledImages, load_dataset
-from ..gen.errors import ConfigError
-from ..gen.guidance import GUIDANCE_INPUTS, GuidanceNet, noisy_net_input, save_guidance
-from ..gen.hardness import SHRINKAGE, fit_class_gaussians
-from .classifier import ClassifierTrainConfig, fit_classifier
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict
+from tailforge.gen.data.datasets import DatasetInfo, LabeledImages, load_dataset
+from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch
+from tailforge.gen.methods.lowdensity import (
+    GUIDANCE_INPUTS,
+    SHRINKAGE,
+    GuidanceNet,
+    fit_class_gaussians,
+    noisy_net_input,
+)
+from tailforge.gen.models.classifiers import create_classifier, embed, predict_logits
+from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
+from tailforge.gen.models.guidance import save_guidance
+from tailforge.train.classifier import ClassifierTrainConfig, fit_classifier
 
 SYNTHETIC, REAL = 0, 1  # discriminator classes (Eq. 6: class one is real)
 
@@ -114,7 +121,7 @@ def noise_levels(train_sigmas: Tensor, levels: int) -> Tensor:
 def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, config: GuidanceTrainConfig, *,
                          device: str = "cpu", progress: bool = True) -> nn.Module:
     """A timestep-aware classifier (input "xt"): each step draws a batch of images and, per image, a
-    timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.guidance.noisy_net_input
+    timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.methods.lowdensity.noisy_net_input
     (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps."""
     torch.manual_seed(config.seed)
     net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).to(device).train()

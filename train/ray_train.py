@@ -22,8 +22,8 @@ import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from ..gen.jobs import connect
-from .classifier import ClassifierTrainConfig, RankContext, Stage, train_rank
+from tailforge.gen.jobs.ray import connect
+from tailforge.train.classifier import ClassifierTrainConfig, RankContext, Stage, train_rank
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """WebDataset input pipelines for classifier training: real data and any number of synthetic shard
 sets, mixed by ratio, shuffled, and split by Ray Train rank and by DataLoader worker.
 
-Every source is a shard set on disk (gen/shards.py layout). The real dataset is written once to
+Every source is a shard set on disk (gen/data/shards/ layout). The real dataset is written once to
 shards under the run folder (``write_real_shards``) unless it already is one (``shards:PATH``):
 one reader for every source means mixing, rank/worker splitting, resampling and follow mode are
 the same code for real and synthetic data, the loader's cost is the same as in production (tar
@@ -30,7 +30,7 @@ Epoch modes:
   Each reader reads every tar but decodes only its own samples.
 
 Follow mode (resampled only): a synthetic set is read while its generation job is still writing
-it. Readers draw from the shards whose record is in ``OUT/_records/`` (gen/shards.py: a record
+it. Readers draw from the shards whose record is in ``OUT/_records/`` (gen/data/shards/: a record
 exists only once its shard is complete) and re-list the records every ``follow_poll`` seconds, so
 each shard joins the pool as soon as it is recorded.
 """
@@ -52,12 +52,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.filters import shuffle
 
-from ..gen.datasets import LabeledImages, load_dataset, parse_spec
-from ..gen.errors import ConfigError, TailforgeError
-from ..gen.noise import derive_seed
-from ..gen.shards import (IMAGE_EXTENSIONS, RECORDS_DIR, ShardError, ShardSpec, encode_sample, plan_shards,
-                          read_shard_bytes, sample_key, shard_entries, tar_samples)
-from ..gen.storage import Storage
+from tailforge.gen.core.errors import ConfigError, ShardError, TailforgeError
+from tailforge.gen.core.noise import derive_seed
+from tailforge.gen.data.datasets import LabeledImages, load_dataset, parse_spec
+from tailforge.gen.data.shards.format import (
+    IMAGE_EXTENSIONS,
+    RECORDS_DIR,
+    ShardSpec,
+    encode_sample,
+    plan_shards,
+    sample_key,
+)
+from tailforge.gen.data.shards.read import read_shard_bytes, shard_entries
+from tailforge.gen.data.shards.tar import tar_samples
+from tailforge.gen.data.storage import Storage
 
 REAL = "real"
 
@@ -131,7 +139,7 @@ class ShardSet:
 @functools.lru_cache(maxsize=65536)
 def _record(root: str, name: str) -> dict[str, Any]:
     """A shard record, parsed once per process: records are immutable once written, and a record
-    exists only after its shard is complete (gen/shards.py)."""
+    exists only after its shard is complete (gen/data/shards/)."""
     return Storage(root).read_json(f"{RECORDS_DIR}/{name}", "shard record")
 
 
@@ -186,7 +194,7 @@ class _ShardPool:
 def stream_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
     """webdataset-style raw samples (``__key__``, ``__url__``, one entry per extension) of the shards
     named by a stream of ``{"url": ...}`` dicts (paths or fsspec URLs). Each shard is read whole and
-    checked by gen.shards.tar_samples (the same reader as every other, so damaged shards and unsafe
+    checked by gen.data.shards.tar.tar_samples (the same reader as every other, so damaged shards and unsafe
     members stop training with the shard and byte offset) before any of its samples is yielded."""
     for item in urls:
         url = item["url"]
@@ -200,7 +208,7 @@ def stream_samples(urls: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
 
 
 class _RealSource:
-    """Encoded samples of an in-memory split, shaped like a generation job's source (gen/jobs.py)."""
+    """Encoded samples of an in-memory split, shaped like a generation job's source (gen/jobs/runner.py)."""
 
     model_evals = 0
 
@@ -227,7 +235,7 @@ def real_shard_root(spec: str, out: str | Path) -> Path:
 def write_real_shards(spec: str, root: str | Path, *, shard_size: int = 256, progress: bool = False) -> Path:
     """The dataset's training split as a shard set under ``root``, through the generation-job
     machinery (atomic shards, records, timm manifest), so a re-run reuses the recorded shards."""
-    from ..gen.jobs import run_job  # imports Ray; only needed here
+    from tailforge.gen.jobs.runner import run_job
 
     data = load_dataset(spec, "train")
     info = data.info
@@ -408,7 +416,7 @@ class MixedStream(IterableDataset):
         """Decode and check one batch: images uint8 NCHW, labels, source indices, keys."""
         images = []
         # torchvision.io's decoders are deprecated since 0.29 in favour of torchcodec but ship in the
-        # pinned range (< 0.30); they decode an 8x8 PNG about 2x faster than PIL (gen.shards.decode_png).
+        # pinned range (< 0.30); they decode an 8x8 PNG about 2x faster than PIL (gen.core.images.decode_png).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             for sample in group:

@@ -1,0 +1,93 @@
+"""Files every package shares: atomic JSON, sha256, safetensors state dicts, never pickles."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tailforge.gen.core.errors import CheckpointError
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder (created if missing), fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def save_module(module: nn.Module, folder: str | os.PathLike, config: dict[str, Any],
+                weights_name: str = "model.safetensors", config_name: str = "config.json") -> None:
+    """Save a module's state dict as safetensors plus its JSON config (both atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{weights_name}.tmp"
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / weights_name)
+    write_json_atomic(folder / config_name, config)
+
+
+def load_module_state(module: nn.Module, weights: str | os.PathLike) -> nn.Module:
+    """Load safetensors weights into `module`, naming the file and the mismatched keys on failure."""
+    state = load_safetensors(weights)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{weights} does not match the model: {str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return module
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as a JSON-ready dict (copied into every output)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -1,0 +1,115 @@
+"""Generation jobs: plan, produce every unrecorded shard, record it, write the manifest.
+
+A job is a list of ShardSpecs planned up front and a *source*: an object, built once per worker
+by a picklable factory, whose ``samples(spec)`` yields the encoded samples of one shard and whose
+``model_evals`` counts denoiser evaluations (gen/jobs/sources.py). The driver is the only writer
+of records and of the manifest, so there is never a race on them. This module imports no Ray:
+``actors=0`` runs the job in this process, anything else hands the pending shards to the actor
+pool of gen/jobs/ray.py.
+
+Exactly once, whatever dies (tests/test_faults.py kills actors and drivers at random points):
+
+* a killed actor: see gen/jobs/ray.py (restarts, retries, replacement; a shard's bytes depend only
+  on its spec, so a retry racing a late original publishes the same file);
+* a killed driver: re-running the same command keeps every recorded shard whose file is present
+  with the recorded size and redoes the rest; temporaries of crashed writers are removed;
+* a shard is published atomically (gen/data/storage.py) before its record, and only the driver
+  writes records and the manifest, so no shard is half-written, duplicated or lost.
+
+The output folder may be any fsspec URL (``s3://bucket/prefix``) that every node can reach.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from tailforge.gen.data.shards.format import RECORDS_DIR, ShardRecord, ShardSpec
+from tailforge.gen.data.shards.write import load_records, prepare_job_folder, save_record, write_manifest
+from tailforge.gen.data.storage import Storage
+from tailforge.gen.jobs.sources import SampleSource, SourceFactory, produce_shard
+
+
+def _usable_records(storage: Storage, specs: Sequence[ShardSpec]) -> dict[int, ShardRecord]:
+    """Records whose shard file is present with the recorded size; anything else is redone."""
+    planned = {s.index: s for s in specs}
+    usable = {}
+    for index, record in load_records(storage.location).items():
+        spec = planned.get(index)
+        if spec and record.name == spec.name and record.count == spec.count \
+                and storage.size(record.name) == record.size_bytes:
+            usable[index] = record
+    return usable
+
+
+def _remove_stale_temporaries(storage: Storage) -> None:
+    """Temporaries of writers that died (local folders only; object stores never show partial objects)."""
+    for name in storage.stale_temporaries() + storage.stale_temporaries(RECORDS_DIR):
+        storage.remove(name)
+
+
+def run_job(root: str | os.PathLike, job_config: dict[str, Any], specs: Sequence[ShardSpec],
+            make_source: SourceFactory, *, actors: int | None = None, address: str | None = None,
+            manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> list[ShardRecord]:
+    """Produce every planned shard that has no record yet, then write the manifest.
+
+    ``root`` is a folder path or any fsspec URL. ``actors=0`` runs in this process; otherwise a
+    pool of GenerateActors (default: one per GPU, or two on a CPU-only machine). Re-running the
+    same job skips recorded shards. The manifest also records what was planned
+    (``planned: {shards, samples}``) so `tailforge shards verify` can tell a finished set from a
+    partial one.
+    """
+    root = prepare_job_folder(root, job_config)
+    root = root if isinstance(root, str) else root.absolute()  # actors may run in another working directory
+    storage = Storage(root)
+    _remove_stale_temporaries(storage)
+    records = _usable_records(storage, specs)
+    pending = [s for s in specs if s.index not in records]
+    bar = tqdm(total=sum(s.count for s in specs), initial=sum(r.count for r in records.values()),
+               unit="img", desc=f"gen {specs[0].job}" if specs else "gen", disable=not progress)
+
+    def finish(record: ShardRecord) -> None:
+        save_record(root, record)
+        records[record.index] = record
+        bar.update(record.count)
+
+    if pending and actors == 0:
+        source = make_source()
+        for spec in pending:
+            finish(produce_shard(source, str(root), spec, worker=f"{socket.gethostname()}:{os.getpid()}"))
+    elif pending:
+        from tailforge.gen.jobs.ray import run_pool  # Ray is imported only when actors are asked for
+
+        run_pool(make_source, str(root), pending, finish, actors=actors, address=address)
+    bar.close()
+    _remove_stale_temporaries(storage)  # left by actors killed mid-shard during this run
+    planned = {"shards": len(specs), "samples": sum(s.count for s in specs)}
+    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config, "planned": planned})
+    return [records[i] for i in sorted(records)]
+
+
+def model_manifest(model_path: str) -> dict[str, Any]:
+    """What a shard set's manifest records about the model that generated it."""
+    from tailforge.gen.models.diffusion import load_diffusion_model
+
+    meta = load_diffusion_model(model_path).meta
+    return {"num_classes": meta.num_classes, "class_names": list(meta.class_names), "image_size": meta.image_size,
+            "channels": meta.channels}
+
+
+def run_config_job(out: str | os.PathLike, config: Any, source: Callable[[Any], SampleSource], num: int, *,
+                   actors: int | None = None, address: str | None = None,
+                   manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> list[ShardRecord]:
+    """:func:`run_job` for a job config with ``job``, ``shard_size`` and ``seed`` fields (the
+    baseline, low-density and reconstruction configs): plans `num` samples and builds ``source(config)``
+    once per actor."""
+    from tailforge.gen.core.files import config_dict
+    from tailforge.gen.data.shards.format import plan_shards
+
+    specs = plan_shards(config.job, num, config.shard_size, config.seed)
+    return run_job(out, config_dict(config), specs, functools.partial(source, config), actors=actors, address=address,
+                   manifest_extra=manifest_extra, progress=progress)

@@ -1,0 +1,210 @@
+"""Sample sources: what one shard of a baseline, low-density or reconstruction job holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from tailforge.gen.core.errors import ConfigError, NonFiniteError
+from tailforge.gen.core.images import float_to_uint8, uint8_to_float
+from tailforge.gen.core.noise import PerSampleNoise
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.data.shards.format import ShardRecord, ShardSpec, encode_sample, sample_key
+from tailforge.gen.data.shards.write import write_shard
+from tailforge.gen.diffusion.denoiser import ClampDenoised
+from tailforge.gen.diffusion.samplers import (
+    SamplingConfig,
+    balanced_labels,
+    generate_batch,
+)
+from tailforge.gen.diffusion.schedules import sigma_at_step
+from tailforge.gen.methods.lowdensity import GuidanceConfig, GuidanceModels, generate_guided_batch
+from tailforge.gen.methods.reconstruct import chain_steps, reconstruct, t_re_steps
+from tailforge.gen.models.diffusion import load_diffusion_model
+from tailforge.gen.models.guidance import load_guidance
+
+
+class SampleSource(Protocol):
+    model_evals: int
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]: ...
+
+
+SourceFactory = Callable[[], SampleSource]
+
+
+def produce_shard(source: SampleSource, root: str, spec: ShardSpec, worker: str) -> ShardRecord:
+    """Write one shard from `source` and describe it (sha256, size, time, model evaluations)."""
+    start_time, start_evals = time.perf_counter(), source.model_evals
+    try:
+        sha256, size = write_shard(root, spec, source.samples(spec))
+    except NonFiniteError as err:  # name the shard; nothing of it was published
+        raise NonFiniteError(f"shard {spec.name} (samples {spec.start}..{spec.start + spec.count - 1}): {err}") from None
+    return ShardRecord(name=spec.name, index=spec.index, start=spec.start, count=spec.count, sha256=sha256,
+                       size_bytes=size, seconds=round(time.perf_counter() - start_time, 4),
+                       model_evals=source.model_evals - start_evals, worker=worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """`tailforge gen baseline`: plain sampling into shards."""
+
+    model: str  # diffusion model folder
+    num: int  # number of samples
+    sampling: SamplingConfig = SamplingConfig()  # sampler and steps
+    seed: int = 0  # job seed: sample i's noise comes from (seed, i)
+    job: str = "baseline"  # name used in shard and sample keys
+    shard_size: int = 1000  # samples per shard
+    batch_size: int = 128  # samples per denoiser batch (does not change the samples' noise)
+
+
+class BaselineSource:
+    """Produces a baseline shard's samples; held once per actor with its model loaded."""
+
+    def __init__(self, config: BaselineConfig, device: str | None = None):
+        self.config = config
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_diffusion_model(config.model, self.device)
+        self.model_evals = 0
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+        cfg, meta = self.config, self.model.meta
+        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
+            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
+            labels = balanced_labels(indices, meta.num_classes)
+            images = generate_batch(self.model, cfg.sampling, cfg.seed, indices, labels)
+            self.model_evals += len(indices) * cfg.sampling.evals_per_sample()
+            for row, index in enumerate(indices):
+                label = int(labels[row]) if labels is not None else 0
+                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
+                    "job": cfg.job, "kind": "baseline", "index": index, "label": label, "seed": cfg.seed,
+                    "model_hash": self.model.model_hash, **dataclasses.asdict(cfg.sampling),
+                })
+
+
+@dataclasses.dataclass(frozen=True)
+class LowDensityConfig:
+    """`tailforge gen lowdensity`: guided sampling into shards."""
+
+    model: str  # diffusion model folder
+    guidance: str  # guidance folder (tailforge train guidance): classifier, discriminator, class Gaussians
+    num: int  # number of samples
+    sampling: SamplingConfig = SamplingConfig()  # sampler (ddpm or ddim) and steps; paper: 250 DDPM steps
+    guide: GuidanceConfig = GuidanceConfig()  # alpha, beta, tau, loss variant
+    seed: int = 0  # job seed: sample i's noise comes from (seed, i), as in a baseline job
+    job: str = "lowdensity"  # name used in shard and sample keys
+    shard_size: int = 1000  # samples per shard
+    batch_size: int = 128  # samples per denoiser batch (does not change the samples' noise)
+
+
+def guidance_meta(guidance: GuidanceModels, guide: GuidanceConfig, path: str) -> dict[str, Any]:
+    """What every low-density sample records about its guidance (json fields)."""
+    return {"alpha": guide.alpha, "beta": guide.beta, "tau": guide.tau, "guidance_loss": guide.loss,
+            "guidance_input": guidance.input, "guidance": path, "guidance_hash": guidance.info.get("guidance_hash"),
+            "guidance_classifier_sha256": guidance.info.get("classifier_sha256")}
+
+
+class LowDensitySource:
+    """Produces a low-density shard's samples; held once per actor with both models loaded."""
+
+    def __init__(self, config: LowDensityConfig, device: str | None = None):
+        config.guide.validate()
+        self.config = config
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_diffusion_model(config.model, self.device)
+        if self.model.meta.num_classes is None:
+            raise ConfigError(f"{config.model} is unconditional; low-density guidance needs a class-conditional model")
+        self.guidance = load_guidance(config.guidance, self.device)
+        self.meta = guidance_meta(self.guidance, config.guide, config.guidance)
+        self.model_evals = 0
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
+            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
+            labels = balanced_labels(indices, self.model.meta.num_classes)
+            images = generate_guided_batch(self.model, self.guidance, cfg.sampling, cfg.guide, cfg.seed, indices, labels)
+            self.model_evals += len(indices) * cfg.sampling.evals_per_sample()
+            # Hardness (Eq. 3) of the image as stored (uint8), under the guidance classifier.
+            scores = self.guidance.sample_hardness(uint8_to_float(images).to(self.device), labels.to(self.device))
+            for row, index in enumerate(indices):
+                label = int(labels[row])
+                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
+                    "job": cfg.job, "kind": "lowdensity", "index": index, "label": label, "seed": cfg.seed,
+                    "model_hash": self.model.model_hash, **dataclasses.asdict(cfg.sampling), **self.meta,
+                    "hardness": round(float(scores[row]), 5),
+                })
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructConfig:
+    """`tailforge gen reconstruct`, one shard set per t_re; copied into every sample's json."""
+
+    model: str  # diffusion model folder
+    dataset: str  # dataset spec whose images are reconstructed (labels are kept)
+    t_re: float  # reverse step as a fraction of T: 0 = the real images, 1 = full generation
+    split: str = "train"  # which split of the dataset is reconstructed
+    sampling: SamplingConfig = SamplingConfig()  # sampler; `steps` is the full chain's count (t_re = 1)
+    seed: int = 0  # job seed: sample i's forward and reverse noise come from (seed, i)
+    job: str = "reconstruct"  # name used in shard and sample keys
+    shard_size: int = 1000  # samples per shard
+    batch_size: int = 128  # images per denoiser batch (does not change the samples' noise)
+
+
+class ReconstructSource:
+    """Produces a reconstruction shard's samples; held once per actor with its model and the
+    source images loaded. Sample i is the reconstruction of image i of the split."""
+
+    def __init__(self, config: ReconstructConfig, device: str | None = None):
+        self.config = config
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_diffusion_model(config.model, self.device)
+        self.data = load_dataset(config.dataset, config.split)
+        meta = self.model.meta
+        if (self.data.info.channels, self.data.info.image_size) != (meta.channels, meta.image_size):
+            raise ConfigError(
+                f"dataset {config.dataset!r} has {self.data.info.channels}x{self.data.info.image_size}px images but "
+                f"the model in {config.model} makes {meta.channels}x{meta.image_size}px images")
+        self.t = t_re_steps(config.t_re, len(self.model.denoiser.train_sigmas))
+        # the sampler settings of this t_re's chain (the full chain's steps scaled by t_re)
+        self.chain = dataclasses.replace(config.sampling, steps=chain_steps(config.sampling.steps, config.t_re, self.t)
+                                         ) if self.t else None
+        self.sigma = float(sigma_at_step(self.model.denoiser.train_sigmas, torch.tensor(self.t)))
+        self.denoiser = ClampDenoised(self.model.denoiser) if config.sampling.clip_denoised else self.model.denoiser
+        self.model_evals = 0
+
+    def reconstruct_batch(self, indices: list[int]) -> Tensor:
+        """Reconstructions of source images `indices` as uint8 NCHW (the sources themselves at t = 0)."""
+        x0 = self.data.images[indices]
+        if self.chain is None:
+            return x0
+        labels = self.data.labels[indices].to(self.device) if self.model.meta.num_classes is not None else None
+        out = reconstruct(self.denoiser, uint8_to_float(x0).to(self.device), self.t, sampler=self.chain.sampler,
+                          steps=self.chain.steps, labels=labels, rng=PerSampleNoise(self.config.seed, indices),
+                          **self.chain.sampler_settings())
+        self.model_evals += len(indices) * self.chain.evals_per_sample()
+        return float_to_uint8(out).cpu()
+
+    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
+            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
+            images = self.reconstruct_batch(indices)
+            for row, index in enumerate(indices):
+                label = int(self.data.labels[index])
+                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
+                    "job": cfg.job, "kind": "reconstruct", "index": index, "label": label, "seed": cfg.seed,
+                    "model_hash": self.model.model_hash, "source_dataset": cfg.dataset, "source_split": cfg.split,
+                    "source_key": self.data.keys[index], "t_re": cfg.t_re, "t": self.t, "sigma": self.sigma,
+                    **dataclasses.asdict(cfg.sampling), "chain_steps": self.chain.steps if self.chain else 0,
+                })
+
+
+def shard_set_name(t_re: float) -> str:
+    """The folder and job-name suffix of the shard set for `t_re`: t_re_0p3, t_re_1, ... (no '.':
+    webdataset splits a tar member's key from its extension at the first dot)."""
+    return "t_re_" + f"{t_re:.6f}".rstrip("0").rstrip(".").replace(".", "p")

@@ -1,0 +1,501 @@
+"""Hardness score and the low-density guidance losses of seed 000 (Sehwag et al., CVPR 2022).
+
+Pure functions of tensors:
+
+* :func:`fit_class_gaussians`: one Gaussian per class of classifier embeddings (Sec. 3.2.1: "sample
+  mean and sample covariance for embeddings of class y"), with Ledoit-Wolf shrinkage where the
+  sample covariance is not usable (fewer samples than dimensions, or singular).
+* :func:`hardness_matrix` / :func:`hardness`: H(x, y), Eq. 3, the negative Gaussian log-likelihood
+  of an embedding under class y.
+* :func:`loss_g1` (Eq. 4, temperature tau) and its softmax-probability variant
+  :func:`loss_g1_softmax`; :func:`loss_g2` (Eq. 6) and :func:`loss_g2_softmax`. All are per sample
+  ([N]) and are *maximized* by the sampler (Algorithm 1 adds their normalized gradients).
+* :func:`direction_surrogate`: what the sampler differentiates instead. Algorithm 1 only uses
+  Normalize(grad L), and each loss's gradient is a positive per-sample multiple of the gradient of
+  a "contrast" that does not saturate (see there), so the normalized directions are identical
+  while the plain losses' gradients underflow to exactly 0 in float32 once the softmax saturates
+  (hardness gaps of thousands of nats between classes are usual).
+
+Everything is differentiable in the features, so the guided sampler takes gradients through them.
+
+The guided step, a Denoiser wrapper.
+
+Algorithm 1, per reverse step t -> t-1:
+
+    z ~ N(0, I), s = I           (z = 0, s = 0 on the last step, t = 1)
+    u1 = alpha * Sigma_theta(x_t, t) * Normalize(grad L_g1(., y))
+    u2 = beta  * Sigma_theta(x_t, t) * Normalize(grad L_g2(.))
+    x_{t-1} = mu_theta(x_t, t) + Sigma_theta(x_t, t) z + s (u1 + u2)
+
+:class:`LowDensityGuidance` wraps a Denoiser so the *unchanged* DDPM and DDIM samplers of
+``gen.diffusion.samplers`` take exactly that step. Both steps are affine in the denoised estimate,
+``x_next = w * denoised + (terms without it)``, so returning ``denoised + s (u1 + u2) / w`` makes
+the sampler's own step land on ``x_next + s (u1 + u2)``. The weight w is read off the pure step
+function itself (``step(x=0, denoised=1, noise=0)``), so the wrapper composes with the step
+functions instead of copying them (k-diffusion folds classifier guidance into the denoised output
+the same way).
+
+Choices Algorithm 1 leaves open, and what this module does:
+
+* Where the gradient is taken. Algorithm 1 writes grad L(x_{t-1}) but needs u before x_{t-1}
+  exists; as in Dhariwal & Nichol's classifier guidance, which the paper says it follows, the
+  gradient is taken at the step's input. What the guidance networks see is a property of the
+  guidance folder (``input``): "xt", a timestep-aware classifier on x_t (the paper's setup; here
+  the noise level enters as an extra constant input channel) with class Gaussians fitted per noise
+  level, or "x0", a plain classifier on the denoised estimate x0_hat, with the gradient taken with
+  respect to x0_hat (no backward pass through the U-Net; DESIGN.md's reference runs).
+* Sigma_theta in sigma-space (x = x_vp / sqrt(alpha_bar)) is ``ddpm_posterior_std``; the
+  normalized gradient is a direction, so the update is the paper's VP-space update divided by
+  sqrt(alpha_bar_{t-1}) like every other term of the step.
+* DDIM (Song et al. 2021), which the paper says the method integrates with (Appendix A.7): at
+  eta = 0 the step injects no noise, and scaling by the injected std would switch guidance off.
+  Sigma_theta for a DDIM step is therefore the std of the DDPM posterior over the same step
+  (``ddpm_posterior_std(sigma, sigma_next, "small")``, what eta = 1 would inject), whatever eta
+  is: the guidance step size on a given sigma grid is then the same for DDPM and DDIM.
+* The gradients are those of gen.methods.lowdensity.direction_surrogate: the same normalized directions as
+  the losses of Eq. 4 / Eq. 6, without the float32 underflow to 0 of a saturated softmax. A
+  gradient that is exactly zero normalizes to zero, not to NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.covariance import LedoitWolf
+from torch import Tensor, nn
+
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.diffusion.denoiser import Denoiser, DenoiserWrapper
+from tailforge.gen.diffusion.samplers import (
+    SamplingConfig,
+    ddim_step,
+    ddpm_posterior_std,
+    ddpm_step,
+    generate_batch,
+)
+from tailforge.gen.models.diffusion import DiffusionModel
+
+SHRINKAGE = ("auto", "ledoit_wolf", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassGaussians:
+    """Per-class Gaussians N(mu_y, Sigma_y) of k-dimensional embeddings, C classes."""
+
+    means: Tensor  # [C, k] class means mu_y
+    scale_tril: Tensor  # [C, k, k] lower Cholesky factor L_y of Sigma_y = L_y L_y^T
+    shrinkage: Tensor  # [C] Ledoit-Wolf shrinkage used per class (0 = plain sample covariance)
+    counts: Tensor  # [C] embeddings each class was fitted on
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def to(self, device: torch.device | str) -> "ClassGaussians":
+        # fields read one by one: dataclasses.astuple deep-copies every tensor, which on each guided
+        # step (hardness_matrix moves the Gaussians to the features' device) was 9 % of the guidance direction
+        return ClassGaussians(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        """Tensors for a safetensors file, keyed ``{prefix}.{field}``."""
+        return {f"{prefix}.{f.name}": getattr(self, f.name).contiguous().cpu() for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], prefix: str) -> "ClassGaussians":
+        try:
+            return cls(**{f.name: state[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)})
+        except KeyError as err:
+            raise ConfigError(f"class Gaussians {prefix!r} lack tensor {err}") from None
+
+
+def _class_covariance(features: np.ndarray, shrinkage: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean, covariance and the shrinkage used for one class's embeddings [n, k].
+
+    "auto" uses the paper's sample covariance when it is positive definite (n > k and no degenerate
+    direction, e.g. a ReLU unit that never fires), and scikit-learn's Ledoit-Wolf estimate otherwise:
+    its shrinkage toward a scaled identity makes the covariance invertible and is chosen
+    analytically (Ledoit & Wolf 2004), so no tuning is involved.
+    """
+    n, k = features.shape
+    mean = features.mean(axis=0)
+    if shrinkage in ("auto", "none") and n > k:
+        cov = np.cov(features, rowvar=False, ddof=1).reshape(k, k)
+        if shrinkage == "none" or np.linalg.eigvalsh(cov)[0] > 1e-6 * max(np.trace(cov) / k, 1e-12):
+            return mean, cov, 0.0
+    if shrinkage == "none":
+        raise ConfigError(f"a class has {n} embeddings of dimension {k}: the sample covariance is singular; "
+                          "use shrinkage 'auto' or 'ledoit_wolf'")
+    lw = LedoitWolf().fit(features)
+    return mean, lw.covariance_, float(lw.shrinkage_)
+
+
+def fit_class_gaussians(features: Tensor, labels: Tensor, num_classes: int, shrinkage: str = "auto") -> ClassGaussians:
+    """Fit N(mu_y, Sigma_y) to the embeddings of each class (seed 000, Sec. 3.2.1).
+
+    ``shrinkage``: "auto" (sample covariance, Ledoit-Wolf where that is singular or n <= k),
+    "ledoit_wolf" (always shrink), "none" (sample covariance; an error where it is singular).
+    Computed in float64 and stored as float32 Cholesky factors.
+    """
+    if shrinkage not in SHRINKAGE:
+        raise ConfigError(f"unknown shrinkage {shrinkage!r}; choose one of {SHRINKAGE}")
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ConfigError(f"expected features [N, k] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
+    feats = features.detach().double().cpu().numpy()
+    labs = labels.cpu().numpy()
+    means, trils, shrinks, counts = [], [], [], []
+    for c in range(num_classes):
+        rows = feats[labs == c]
+        if len(rows) < 2:
+            raise ConfigError(f"class {c} has {len(rows)} embeddings; at least 2 are needed to fit its Gaussian")
+        mean, cov, shrink = _class_covariance(rows, shrinkage)
+        means.append(mean)
+        trils.append(np.linalg.cholesky(cov))
+        shrinks.append(shrink)
+        counts.append(len(rows))
+    return ClassGaussians(means=torch.tensor(np.stack(means), dtype=torch.float32),
+                          scale_tril=torch.tensor(np.stack(trils), dtype=torch.float32),
+                          shrinkage=torch.tensor(shrinks, dtype=torch.float32),
+                          counts=torch.tensor(counts, dtype=torch.long))
+
+
+def hardness_matrix(features: Tensor, gaussians: ClassGaussians) -> Tensor:
+    """H(x, j) for every class j (Eq. 3), shape [N, C]:
+
+        H(x, j) = 1/2 [ (f - mu_j)^T Sigma_j^-1 (f - mu_j) + ln det Sigma_j + k ln 2 pi ]
+
+    through the Cholesky factor: the Mahalanobis term is ||L_j^-1 (f - mu_j)||^2 and
+    ln det Sigma_j = 2 sum ln diag L_j, which avoids forming an inverse.
+    """
+    g = gaussians.to(features.device)
+    diff = (features.unsqueeze(0) - g.means.unsqueeze(1)).transpose(1, 2)  # [C, k, N]
+    white = torch.linalg.solve_triangular(g.scale_tril.to(features.dtype), diff.to(features.dtype), upper=False)
+    mahalanobis = white.pow(2).sum(dim=1)  # [C, N]
+    log_det = 2 * torch.diagonal(g.scale_tril, dim1=-2, dim2=-1).log().sum(-1).to(features.dtype)  # [C]
+    return 0.5 * (mahalanobis + log_det.unsqueeze(1) + g.dim * math.log(2 * math.pi)).T
+
+
+def hardness(features: Tensor, labels: Tensor, gaussians: ClassGaussians) -> Tensor:
+    """H(x_i, y_i) of Eq. 3 for each embedding under its own class, shape [N]."""
+    return hardness_matrix(features, gaussians).gather(1, labels.view(-1, 1).to(features.device)).squeeze(1)
+
+
+def _check_tau(tau: float) -> None:
+    if not tau > 0:
+        raise ConfigError(f"temperature tau must be > 0, got {tau}")
+
+
+def loss_g1(hardness_all: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """Contrastive guidance loss of Eq. 4, per sample, to be maximized:
+
+        L_g1(x, y) = log [ exp(H(x, y) / tau) / sum_j exp(H(x, j) / tau) ]
+
+    ``hardness_all`` is :func:`hardness_matrix` ([N, C]). Maximizing it raises the hardness of x
+    in its own class relative to the other classes (low likelihood in the correct class).
+    """
+    _check_tau(tau)
+    return F.log_softmax(hardness_all / tau, dim=1).gather(1, labels.view(-1, 1).to(hardness_all.device)).squeeze(1)
+
+
+def loss_g1_softmax(logits: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """The softmax-probability variant of L_g1 (Sec. 3.2.1: "minimize the output softmax probability
+    in the correct class"), per sample, to be maximized: -log p_tau(y | x) with p_tau =
+    softmax(logits / tau). Its gradient is that of -p_tau(y | x) divided by p_tau(y | x) > 0, so
+    after the per-sample normalization of Algorithm 1 both give the same direction; the log form
+    stays well scaled when p is tiny.
+    """
+    _check_tau(tau)
+    return -F.log_softmax(logits / tau, dim=1).gather(1, labels.view(-1, 1).to(logits.device)).squeeze(1)
+
+
+def loss_g2(disc_hardness_all: Tensor, tau: float, real_class: int = 1) -> Tensor:
+    """Fidelity guidance loss of Eq. 6, per sample, to be maximized:
+
+        L_g2(x) = -log [ exp(H'(x, 1) / tau) / sum_{j in {0, 1}} exp(H'(x, j) / tau) ]
+
+    with H' the hardness score (Eq. 3) of the real-vs-synthetic discriminator's embedding Gaussians,
+    ``disc_hardness_all`` = [N, 2] (class 0 synthetic, class 1 real). Maximizing it lowers the
+    hardness under "real" relative to "synthetic", i.e. pulls the sample toward the real data.
+    """
+    _check_tau(tau)
+    return -F.log_softmax(disc_hardness_all / tau, dim=1)[:, real_class]
+
+
+def loss_g2_softmax(disc_logits: Tensor, tau: float, real_class: int = 1) -> Tensor:
+    """Softmax-probability variant of L_g2, to be maximized: log p_tau(real | x) from the
+    discriminator's logits (the counterpart of :func:`loss_g1_softmax`)."""
+    _check_tau(tau)
+    return F.log_softmax(disc_logits / tau, dim=1)[:, real_class]
+
+
+def contrast(scores: Tensor, target: Tensor | int, tau: float) -> Tensor:
+    """s_target - sum_{j != target} q_j s_j with q = softmax over j != target of s_j / tau, q held
+    constant (no gradient through it); per sample, [N].
+
+    For any scores s, d/ds log softmax(s / tau)_target = (1 - p_target) / tau * d contrast / ds,
+    with p = softmax(s / tau): the log-softmax gradient is this contrast's gradient times a positive
+    per-sample factor, which underflows to 0 when p_target -> 1 although the direction is defined.
+    """
+    _check_tau(tau)
+    target = torch.as_tensor(target, device=scores.device).expand(scores.shape[0]).view(-1, 1)
+    own = scores.gather(1, target).squeeze(1)
+    others = scores.detach().scatter(1, target, float("-inf"))
+    q = torch.softmax(others / tau, dim=1)  # 0 at the target column
+    return own - (q * scores).sum(dim=1)
+
+
+def direction_surrogate(loss: str, scores: Tensor, target: Tensor | int, tau: float) -> Tensor:
+    """A per-sample function whose gradient is a positive multiple of the gradient of
+
+        "g1"          L_g1 (Eq. 4)          scores = hardness_matrix, target = labels
+        "g1_softmax"  loss_g1_softmax       scores = classifier logits, target = labels
+        "g2"          L_g2 (Eq. 6)          scores = discriminator hardness_matrix, target = real class
+        "g2_softmax"  loss_g2_softmax       scores = discriminator logits, target = real class
+
+    so Normalize(grad) (Algorithm 1) is the same for both, without the saturation underflow.
+    Signs: L_g1 = log softmax(H / tau)_y and loss_g2_softmax = log softmax(l / tau)_real follow
+    +contrast; L_g2 and loss_g1_softmax are minus a log-softmax and follow -contrast.
+    """
+    signs = {"g1": 1.0, "g1_softmax": -1.0, "g2": -1.0, "g2_softmax": 1.0}
+    if loss not in signs:
+        raise ConfigError(f"unknown guidance loss {loss!r}; choose one of {sorted(signs)}")
+    return signs[loss] * contrast(scores, target, tau)
+
+
+#: what the guidance networks see at each step: the noisy x_t (timestep-aware nets) or x0_hat
+GUIDANCE_INPUTS = ("xt", "x0")
+
+
+#: "hardness": Eq. 4 / Eq. 6 on class Gaussians of embeddings; "softmax": the probability variant
+GUIDANCE_LOSSES = ("hardness", "softmax")
+
+
+REAL_CLASS = 1  # discriminator labels: 0 synthetic, 1 real (Eq. 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """Sampling-time settings of low-density guidance; copied into every sample's json."""
+
+    alpha: float = 0.5  # scale of Normalize(grad L_g1), the hardness term (Eq. 7; paper default 0.5)
+    beta: float = 0.5  # scale of Normalize(grad L_g2), the real-vs-synthetic fidelity term (paper default 0.5)
+    tau: float = 1.0  # temperature of Eq. 4 and Eq. 6 (the paper gives no value)
+    loss: str = "hardness"  # "hardness" (Eq. 4/6 on class Gaussians) or "softmax" (probability variant)
+
+    def validate(self) -> None:
+        if self.alpha < 0 or self.beta < 0:
+            raise ConfigError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if not self.tau > 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        if self.loss not in GUIDANCE_LOSSES:
+            raise ConfigError(f"unknown guidance loss {self.loss!r}; choose one of {GUIDANCE_LOSSES}")
+
+    @property
+    def active(self) -> bool:
+        return self.alpha > 0 or self.beta > 0
+
+
+def noisy_net_input(x: Tensor, sigma: Tensor | float) -> Tensor:
+    """The input of a timestep-aware ("xt") guidance net for x in sigma-space at noise level sigma
+    (a scalar or one per row): [c_in * x, c_noise map], c_in = 1 / sqrt(1 + sigma^2) (the DDPM
+    network's own input scaling, x_t in VP space) and c_noise = ln(sigma) / 4 (EDM, Karras et al.
+    2022, Table 1) as one constant extra channel, a noise-level map as in FFDNet (Zhang et al. 2018)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    s = sigma.view(-1, 1, 1, 1)
+    level = (s.clamp_min(1e-8).log() / 4).expand(-1, 1, *x.shape[2:])
+    return torch.cat([x / (1 + s**2).sqrt(), level], dim=1)
+
+
+class GuidanceNet(nn.Module):
+    """A classifier with the timm interface plus the class Gaussians of its embeddings.
+
+    ``input`` fixes what it is fed: "x0" a clean-looking image in [-1, 1] (x0_hat while sampling);
+    "xt" a noisy image in sigma-space with its sigma, through :func:`noisy_net_input`, which makes
+    any timm classifier (built with one extra input channel) timestep-aware. ``gaussians[l]`` were
+    fitted at noise level ``level_sigmas[l]`` (one level, sigma 0, for "x0").
+    """
+
+    def __init__(self, net: nn.Module, gaussians: list[ClassGaussians], level_sigmas: Tensor, input: str):
+        super().__init__()
+        if input not in GUIDANCE_INPUTS:
+            raise ConfigError(f"unknown guidance input {input!r}; choose one of {GUIDANCE_INPUTS}")
+        # channels_last: the guidance passes of a guided step (forward and input-gradient backward of
+        # small convs) ran 1.2-1.3x faster in it than in NCHW on the 2-core CPU at batch 128, and
+        # it is the layout GPU convolutions prefer (`tailforge bench guidance`)
+        self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.gaussians = gaussians
+        self.register_buffer("level_sigmas", level_sigmas.float(), persistent=False)
+        self.input = input
+
+    def net_input(self, image: Tensor, sigma: Tensor | float) -> Tensor:
+        return image if self.input == "x0" else noisy_net_input(image, sigma)
+
+    def forward(self, image: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(embeddings [N, k], logits [N, C]) through timm's forward_features / forward_head."""
+        feats = self.net.forward_features(self.net_input(image, sigma))
+        return self.net.forward_head(feats, pre_logits=True), self.net.forward_head(feats)
+
+    def gaussians_at(self, sigma: Tensor | float) -> ClassGaussians:
+        """The class Gaussians of the noise level nearest to `sigma` in log-sigma."""
+        if len(self.gaussians) == 1:
+            return self.gaussians[0]
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0].clamp_min(1e-8).log()
+        return self.gaussians[int((self.level_sigmas.cpu().clamp_min(1e-8).log() - s).abs().argmin())]
+
+    def clean_sigma(self) -> float:
+        """The sigma at which a finished (clean) sample is scored: 0 for "x0", the lowest level for "xt"."""
+        return float(self.level_sigmas.min())
+
+
+class GuidanceModels(nn.Module):
+    """The two guidance networks of seed 000: the embedding classifier (hardness, L_g1) and the
+    real-vs-synthetic discriminator (H', L_g2), as saved in one guidance folder."""
+
+    def __init__(self, classifier: GuidanceNet, discriminator: GuidanceNet, info: dict[str, Any]):
+        super().__init__()
+        if classifier.input != discriminator.input:
+            raise ConfigError("the classifier and the discriminator must see the same input (x0 or xt)")
+        self.classifier, self.discriminator, self.info = classifier, discriminator, info
+        #: forward+backward passes of a guidance net (batch rows), for cost accounting
+        self.evals = 0
+
+    @property
+    def input(self) -> str:
+        return self.classifier.input
+
+    def sample_hardness(self, x0: Tensor, labels: Tensor) -> Tensor:
+        """H(x, y) (Eq. 3) of finished samples under the guidance classifier's Gaussians."""
+        with torch.no_grad():
+            sigma = self.classifier.clean_sigma()
+            emb, _ = self.classifier(x0, sigma)
+            return hardness(emb, labels, self.classifier.gaussians_at(sigma))
+
+    def scores(self, net: GuidanceNet, image: Tensor, sigma: Tensor, loss: str) -> Tensor:
+        """Per-class scores a loss is built from: hardness H(x, j) (Eq. 3) or logits."""
+        emb, logits = net(image, sigma)
+        self.evals += len(image)
+        return hardness_matrix(emb, net.gaussians_at(sigma)) if loss == "hardness" else logits
+
+    def losses(self, image: Tensor, sigma: Tensor, labels: Tensor, config: GuidanceConfig,
+               ) -> tuple[Tensor | None, Tensor | None]:
+        """Per-sample L_g1 (when alpha > 0) and L_g2 (when beta > 0) at `image`, Eq. 4 / Eq. 6 or
+        their softmax-probability variants, as :func:`~tailforge.gen.methods.lowdensity.direction_surrogate`:
+        functions with the losses' normalized gradients that do not underflow when they saturate."""
+        suffix = "" if config.loss == "hardness" else "_softmax"
+        l1 = l2 = None
+        if config.alpha > 0:
+            l1 = direction_surrogate("g1" + suffix, self.scores(self.classifier, image, sigma, config.loss), labels,
+                                     config.tau)
+        if config.beta > 0:
+            l2 = direction_surrogate("g2" + suffix, self.scores(self.discriminator, image, sigma, config.loss),
+                                     REAL_CLASS, config.tau)
+        return l1, l2
+
+
+def normalize(u: Tensor, eps: float = 1e-12) -> Tensor:
+    """Algorithm 1's Normalize(u) = u / ||u||, per sample (L2 norm over all of a sample's pixels)."""
+    norm = u.flatten(1).norm(dim=1).view(-1, *([1] * (u.ndim - 1)))
+    return u / norm.clamp_min(eps)
+
+
+def guidance_direction(models: GuidanceModels, image: Tensor, sigma: Tensor, labels: Tensor,
+                       config: GuidanceConfig) -> Tensor:
+    """alpha * Normalize(grad L_g1) + beta * Normalize(grad L_g2), the gradients taken with respect
+    to `image` (x_t or x0_hat, whatever the guidance nets see). The nets are in eval mode, so each
+    sample's loss depends on that sample alone and one backward pass of the summed loss gives every
+    per-sample gradient."""
+    with torch.enable_grad():
+        image = image.detach().requires_grad_(True)
+        l1, l2 = models.losses(image, sigma, labels, config)
+        direction = torch.zeros_like(image)
+        for weight, loss in ((config.alpha, l1), (config.beta, l2)):
+            if loss is not None:
+                (grad,) = torch.autograd.grad(loss.sum(), image)
+                direction = direction + weight * normalize(grad)
+    return direction.detach()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """How guidance enters one sampler: its pure step function and Algorithm 1's Sigma_theta."""
+
+    step: Callable[..., Tensor]  # (x, denoised, sigma, sigma_next, noise) -> x_next, settings bound
+    sigma_theta: Callable[[Tensor, Tensor], Tensor]  # (sigma, sigma_next) -> the step's Sigma_theta
+
+
+def step_rule(sampler: str, settings: dict[str, Any]) -> StepRule:
+    """The StepRule of a guided sampler: DDPM (Sigma = its posterior std) or DDIM (Sigma = the
+    DDPM posterior std of the same step, whatever eta; see the module docstring)."""
+    if sampler == "ddpm":
+        variance = settings.get("variance", "small")
+        return StepRule(functools.partial(ddpm_step, variance=variance),
+                        functools.partial(ddpm_posterior_std, variance=variance))
+    if sampler == "ddim":
+        return StepRule(functools.partial(ddim_step, eta=settings.get("eta", 0.0)),
+                        functools.partial(ddpm_posterior_std, variance="small"))
+    raise ConfigError(f"low-density guidance runs with the ddpm or ddim sampler (Algorithm 1 is an ancestral "
+                      f"step), not {sampler!r}")
+
+
+class LowDensityGuidance(DenoiserWrapper):
+    """Seed 000 Algorithm 1 as a Denoiser wrapper for the ddpm / ddim samplers on grid `sigmas`.
+
+    Wrap the (clamped) denoiser; the sampler then takes Algorithm 1's step. Labels are required
+    (L_g1 needs the class being generated). With alpha = beta = 0 it returns the inner denoiser's
+    output untouched, so the samples equal the baseline sampler's bit for bit.
+    """
+
+    def __init__(self, inner: Denoiser, models: GuidanceModels, config: GuidanceConfig, sigmas: Tensor,
+                 rule: StepRule):
+        super().__init__(inner)
+        config.validate()
+        self.models, self.config, self.rule = models, config, rule
+        self.register_buffer("sigmas", sigmas.float().cpu(), persistent=False)
+
+    def step_sigmas(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(sigma, sigma_next) of the grid step the sampler is taking at `sigma`."""
+        s = sigma.reshape(-1)[0].float().cpu()
+        i = int((self.sigmas[:-1] - s).abs().argmin())
+        if not torch.isclose(self.sigmas[i], s, rtol=1e-5, atol=0):
+            raise ConfigError(f"guided denoiser called at sigma={float(s):.6g}, which is not on its sampling grid; "
+                              "run it with the ddpm or ddim sampler on the grid it was built with")
+        return self.sigmas[i], self.sigmas[i + 1]
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        denoised = self.inner(x, sigma, labels)
+        if not self.config.active:
+            return denoised
+        if labels is None:
+            raise ConfigError("low-density guidance needs class labels (L_g1 is defined for the generated class)")
+        s, s_next = (t.to(device=x.device, dtype=x.dtype) for t in self.step_sigmas(torch.as_tensor(sigma)))
+        if s_next == 0:  # Algorithm 1: s = 0 on the last step
+            return denoised
+        target = x if self.models.input == "xt" else denoised
+        shift = self.rule.sigma_theta(s, s_next) * guidance_direction(self.models, target, s, labels, self.config)
+        ones = torch.ones((), dtype=x.dtype, device=x.device)
+        weight = self.rule.step(ones * 0, ones, s, s_next, ones * 0)  # d x_next / d denoised
+        return denoised + shift / weight
+
+
+def guided_wrapper(models: GuidanceModels, config: GuidanceConfig, sampler: str,
+                   settings: dict[str, Any]) -> Callable[[Denoiser, Tensor], Denoiser]:
+    """A ``wrap(denoiser, sigmas)`` for :func:`gen.diffusion.samplers.generate_batch`."""
+    rule = step_rule(sampler, settings)
+    return lambda denoiser, sigmas: LowDensityGuidance(denoiser, models, config, sigmas, rule)
+
+
+def generate_guided_batch(model: DiffusionModel, guidance: GuidanceModels, sampling: SamplingConfig,
+                          guide: GuidanceConfig, seed: int, indices: list[int], labels: torch.Tensor) -> torch.Tensor:
+    """Guided samples for global `indices` (uint8 NCHW): gen.diffusion.samplers.generate_batch with the
+    denoiser wrapped by Algorithm 1's guidance."""
+    wrap = guided_wrapper(guidance, guide, sampling.sampler, sampling.sampler_settings())
+    return generate_batch(model, sampling, seed, indices, labels.to(model.device), wrap=wrap)
