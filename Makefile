@@ -1,13 +1,15 @@
-# The two commands: `make demo` (the embedded default) and `make test`. Both create .venv on a
-# fresh machine: torch/torchvision are installed first at the pinned versions this machine holds
-# on disk (x86_64, Python 3.11), so pip never resolves a different multi-GB build.
+# The two commands: `make demo` (the embedded default) and `make test` (the full suite CI runs);
+# `make check` is the inner loop: lint plus the tests that need neither Ray nor the whole pipeline.
+# Each creates .venv on a fresh machine: torch/torchvision are installed first at the pinned
+# versions this machine holds on disk (x86_64, Python 3.11), so pip never resolves a different
+# multi-GB build.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tailforge-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test check install clean
 
 install: $(STAMP)
 
@@ -22,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

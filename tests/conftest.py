@@ -1,4 +1,9 @@
-"""Shared fixtures: one small local Ray instance per test session, and a tiny model folder."""
+"""Shared fixtures: one small local Ray instance per test session, and a tiny model folder.
+
+Tiers: `make check` runs ``-m "not slow"`` (pure maths, formats and in-process jobs, for the inner
+loop); `make test` runs everything. A test is slow when it needs Ray (either Ray fixture) or is
+marked ``@pytest.mark.slow`` (the end-to-end pipeline runs).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,15 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
+
+
+RAY_FIXTURES = {"ray_session", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

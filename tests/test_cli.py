@@ -48,6 +48,7 @@ def test_bad_number_is_rejected_by_argparse(capsys):
     assert exit_info.value.code == 2 and "positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains, generates and evaluates through the CLI: the full tier only
 def test_train_generate_evaluate_end_to_end(tmp_path):
     model, clf, shards = tmp_path / "model", tmp_path / "clf", tmp_path / "shards"
     result = run_cli("train", "diffusion", "--dataset", "digits?n=64", "--out", str(model), "--steps", "3",

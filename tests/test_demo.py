@@ -9,6 +9,8 @@ import pytest
 
 from tailforge.cli import main
 
+pytestmark = pytest.mark.slow  # the whole pipeline: the full tier only
+
 TOY = ["--diffusion-steps", "8", "--num-samples", "20", "--sampling-steps", "3",
        "--guidance-epochs", "1", "--classifier-epochs", "1", "--reference-epochs", "1",
        "--corruptions", "gaussian_noise", "--severities", "5", "--actors", "0"]

@@ -1,4 +1,4 @@
-"""The procedural datasets of Wang et al. 2024 (App. B.2): Mondrian, Gaussian-mixture dummy images, Random Ink."""
+"""The procedural datasets of Yoon et al. 2023 (App. B.2): Mondrian, Gaussian-mixture dummy images, Random Ink."""
 
 from __future__ import annotations
 

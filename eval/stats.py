@@ -1,0 +1,148 @@
+"""Uncertainty for every comparison, and the rule that turns it into a verdict.
+
+Two sources of uncertainty, two intervals (both 95 % by default):
+
+* within one run, the test items are a sample: :func:`paired_bootstrap` resamples the items
+  (test images, or generated samples) with replacement and recomputes the difference of a metric
+  between two systems evaluated on the *same* items, so the item-to-item correlation of the two
+  systems is kept (Efron & Tibshirani 1993, ch. 13; the percentile interval);
+* across runs, the seeds are a sample: :func:`t_interval` is the Student-t interval of the mean of
+  one figure per seed, mean +- t_{1 - a/2, n - 1} s / sqrt(n).
+
+:func:`verdict` decides a paper's finding from such an interval: "reproduced" when the interval
+lies wholly on the paper's side, "contradicted" when it lies wholly on the other side,
+"inconclusive" otherwise. Point estimates alone never decide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from tailforge.gen.core.errors import ConfigError
+
+VERDICTS = ("reproduced", "contradicted", "inconclusive")
+#: what a paper claims about a difference d = (its system) - (its baseline)
+DIRECTIONS = ("greater", "less", "not_greater")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """An estimate with its confidence interval and what it rests on."""
+
+    estimate: float  # the point estimate (the metric's difference on all items, or the mean over seeds)
+    low: float  # lower end of the interval
+    high: float  # upper end of the interval
+    level: float  # confidence level, e.g. 0.95
+    method: str  # "paired bootstrap (B resamples)", "bootstrap", "t over seeds", "exact"
+    items: int  # test items (or samples) each estimate is computed on
+    seeds: int  # independent runs behind the estimate (1 for a bootstrap within one run)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.estimate:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ConfigError(f"confidence level must be in (0, 1), got {level}")
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    return values.mean(axis=-1)
+
+
+def bootstrap_indices(num_items: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, num_items] item indices drawn with replacement from a seeded generator."""
+    return np.random.default_rng(seed).integers(0, num_items, size=(resamples, num_items))
+
+
+def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+                     statistic: Callable[[np.ndarray], np.ndarray] = _mean, resamples: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> Interval:
+    """Interval of statistic(b) - statistic(a) over the same items, e.g. per-image correctness of a
+    baseline classifier (a) and of the one a paper says is better (b).
+
+    ``statistic`` maps [..., items] arrays to [...] (the mean by default, so on 0/1 correctness it
+    is the accuracy difference). Each resample draws item indices once and applies them to both
+    arrays: that is what makes it paired."""
+    _check_level(level)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ConfigError(f"a paired bootstrap needs two equal-length 1-d arrays, got shapes {a.shape} and {b.shape}")
+    index = bootstrap_indices(len(a), resamples, seed)
+    diffs = statistic(b[index]) - statistic(a[index])
+    tail = (1 - level) / 2
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return Interval(float(statistic(b) - statistic(a)), float(low), float(high), level,
+                    f"paired bootstrap ({resamples} resamples)", len(a), 1)
+
+
+def bootstrap(values: Sequence[float] | np.ndarray, *, statistic: Callable[[np.ndarray], np.ndarray] = _mean,
+              resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of one statistic over items (e.g. an accuracy)."""
+    _check_level(level)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ConfigError(f"a bootstrap needs a non-empty 1-d array, got shape {values.shape}")
+    draws = statistic(values[bootstrap_indices(len(values), resamples, seed)])
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return Interval(float(statistic(values)), float(low), float(high), level, f"bootstrap ({resamples} resamples)",
+                    len(values), 1)
+
+
+def t_interval(per_seed: Sequence[float], *, level: float = 0.95, items: int = 0) -> Interval:
+    """Student-t interval of the mean of one figure per seed (e.g. an accuracy difference per seed).
+
+    With one seed there is no spread to estimate: the interval is infinite, and every verdict
+    drawn from it is "inconclusive"."""
+    _check_level(level)
+    values = np.asarray(per_seed, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ConfigError(f"a t-interval needs one value per seed, got shape {values.shape}")
+    mean = float(values.mean())
+    if len(values) == 1:
+        return Interval(mean, -math.inf, math.inf, level, "t over seeds", items, 1)
+    half = float(scipy_stats.t.ppf(1 - (1 - level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return Interval(mean, mean - half, mean + half, level, "t over seeds", items, len(values))
+
+
+def verdict(interval: Interval, direction: str, min_effect: float = 0.0) -> str:
+    """The rule every finding is decided by.
+
+    ``direction`` is what the paper claims about d = (its system) - (its baseline):
+
+    * "greater": d > min_effect. Reproduced when the whole interval lies above min_effect,
+      contradicted when it lies below 0;
+    * "less": d < -min_effect, the mirror image;
+    * "not_greater": no gain of min_effect or more (e.g. "training on reconstructions does not
+      raise accuracy"). Reproduced when the whole interval lies below min_effect, contradicted
+      when it lies above min_effect.
+
+    Anything else is "inconclusive": the data cannot tell."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    if min_effect < 0 or not math.isfinite(min_effect):
+        raise ConfigError(f"min_effect must be a finite number >= 0, got {min_effect}")
+    low, high = interval.low, interval.high
+    if direction == "less":
+        low, high = -high, -low
+        direction = "greater"
+    if direction == "greater":
+        if low > min_effect:
+            return "reproduced"
+        if high < 0:
+            return "contradicted"
+        return "inconclusive"
+    if high < min_effect:
+        return "reproduced"
+    if low > min_effect:
+        return "contradicted"
+    return "inconclusive"

@@ -1,0 +1,97 @@
+"""The statistics behind every finding: intervals against exact answers, and the verdict rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from tailforge.eval.stats import Interval, bootstrap, paired_bootstrap, t_interval, verdict
+from tailforge.gen.core.errors import ConfigError
+
+
+def test_t_interval_is_the_textbook_interval_of_a_normal_mean():
+    values = [0.91, 0.93, 0.92, 0.95, 0.90]
+    got = t_interval(values, items=10_000)
+    mean, sem = np.mean(values), np.std(values, ddof=1) / math.sqrt(5)
+    half = scipy_stats.t.ppf(0.975, 4) * sem  # 2.776 * sem
+    assert got.estimate == pytest.approx(mean)
+    assert (got.low, got.high) == pytest.approx((mean - half, mean + half))
+    assert got.seeds == 5 and got.items == 10_000
+    # scipy's own interval of the mean agrees
+    assert (got.low, got.high) == pytest.approx(scipy_stats.t.interval(0.95, 4, loc=mean, scale=sem))
+
+
+def test_one_seed_gives_an_infinite_interval_and_no_verdict():
+    one = t_interval([0.02])
+    assert one.low == -math.inf and one.high == math.inf
+    assert verdict(one, "greater") == "inconclusive"
+
+
+def test_bootstrap_of_two_items_matches_the_enumerated_distribution():
+    # resamples of (0, 1): means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5 % and
+    # 97.5 % quantiles are 0 and 1, and about half of the draws are 0.5
+    got = bootstrap([0.0, 1.0], resamples=20_000, seed=3)
+    assert (got.low, got.high) == (0.0, 1.0) and got.estimate == 0.5
+
+
+def test_paired_bootstrap_of_a_constant_shift_is_exact():
+    rng = np.random.default_rng(0)
+    a = rng.random(50)
+    got = paired_bootstrap(a, a + 0.25)
+    assert got.estimate == pytest.approx(0.25)
+    assert got.low == pytest.approx(0.25) and got.high == pytest.approx(0.25)
+    same = paired_bootstrap(a, a)
+    assert (same.low, same.high) == (0.0, 0.0)
+
+
+def test_pairing_narrows_the_interval_of_correlated_systems():
+    # two classifiers that disagree on 4 of 400 images: unpaired, their accuracies' intervals
+    # overlap widely; paired, the difference is pinned to the 4 images
+    rng = np.random.default_rng(1)
+    a = (rng.random(400) < 0.8).astype(float)
+    b = a.copy()
+    flips = np.flatnonzero(a == 0)[:4]
+    b[flips] = 1.0
+    got = paired_bootstrap(a, b, resamples=4000)
+    assert got.estimate == pytest.approx(4 / 400)
+    assert got.low > 0  # each resample keeps the flips' sign: b is never worse than a
+    single = bootstrap(a)
+    assert got.high - got.low < (single.high - single.low) / 3
+
+
+def test_bootstrap_interval_covers_a_known_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(7)
+    covered = 0
+    for trial in range(200):
+        sample = rng.normal(1.0, 2.0, size=60)
+        iv = bootstrap(sample, resamples=1000, seed=trial)
+        covered += iv.low <= 1.0 <= iv.high
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+@pytest.mark.parametrize("low, high, direction, min_effect, expected", [
+    (0.01, 0.05, "greater", 0.0, "reproduced"),
+    (-0.05, -0.01, "greater", 0.0, "contradicted"),
+    (-0.01, 0.05, "greater", 0.0, "inconclusive"),
+    (0.01, 0.05, "greater", 0.02, "inconclusive"),  # a real but too small effect
+    (-0.05, -0.01, "less", 0.0, "reproduced"),
+    (0.01, 0.05, "less", 0.0, "contradicted"),
+    (-0.02, 0.004, "not_greater", 0.005, "reproduced"),  # any gain is below half a point
+    (0.01, 0.03, "not_greater", 0.005, "contradicted"),
+    (-0.01, 0.01, "not_greater", 0.005, "inconclusive"),
+])
+def test_verdict_rule(low, high, direction, min_effect, expected):
+    interval = Interval((low + high) / 2, low, high, 0.95, "exact", 100, 3)
+    assert verdict(interval, direction, min_effect) == expected
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(ConfigError, match="direction"):
+        verdict(Interval(0, 0, 0, 0.95, "exact", 1, 1), "bigger")
+    with pytest.raises(ConfigError, match="equal-length"):
+        paired_bootstrap([1, 0], [1])
+    with pytest.raises(ConfigError, match="level"):
+        t_interval([1, 2], level=95)
