@@ -182,7 +182,9 @@ def plasma_fractal(gen: torch.Generator, mapsize: int, wibbledecay: float) -> Te
     step, wibble = mapsize, 100.0
 
     def wibbled_mean(a: Tensor) -> Tensor:
-        return a / 4 + wibble * (2 * torch.rand(a.shape, generator=gen, dtype=torch.float64) - 1)
+        # CIFAR-10-C's generator: wibble * uniform(-wibble, wibble), noise of amplitude wibble**2, so
+        # each finer level's noise shrinks by wibbledecay**2 and the pattern is smooth
+        return a / 4 + wibble * wibble * (2 * torch.rand(a.shape, generator=gen, dtype=torch.float64) - 1)
 
     while step >= 2:
         half = step // 2
@@ -236,8 +238,12 @@ def gaussian_blur(x: Tensor, ctx: CorruptionContext) -> Tensor:
 
 
 def glass_blur(x: Tensor, ctx: CorruptionContext) -> Tensor:
-    """Blur, locally shuffle pixels (each pixel swapped with one up to max_delta away, scanned from
-    the bottom-right as in the generator), blur again."""
+    """Blur, locally shuffle pixels, blur again, as CIFAR-10-C's released generator does.
+
+    Its "swap" ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` runs on an HxWxC array, where both sides
+    are views: the first assignment overwrites x[h, w], the second copies it back, so each visited
+    pixel takes a neighbour's value and the neighbour keeps its own. Scanned from the bottom-right
+    with offsets in [-max_delta, max_delta), a value therefore moves at most max_delta per pass."""
     sigma, delta, iterations = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][ctx.severity - 1]
     sigma, delta = sigma * ctx.scale, max(1, round(delta * ctx.scale))
     # the generator quantises to uint8 (truncating) before shuffling
@@ -249,9 +255,7 @@ def glass_blur(x: Tensor, ctx: CorruptionContext) -> Tensor:
         rows = torch.arange(b)
         for k, (r, c) in enumerate(positions):
             dx, dy = offsets[:, k, 0], offsets[:, k, 1]
-            here = x[:, :, r, c].clone()
             x[:, :, r, c] = x[rows, :, r + dy, c + dx]
-            x[rows, :, r + dy, c + dx] = here
     return gaussian_filter(x, sigma)
 
 

@@ -124,3 +124,63 @@ def test_suite_report(digits):
     unscaled, _ = corruption_suite(net, digits, labels, names=["defocus_blur"], severities=(5,), reference_size=8,
                                    progress=False)
     assert unscaled["no_effect_at_this_size"] == []  # CIFAR-10-C's pixel radius applied unscaled
+
+
+def _reference_plasma_fractal(mapsize: int, wibbledecay: float, uniform) -> np.ndarray:
+    """CIFAR-10-C's released plasma_fractal (make_cifar_c.py), transcribed to numpy with its
+    ``np.random.uniform(-wibble, wibble, shape)`` drawn through `uniform(low, high, shape)`."""
+    maparray = np.zeros((mapsize, mapsize))
+    stepsize, wibble = mapsize, 100.0
+
+    def wibbledmean(array):
+        return array / 4 + wibble * uniform(-wibble, wibble, array.shape)
+
+    while stepsize >= 2:
+        half = stepsize // 2
+        cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
+        squareaccum += np.roll(squareaccum, shift=-1, axis=1)
+        maparray[half:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(squareaccum)
+        drgrid = maparray[half:mapsize:stepsize, half:mapsize:stepsize]
+        ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
+        maparray[0:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(ltsum)
+        ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
+        maparray[half:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+        stepsize //= 2
+        wibble /= wibbledecay
+    maparray -= maparray.min()
+    return maparray / maparray.max()
+
+
+@pytest.mark.parametrize("mapsize, decay", [(32, 3), (16, 1.75), (64, 2.5)])
+def test_fog_pattern_is_the_released_generators(mapsize, decay):
+    # the same uniform draws in the same order: torch's U[0, 1) mapped to [low, high)
+    gen = torch.Generator().manual_seed(4)
+
+    def uniform(low, high, shape):
+        return low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float64).numpy()
+
+    expected = _reference_plasma_fractal(mapsize, decay, uniform)
+    got = plasma_fractal(torch.Generator().manual_seed(4), mapsize, decay)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("severity", [1, 4])
+def test_glass_blur_moves_a_pixel_at_most_one_step_per_pass(severity):
+    # distinct values, so every output pixel names the input pixel it came from; at 8 px the blur's
+    # sigma (0.05 or 0.25 of CIFAR's, times 8/32) leaves a quantised pixel unchanged
+    values = torch.randperm(64, generator=torch.Generator().manual_seed(0)).float() * 4 / 255
+    image = values.view(1, 1, 8, 8)
+    out = corrupt((image * 255).round().to(torch.uint8), "glass_blur", severity)
+    src = {int(v): divmod(i, 8) for i, v in enumerate((image.view(-1) * 255).round().long())}
+    passes = 1 if severity == 1 else 2
+    moved = 0
+    for r in range(8):
+        for c in range(8):
+            value = int(out[0, 0, r, c])
+            if value in src:  # an unblurred pixel: where did it come from?
+                r0, c0 = src[value]
+                assert 0 <= r - r0 <= passes and 0 <= c - c0 <= passes  # offsets in [-1, 0]: from up/left
+                moved += (r0, c0) != (r, c)
+    assert moved > 0
