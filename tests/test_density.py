@@ -144,21 +144,43 @@ def test_eval_density_refuses_the_guidance_classifier(tmp_path, eval_classifier)
 
 def test_bin_costs_charge_every_generated_sample_to_the_accepted_ones():
     """Hand-computed: rejection pays 8 s for 4 samples, guided 6 s for 3; per bin, cost per accepted
-    sample is the whole run's cost over the samples that landed in the bin."""
+    sample is the whole run's cost over the samples that landed in the bin. Bins are bounded: the
+    last one is closed at the top edge and a sample above it is in no bin."""
     from tailforge.bench.lowdensity import bin_costs
 
     scores = {"baseline": np.array([0.5, 1.5, 2.5, 0.1]), "guided": np.array([1.2, 2.2, 3.0])}
     cost = {"baseline": {"seconds": 8.0, "unet_evals": 40}, "guided": {"seconds": 6.0, "unet_evals": 30, "all_evals": 42}}
-    low, high, empty = bin_costs([1.0, 2.0, 10.0], scores, cost)
-    assert (low["low"], low["high"], high["high"], empty["high"]) == (1.0, 2.0, 10.0, None)
+    low, high, empty = bin_costs([1.0, 2.0, 10.0, 20.0], scores, cost)
+    assert (low["low"], low["high"], high["high"], empty["high"]) == (1.0, 2.0, 10.0, 20.0)
     assert low["baseline"] == {"accepted": 1, "acceptance": 0.25, "seconds_per_accepted": 8.0, "unet_evals_per_accepted": 40.0}
     assert low["guided"]["seconds_per_accepted"] == 6.0 and low["guided"]["all_evals_per_accepted"] == 42.0
     assert (low["ratio_seconds"], low["ratio_unet_evals"]) == (1.333, 1.333)
     assert high["guided"]["accepted"] == 2 and (high["ratio_seconds"], high["ratio_unet_evals"]) == (2.667, 2.667)
     assert "ratio_all_evals" not in high and low["filled"] and high["filled"]
     assert empty["ratio_seconds"] is None and not empty["filled"]
+    # the top edge is inside the last bin, anything above it in none
+    top = bin_costs([1.0, 3.0], {"baseline": np.array([3.0, 3.5]), "guided": np.array([2.0])}, cost)
+    assert len(top) == 1 and top[0]["baseline"]["accepted"] == 1
     # Per bin, the fraction of accepted samples the evaluation classifier puts in their class; acceptance unchanged.
     faithful = {"baseline": np.array([True, False, True, True]), "guided": np.array([True, False, True])}
-    low, high, empty = bin_costs([1.0, 2.0, 10.0], scores, cost, faithful)
+    low, high, empty = bin_costs([1.0, 2.0, 10.0, 20.0], scores, cost, faithful)
     assert (low["baseline"]["faithful"], low["guided"]["faithful"], high["guided"]["faithful"]) == (0.0, 1.0, 0.5)
     assert high["guided"]["accepted"] == 2 and empty["baseline"]["faithful"] is None
+
+
+def test_bin_cost_ratio_intervals_come_from_resampled_acceptance():
+    """Every sample of both sides in the bin: acceptance cannot vary, so the interval is the point
+    ratio; half accepted on each side: the interval is wide and contains the point ratio; a side that
+    can resample to zero accepted leaves that end of the interval open."""
+    from tailforge.bench.lowdensity import bin_costs
+
+    cost = {"baseline": {"seconds": 10.0}, "guided": {"seconds": 10.0}}
+    (always,) = bin_costs([0.0, 1.0], {"baseline": np.full(20, 0.5), "guided": np.full(20, 0.5)}, cost)
+    assert always["ratio_seconds"] == 1.0 and always["ratio_seconds_interval"] == [1.0, 1.0]
+    half = np.r_[np.full(50, 0.5), np.full(50, 5.0)]
+    (some,) = bin_costs([0.0, 1.0], {"baseline": half, "guided": np.full(100, 0.5)}, cost)
+    low, high = some["ratio_seconds_interval"]
+    assert some["ratio_seconds"] == 2.0 and 1.5 < low < 2.0 < high < 2.7
+    rare = np.r_[0.5, np.full(9, 5.0)]
+    (one,) = bin_costs([0.0, 1.0], {"baseline": rare, "guided": np.full(10, 0.5)}, cost)
+    assert one["ratio_seconds"] == 10.0 and one["ratio_seconds_interval"][1] is None
