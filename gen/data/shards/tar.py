@@ -9,14 +9,8 @@ from webdataset.tariterators import base_plus_ext
 from tailforge.gen.core.errors import ShardError
 
 _BLOCK = 512
-
-
 _REGULAR = (b"0", b"\0", b"7")  # regular file (old-style, POSIX, contiguous)
-
-
 _SKIPPED = (b"5", b"g", b"K")  # directory, global pax header, GNU long link name: carry no sample data
-
-
 _LINKS = (b"1", b"2")  # hard link, symbolic link
 
 
@@ -26,16 +20,36 @@ def _octal(field: bytes) -> int:
     return int(field.strip(b"\0 ") or b"0", 8)
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The "path" record of a pax extended header ("LEN path=VALUE\n" records)."""
-    path = None
-    while data:
-        length, _, _ = data.partition(b" ")
-        record, data = data[:int(length)], data[int(length):]
-        key, _, value = record[len(length) + 1:-1].partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8")
-    return path
+def _pax_records(url: str, data: bytes, offset: int) -> dict[bytes, bytes]:
+    """The records of a pax extended header, each "LEN KEY=VALUE\n" with LEN counting the whole record
+    (POSIX.1-2001 pax format). Every record is checked: a length that is not decimal, too short to
+    hold itself, or runs past the header, a record not ending in a newline or without "=", is a
+    ShardError (a zero length would otherwise never advance)."""
+    records, position = {}, 0
+    while position < len(data):
+        if not any(data[position:]):  # tarfile pads a pax payload with NULs
+            break
+        digits, space, _ = data[position:position + 21].partition(b" ")
+        length = int(digits) if space and digits.isdigit() else -1
+        record = data[position:position + length] if length > len(digits) + 1 else b""
+        key, equals, value = record[len(digits) + 1:-1].partition(b"=")
+        if length < 0 or not record or len(record) < length or not record.endswith(b"\n") or not equals:
+            raise ShardError(f"shard {url}: malformed pax extended header at byte offset {offset} (record at "
+                             f"byte {position} of the header: {data[position:position + 20]!r})")
+        records[key] = value
+        position += length
+    return records
+
+
+def _pax_size(url: str, records: dict[bytes, bytes], offset: int) -> int | None:
+    """The "size" record, which overrides the next header's size field (as tarfile and webdataset read it)."""
+    if b"size" not in records:
+        return None
+    value = records[b"size"]
+    if not value.isdigit():
+        raise ShardError(f"shard {url}: pax extended header at byte offset {offset} has size {value!r}, not a "
+                         "decimal byte count")
+    return int(value)
 
 
 def _check_member_name(url: str, name: str, offset: int) -> None:
@@ -56,7 +70,7 @@ def tar_members(url: str, data: bytes) -> Iterator[tuple[str, int, bytes]]:
     (absolute paths, '..'), links and special files (refused), and that only zeros follow the
     end-of-archive marker. Every problem is a ShardError naming the shard and the byte offset.
     """
-    position, member_start, long_name = 0, 0, None
+    position, member_start, long_name, pax_size = 0, 0, None, None
     while True:
         header = data[position:position + _BLOCK]
         if len(header) < _BLOCK:
@@ -80,8 +94,10 @@ def tar_members(url: str, data: bytes) -> Iterator[tuple[str, int, bytes]]:
         if not checksum_ok:
             raise ShardError(f"shard {url}: corrupt or truncated tar header at byte offset {position} "
                              "(header checksum mismatch)")
-        if long_name is None:
+        if long_name is None and pax_size is None:
             member_start = position
+        if pax_size is not None:
+            size, pax_size = pax_size, None
         payload_at = position + _BLOCK
         payload = data[payload_at:payload_at + size]
         kind = header[156:157]
@@ -95,7 +111,9 @@ def tar_members(url: str, data: bytes) -> Iterator[tuple[str, int, bytes]]:
                              f"{size - len(payload)} bytes missing)")
         position = payload_at + -(-size // _BLOCK) * _BLOCK
         if kind == b"x":
-            long_name = _pax_path(payload) or long_name
+            records = _pax_records(url, payload, member_start)
+            long_name = records[b"path"].decode("utf-8", "replace") if b"path" in records else long_name
+            pax_size = _pax_size(url, records, member_start)
             continue
         if kind == b"L":
             long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
