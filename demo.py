@@ -6,11 +6,11 @@ On scikit-learn's bundled digits by default, on a local Ray instance (or the clu
 1. models: one diffusion model trained with label dropout, so that it is class-conditional
    (generation, guidance, reconstruction) and, given the null class, unconditional (DiffAug and
    DiffAug-Ensemble, which see no labels); an independent evaluation classifier that never guides;
-   and the guidance nets of seed 000;
+   and the guidance nets of Sehwag et al. 2022;
 2. shard sets on the actor pool: baseline and low-density samples from the same seeds, and the
-   training split reconstructed at t_re (seed 001), and the test split for Fig. 5's entropy;
+   training split reconstructed at t_re (Yamaguchi & Fukuda 2023), and the test split for Fig. 5's entropy;
 3. classifiers with the same architecture, seed, epochs and steps: real, real + baseline,
-   real + low-density, real + reconstructed, real with DiffAug on the fly (seed 003);
+   real + low-density, real + reconstructed, real with DiffAug on the fly (Sastry et al. 2023);
 4. evaluations (accuracy, corruptions, OOD, DiffAug-Ensemble; density, fidelity, memorization),
    ``report/report.html`` + ``report/report.json`` led by the papers' findings this run checks;
 5. a summary table.
@@ -37,8 +37,10 @@ from tailforge.eval.fidelity import FidelityConfig, run_fidelity
 from tailforge.eval.memorization import MemorizationConfig, run_memorization
 from tailforge.eval.ood import OODConfig, run_ood
 from tailforge.eval.report import Section, Table, write_report
+from tailforge.eval.results import is_current, tag_result
+from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.core.files import config_dict, read_json, write_json_atomic
+from tailforge.gen.core.files import config_dict, read_json, saved_result, write_json_atomic
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.diffusion.samplers import SamplingConfig
 from tailforge.gen.jobs.runner import model_manifest, run_config_job
@@ -70,35 +72,37 @@ class DemoConfig:
 
     out: str = "demo-out"  # output folder (models, shards, classifiers, evaluations, report)
     dataset: str = "digits"  # any dataset spec; digits is bundled with scikit-learn
-    diffusion_steps: int = 800  # the diffusion model's training steps
+    diffusion_steps: PositiveInt = 800  # the diffusion model's training steps
     # labels replaced by the null class in training (Ho & Salimans 2022's p_uncond): the one model also
     # denoises without labels for DiffAug, instead of a second, unconditional model (about 2 min on the CPU)
     label_dropout: float = 0.2
     unet_preset: str | None = None  # U-Net preset; None: tiny for <= 16 px, small above (ddpm-cifar10 for the paper)
-    diffusion_batch_size: int = 128  # diffusion training batch
-    num_samples: int = 500  # baseline and low-density samples each (sample i uses the same seed in both)
-    # every generation job's sampler: ancestral DDPM (seed 000's baseline sampler) on a 50-step grid. Not DDIM at
+    diffusion_batch_size: PositiveInt = 128  # diffusion training batch
+    num_samples: PositiveInt = 500  # baseline and low-density samples each (sample i uses the same seed in both)
+    # every generation job's sampler: ancestral DDPM (Sehwag et al. 2022's baseline sampler) on a 50-step grid. Not DDIM at
     # eta = 0: without fresh noise each step, guidance at alpha = beta = 0.5 drives the samples off the data
     # (README, "Low-density generation": class agreement 0.26 with alpha alone at DDIM 50, 0.99 at DDPM 50)
     sampling: SamplingConfig = SamplingConfig(sampler="ddpm", steps=50)
-    guide: GuidanceConfig = GuidanceConfig()  # seed 000's alpha = beta = 0.5
-    guidance_epochs: int = 10  # guidance nets' training epochs
-    t_re: float = 0.5  # reconstruction's reverse step as a fraction of T (seed 001)
+    guide: GuidanceConfig = GuidanceConfig()  # Sehwag et al. 2022's alpha = beta = 0.5
+    guidance_epochs: PositiveInt = 10  # guidance nets' training epochs
+    t_re: float = 0.5  # reconstruction's reverse step as a fraction of T (Yamaguchi & Fukuda 2023)
     classifier: str = "tinycnn"  # the architecture every compared classifier uses
-    classifier_epochs: int = 15  # their epochs (the same steps for each: one pass over the real data per epoch)
+    classifier_epochs: PositiveInt = 15  # their epochs (the same steps for each: one pass over the real data per epoch)
     synthetic_weight: float = 0.5  # sampling weight of a synthetic set next to real = 1
     reference_classifier: str = "tinycnn_wide"  # independent evaluation classifier (never guides)
-    reference_epochs: int = 20  # its epochs
-    corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty: every one that applies)
+    reference_epochs: PositiveInt = 20  # its epochs
+    corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty, `all` as a flag: every one that applies)
     severities: tuple[int, ...] = DEMO_SEVERITIES  # CIFAR-10-C severities evaluated
     # image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to digits (scaled to
     # 8 px, blurs stay below a pixel and change nothing: README, "Corruptions at small sizes")
-    corruption_reference_size: int = 8
+    corruption_reference_size: PositiveInt = 8
     diffaug_actors: int = 0  # DiffAug served by this many AugmentActors (0: in the training process)
-    actors: int | None = None  # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
+    # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
+    actors: NonNegativeInt | None = None
     seed: int = 0  # every job's and trainer's seed
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        check_fields(self)
         if not 0 < self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in (0, 1), got {self.label_dropout}: DiffAug-Ensemble needs "
                               "the null class to denoise test images without their labels")
@@ -113,18 +117,11 @@ def _paths(out: Path) -> dict[str, Path]:
             "eval": out / "eval", "report": out / "report"}
 
 
-def _same_config(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
-    """Whether a saved output's config holds every field of `wanted` with the same value."""
-    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in wanted.items())
-
-
 def _reuse(path: Path, wanted: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The JSON result at `path` if it was made with the config `wanted` (its "config" field), else compute it."""
-    if path.is_file():
-        saved = read_json(path)
-        if _same_config(saved.get("config"), wanted):
-            return saved
-    return compute()
+    saved = saved_result(path, wanted)
+    # a result of an older layout (or from before results said their kind) is one the report cannot read
+    return saved if saved is not None and is_current(saved) else compute()
 
 
 def _classifier(config: ClassifierTrainConfig, out: Path) -> float:
@@ -147,7 +144,7 @@ def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
     guidance = GuidanceTrainConfig(dataset=config.dataset, model=str(paths["diffusion"]), epochs=config.guidance_epochs,
                                    synthetic=config.sampling, seed=config.seed)
     info = paths["guidance"] / "guidance.json"
-    if not (info.is_file() and _same_config(read_json(info).get("config"), config_dict(guidance))):
+    if saved_result(info, config_dict(guidance)) is None:
         train_guidance(guidance, paths["guidance"])
 
 
@@ -164,7 +161,7 @@ def generate_shards(config: DemoConfig, paths: dict[str, Path], address: str | N
                                   shard_size=baseline.shard_size)
     run_config_job(paths["lowdensity"], lowdensity, LowDensitySource, lowdensity.num, actors=config.actors,
                    address=address, manifest_extra=extra)
-    for split in ("train", "test"):  # train: a training set (seed 001 Table 2); test: only for Fig. 5's entropy
+    for split in ("train", "test"):  # train: a training set (Yamaguchi & Fukuda 2023 Table 2); test: only for Fig. 5's entropy
         size = len(load_dataset(config.dataset, split))
         reconstruct = ReconstructConfig(model=model, dataset=config.dataset, split=split, t_re=config.t_re,
                                         sampling=config.sampling, seed=config.seed,
@@ -198,8 +195,9 @@ def _accuracy(name: str, folder: Path, config: DemoConfig, ensemble: str | None,
         model, saved = load_classifier(folder)
         test = load_dataset(config.dataset, "test")
         num_classes = int(saved["num_classes"])
-        report = {"name": name, **key, "config": key,
-                  **accuracy_report(predict_logits(model, test.images), test.labels, num_classes)}
+        report = tag_result("accuracy", {"name": name, **key, "config": key,
+                                         **accuracy_report(predict_logits(model, test.images), test.labels,
+                                                           num_classes)})
         if ensemble:
             wrapped = wrap_diffaug_ensemble(model, ensemble)
             report["diffaug_ensemble"] = {"model": ensemble, **accuracy_report(
@@ -215,7 +213,7 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
     ev, ref = paths["eval"], str(paths["reference"])
     uncond = str(paths["diffusion"])  # called without labels: its null class
     results: dict[str, Any] = {"accuracy": {}, "corruptions": {}, "density": {}, "fidelity": {}}
-    ensemble_of = {"real", "real+diffaug"}  # seed 003 evaluates DiffAug-Ensemble on plain and DiffAug classifiers
+    ensemble_of = {"real", "real+diffaug"}  # Sastry et al. 2023 evaluates DiffAug-Ensemble on plain and DiffAug classifiers
     for name, folder in classifiers.items():
         results["accuracy"][name] = _accuracy(name, folder, config, uncond if name in ensemble_of else None,
                                               ev / "accuracy" / f"{name}.json")
@@ -253,7 +251,7 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
 
 
 def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Seed 001 Fig. 5: the evaluation classifier's mean output entropy (Eq. 4) on the real images and on
+    """Yamaguchi & Fukuda 2023 Fig. 5: the evaluation classifier's mean output entropy (Eq. 4) on the real images and on
     their reconstructions at t_re, for the training and the test split (Fig. 5's "Train/Test Samples")."""
     net, _ = load_classifier(paths["reference"])
     entropy = {}
@@ -342,7 +340,6 @@ def findings_section(rows: list[dict[str, Any]], config: DemoConfig) -> Section:
 
 
 def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any]:
-    config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = _paths(out)

@@ -9,7 +9,6 @@ None of them is a timed test.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -91,26 +90,3 @@ def print_table(name: str, result: dict[str, Any]) -> None:
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
         print(f"  {key:<40} {value}")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    registry = load_benchmarks()
-    if args.name == "list":
-        for name, (_, description) in sorted(registry.items()):
-            print(f"{name:<20} {description}")
-        return 0
-    names = sorted(registry) if args.name == "all" else [args.name]
-    run_benchmarks(names, quick=args.quick, out=Path(args.out))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "bench", help="benchmarks: figures as ratios against a baseline measured in the same run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Run a benchmark (or `all`), print a table and write JSON with every figure and the machine "
-                    "it was measured on. --quick uses small sizes so everything runs on a 2-core CPU in minutes.")
-    parser.set_defaults(run=run_bench)
-    parser.add_argument("name", help="benchmark name, or `all`; `tailforge bench list` shows them")
-    parser.add_argument("--quick", action="store_true", help="small sizes (CPU, minutes)")
-    parser.add_argument("--out", default="bench-out", help="folder for the JSON results and scratch files")

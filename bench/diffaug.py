@@ -1,4 +1,4 @@
-"""`tailforge bench diffaug`: a classifier trainer step with DiffAug (seed 003) vs the plain step.
+"""`tailforge bench diffaug`: a classifier trainer step with DiffAug (Sastry et al. 2023) vs the plain step.
 
 The DiffAug trainer step is a forward/backward/AdamW step of the classifier on the clean batch and
 its DiffAug batch concatenated (2B images, loss CE(clean) + CE(augmented) by

@@ -1,6 +1,6 @@
 """`tailforge bench guidance`: a low-density-guided sampling step vs the unguided step.
 
-Seed 000 Algorithm 1 adds, on every step but the last, the normalized gradients of two losses
+Sehwag et al. 2022 Algorithm 1 adds, on every step but the last, the normalized gradients of two losses
 (hardness through the embedding classifier, L_g1, and fidelity through the real-vs-synthetic
 discriminator, L_g2). :class:`~tailforge.gen.methods.lowdensity.LowDensityGuidance` wraps the denoiser, so
 the guided step is the unguided step plus one forward and one backward pass of each guidance net.

@@ -1,8 +1,9 @@
 """`tailforge bench memorization`: exact nearest-two search vs scikit-learn, and vs generation time.
 
-The ratio criterion (seeds 002/004) needs each generated image's nearest and second-nearest
-training images. Ours is ``eval.memorization.nearest_two`` (chunked, one matmul per chunk, float64
-re-rank of the candidates); the reference is scikit-learn's ``NearestNeighbors(n_neighbors=2,
+The ratio criterion (Gu et al. 2023; Yoon et al. 2023) needs each generated image's nearest and second-nearest
+training images. Ours is ``eval.memorization.nearest_two``, the k = 2 case of the search every
+evaluation uses (``eval.neighbors.knn``: chunked, one matmul per chunk, float64 re-rank of the
+candidates); the reference is scikit-learn's ``NearestNeighbors(n_neighbors=2,
 algorithm="brute")`` fitted on the same flattened [-1, 1] pixels. Both must return the same
 distances (checked; the largest difference is reported). Timings are best of interleaved repeats;
 scikit-learn's includes its ``fit`` (for brute force that only stores the data).
@@ -49,8 +50,9 @@ def max_distance_difference(ours: NearestTwo, distances: np.ndarray) -> float:
 def bench_memorization(quick: bool, workdir: Path) -> dict[str, Any]:
     num, gen_batch, repeats = (2000, 32, 2) if quick else (10000, 128, 3)
     train = load_dataset("digits", "train")
-    model = load_diffusion_model(_random_model(workdir / "tiny-8", "tiny", 8, 1), "cpu")
-    defaults = MemorizationConfig(dataset="digits")
+    model_dir = _random_model(workdir / "tiny-8", "tiny", 8, 1)
+    model = load_diffusion_model(model_dir, "cpu")
+    defaults = MemorizationConfig(dataset="digits", model=str(model_dir))  # the sampler a --model run uses
     sampling = SamplingConfig(sampler=defaults.sampler, steps=defaults.steps)
     indices = list(range(gen_batch))
     batch = generate_batch(model, sampling, 0, indices, None)

@@ -1,4 +1,4 @@
-"""`tailforge bench reconstruct`: real-sample reconstruction (seed 001 Alg. 1) vs full-chain generation.
+"""`tailforge bench reconstruct`: real-sample reconstruction (Yamaguchi & Fukuda 2023 Alg. 1) vs full-chain generation.
 
 Reconstruction at t_re runs the sampler from t = t_re * T back to 0 with round(steps * t_re)
 denoiser steps (``gen.methods.reconstruct.chain_steps``), so its time should be t_re of a full chain's.

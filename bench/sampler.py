@@ -26,6 +26,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from tailforge.bench import benchmark
+from tailforge.gen.core.device import default_device
 from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
 from tailforge.gen.jobs.ray import connect
 from tailforge.gen.jobs.runner import run_config_job
@@ -94,7 +95,7 @@ def compare_samplers(model_dir: Path, *, batch: int, steps: int, repeats: int, d
 
 @benchmark("sampler", "our DDPM/DDIM samplers vs diffusers' DDPMPipeline/DDIMPipeline, same U-Net/steps/batch (goal >= 1.0x on CPU)")
 def bench_sampler(quick: bool, workdir: Path) -> dict[str, Any]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     configs = [("tiny", 8, 1, 128, 50)]
     if not quick:
         configs.append(("ddpm-cifar10", 32, 3, 256 if device == "cuda" else 16, 50))

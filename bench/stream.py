@@ -27,6 +27,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from tailforge.bench import benchmark
+from tailforge.gen.core.device import default_device
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.diffusion.samplers import SamplingConfig
 from tailforge.gen.jobs.runner import run_config_job
@@ -37,7 +38,6 @@ from tailforge.train.classifier import (
     ClassifierTrainConfig,
     RankContext,
     build_stream,
-    default_device,
     memory_batches,
     new_classifier,
     run_training,

@@ -1,13 +1,17 @@
-"""The `tailforge` command line: one subcommand group per package.
+"""The `tailforge` command line: every command and flag is registered here.
 
-    tailforge train diffusion|classifier ...   cli/train.py
-    tailforge gen baseline ...                 cli/gen.py
-    tailforge eval accuracy ...                cli/eval.py
-    tailforge demo                             demo.py (the embedded default)
+    tailforge train diffusion|classifier|guidance ...   cli/train.py
+    tailforge gen baseline|reconstruct|lowdensity ...   cli/gen.py
+    tailforge eval accuracy|corruptions|ood|... ...     cli/eval.py
+    tailforge shards verify DIR                         cli/shards.py
+    tailforge demo                                      cli/demo.py (the embedded default)
+    tailforge bench NAME                                cli/bench.py
 
-Each group module exposes ``register(subparsers)``; a command is a function taking the parsed
-arguments and returning an exit code. Errors in user input (TailforgeError) print one line and
-exit with status 2; anything else is a bug and keeps its traceback.
+A command (cli/commands.py) names the config dataclass its flags come from (cli/flags.py) and
+adds its other options; its parser is built only when it is used, so `tailforge --help` imports
+neither torch nor Ray. A command is a function taking the parsed arguments and returning an exit
+code. Errors in user input (TailforgeError) print one line and exit with status 2; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +20,29 @@ import argparse
 import sys
 
 from tailforge import __version__
+from tailforge.cli import bench, demo, gen, shards, train
+from tailforge.cli import eval as eval_commands
+from tailforge.cli.commands import Command, CommandParser, add_commands, add_group
+
+#: `tailforge GROUP COMMAND`: group name -> (summary, commands)
+GROUPS: dict[str, tuple[str, list[Command]]] = {
+    "train": (train.SUMMARY, train.COMMANDS),
+    "gen": (gen.SUMMARY, gen.COMMANDS),
+    "shards": (shards.SUMMARY, shards.COMMANDS),
+    "eval": (eval_commands.SUMMARY, eval_commands.COMMANDS),
+}
+
+#: `tailforge COMMAND`
+TOP_LEVEL: list[Command] = [demo.COMMAND, bench.COMMAND]
+
+
+def all_commands() -> dict[str, Command]:
+    """Every command by its words after `tailforge`, e.g. "gen baseline"."""
+    commands = {f"{group} {c.name}": c for group, (_, members) in GROUPS.items() for c in members}
+    return {**commands, **{c.name: c for c in TOP_LEVEL}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tailforge.cli import eval as eval_cli
-    from tailforge.cli import gen as gen_cli
-    from tailforge.cli import train as train_cli
-
     parser = argparse.ArgumentParser(
         prog="tailforge",
         description="Diffusion data generation and augmentation for classifier training: low-density "
@@ -30,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `tailforge COMMAND --help` for each command's options. Long jobs run on a local Ray "
                "instance, or join a cluster with --address / $RAY_ADDRESS.")
     parser.add_argument("--version", action="version", version=f"tailforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train_cli, gen_cli, eval_cli):
-        module.register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
+    for name, (summary, commands) in GROUPS.items():
+        add_group(sub, name, summary, commands)
+    add_commands(sub, TOP_LEVEL)
     return parser
 
 

@@ -1,206 +1,314 @@
-"""`tailforge eval ...` and `tailforge demo`."""
+"""`tailforge eval ...`: evaluations of classifiers and shard sets."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from tailforge.cli.util import add_command, add_group, positive_int, print_json
+from tailforge.cli.commands import (
+    Command,
+    add_device_option,
+    add_json_option,
+    add_out_option,
+    add_quiet_option,
+    add_ray_options,
+    name_value_pairs,
+    print_json,
+    print_report,
+    value_type,
+)
+from tailforge.cli.flags import Flag, config_from_args
+from tailforge.gen.core.checks import PositiveInt
+
+
+def corruption_names(text: str) -> tuple[str, ...]:
+    """Comma-separated corruption names; `all` (an empty tuple in the config) is every one that applies."""
+    return () if text == "all" else tuple(name.strip() for name in text.split(","))
+
+
+#: --corruptions NAME,NAME | all (eval corruptions, demo)
+CORRUPTION_NAMES = Flag(parse=corruption_names, show=lambda names: ",".join(names) or "all")
+
+
+def accuracy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classifier", required=True, help="classifier folder (tailforge train classifier)")
+    parser.add_argument("--dataset", required=True, help="dataset spec, e.g. digits or shards:OUT")
+    parser.add_argument("--split", default="test", help="split to evaluate (shard sets have only 'train')")
+    add_json_option(parser)
+    parser.add_argument("--diffaug-ensemble", default=None, metavar="MODEL_DIR",
+                        help="also evaluate DiffAug-Ensemble of the classifier with this (unconditional) diffusion "
+                             "model: mean softmax over t in {0, 50, ..., 450} (Sastry et al.)")
+    parser.add_argument("--skip-bad-shards", action="store_true",
+                        help="shards: datasets: skip damaged shards (logged, counted in the report's shard_read) "
+                             "instead of stopping at the first one")
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
+    """Classify a dataset split with a saved classifier. On a shard set (shards:PATH) the labels are the classes
+    the samples were generated for, so top-1 is the fraction of samples an independent classifier assigns to
+    their requested class."""
+
     from tailforge.eval.accuracy import accuracy_report
+    from tailforge.eval.results import tag_result
     from tailforge.gen.data.datasets import load_dataset, with_option
     from tailforge.gen.models.classifiers import load_classifier, predict_logits
 
     model, config = load_classifier(args.classifier)
     spec = with_option(args.dataset, "skip_bad_shards", "1") if args.skip_bad_shards else args.dataset
     data = load_dataset(spec, args.split)
-    report = {"classifier": args.classifier, "dataset": args.dataset, "split": args.split,
-              **accuracy_report(predict_logits(model, data.images), data.labels, int(config["num_classes"]))}
+    report = tag_result("accuracy", {"classifier": args.classifier, "dataset": args.dataset, "split": args.split,
+                                     **accuracy_report(predict_logits(model, data.images), data.labels,
+                                                       int(config["num_classes"]))})
     if data.read_report:
         report["shard_read"] = data.read_report  # shards read and skipped (--skip-bad-shards)
-    if args.diffaug_ensemble:  # the same classifier with and without DiffAug-Ensemble (seed 003)
+    if args.diffaug_ensemble:  # the same classifier with and without DiffAug-Ensemble (Sastry et al.)
         from tailforge.eval.features import wrap_diffaug_ensemble
 
         ensemble = wrap_diffaug_ensemble(model, args.diffaug_ensemble)
         report["diffaug_ensemble"] = {"model": args.diffaug_ensemble, **accuracy_report(
             predict_logits(ensemble, data.images), data.labels, int(config["num_classes"]))}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print_json(report)
+    print_report(report, args.json)
     return 0
+
+
+def corruptions_options(parser: argparse.ArgumentParser) -> None:
+    from tailforge.eval.corruptions import CORRUPTIONS
+
+    parser.description += (f" Corruptions: {', '.join(CORRUPTIONS)} (frost and spatter cannot be computed here; "
+                           "see tailforge.eval.corruptions).")
+    add_out_option(parser)
+    add_device_option(parser)
+    add_quiet_option(parser)
+
+
+def run_corruptions(args: argparse.Namespace) -> int:
+    """Corrupt the test split with the CIFAR-10-C corruptions (Hendrycks & Dietterich 2019) at severities 1-5,
+    computed here for any image size (pixel parameters scaled by size / --reference-size), and classify. Writes
+    OUT/corruptions.json (per corruption and severity accuracy, the fraction of images each leaves unchanged,
+    per-family and mean corruption accuracy over the benchmark's 15 corruptions that apply) and
+    OUT/corruption_examples.png."""
+
+    from tailforge.eval.corruptions import CorruptionSuiteConfig, run_corruption_suite
+
+    report = run_corruption_suite(config_from_args(CorruptionSuiteConfig, args), args.out, device=args.device,
+                                  progress=not args.quiet)
+    print_json({"out": str(Path(args.out) / "corruptions.json"), "clean_accuracy": report["clean_accuracy"],
+                "mean_corruption_accuracy": report["mean_corruption_accuracy"], "families": report["families"],
+                "no_effect_at_this_size": report["no_effect_at_this_size"],
+                "not_computed": sorted(report["not_computed"])})
+    return 0
+
+
+def ood_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    add_device_option(parser)
+    add_quiet_option(parser)
+
+
+def run_ood(args: argparse.Namespace) -> int:
+    """Score the ID test split and each OOD set with OpenOOD's postprocessors (feature statistics fitted on the
+    ID training split) and report AUROC and FPR@95TPR per set. Default sets, at the dataset's size: near = the
+    ID test images rotated 90 degrees, far = mondrian, gm, ri. --holdout-classes trains a fresh classifier
+    without those classes and adds their test images as a near-OOD set (open-set protocol). Writes OUT/ood.json
+    with ROC curves."""
+
+    from tailforge.eval.ood import OODConfig
+    from tailforge.eval.ood import run_ood as evaluate_ood
+
+    report = evaluate_ood(config_from_args(OODConfig, args), args.out, device=args.device, progress=not args.quiet)
+    table = {name: {s: round(v["auroc"], 4) for s, v in r["scores"].items()} for name, r in report["sets"].items()}
+    print_json({"out": str(Path(args.out) / "ood.json"), "auroc": table})
+    return 0
+
+
+def fidelity_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    add_device_option(parser)
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    """Compare a shard set with the real training split: Frechet distance between Gaussians of the evaluation
+    classifier's embeddings (with the real test-vs-train distance as the floor), and the cross-validated
+    accuracy of a linear real-vs-synthetic detector in the pixel and DCT domains (Yamaguchi & Fukuda, Table 1;
+    50 % = indistinguishable). Writes OUT/fidelity.json. Precision and recall are in `tailforge eval density`."""
+
+    from tailforge.eval.fidelity import FidelityConfig
+    from tailforge.eval.fidelity import run_fidelity as evaluate_fidelity
+
+    report = evaluate_fidelity(config_from_args(FidelityConfig, args), args.out, device=args.device)
+    print_json({"out": str(Path(args.out) / "fidelity.json"), "frechet_distance": report["frechet_distance"],
+                "frechet_distance_real_test_vs_train": report.get("frechet_distance_real_test_vs_train"),
+                "fake_detection": {d: r["accuracy"] for d, r in report["fake_detection"].items()}})
+    return 0
+
+
+def memorization_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    add_device_option(parser)
+    add_quiet_option(parser)
+    add_ray_options(parser)
+
+
+def run_memorization(args: argparse.Namespace) -> int:
+    """For every generated image find its nearest and second-nearest training images (exact, pixel space,
+    chunked, GPU when present) and mark it a replicate when d1 < d2/3 (the ratio criterion of Gu et al. and Yoon
+    et al.). Writes OUT/memorization.json (memorization_ratio, distinct training images replicated, per class,
+    d1/d2 distribution, closest pairs) and OUT/nearest_pairs.png. With --classifier also the feature-space
+    nearest-neighbour distances of generated vs held-out real images (Sehwag et al. 2022, Sec. 5). Give exactly
+    one of --shards (a generated set) or --model, which generates --num samples first (a baseline job into
+    OUT/samples)."""
+
+    from tailforge.eval.memorization import MemorizationConfig
+    from tailforge.eval.memorization import run_memorization as evaluate_memorization
+
+    report = evaluate_memorization(config_from_args(MemorizationConfig, args), args.out, device=args.device,
+                                   actors=args.actors, address=args.address, progress=not args.quiet)
+    summary = {k: report[k] for k in ("memorization_ratio", "replicates", "distinct_train_images_replicated",
+                                      "median_ratio_d1_d2", "num_generated", "num_train")}
+    print_json({"out": str(Path(args.out) / "memorization.json"), **summary})
+    return 0
+
+
+def training_set_sizes(text: str) -> tuple[int, ...]:
+    """--sizes 50,100,full (eval emm's own syntax, parsed where EMM lives)."""
+    from tailforge.eval.emm import parse_sizes
+
+    return parse_sizes(text)
+
+
+def emm_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    add_ray_options(parser, actors=False)
+    parser.add_argument("--in-process", action="store_true", help="train the sizes one after another without Ray")
+    add_quiet_option(parser)
+
+
+def run_emm(args: argparse.Namespace) -> int:
+    """Train one diffusion model per training-set size (nested subsets SPEC?n=N) as parallel Ray tasks, sample
+    each, measure its memorization ratio (ratio criterion d1 < d2/3) and interpolate EMM, the largest size whose
+    ratio is still >= 1 - epsilon (Def. 1). --dummy K injects K Gaussian-mixture dummy images as an extra class
+    (Yoon et al., Hypothesis 2); --labels random|unique conditions on uninformative labels (Gu et al., Sec. 6).
+    Writes OUT/emm.json and OUT/runs/nN/{model,result.json,nearest_pairs.png}; a re-run reuses finished sizes."""
+
+    from tailforge.eval.emm import EMMConfig
+    from tailforge.eval.emm import run_emm as evaluate_emm
+
+    report = evaluate_emm(config_from_args(EMMConfig, args), args.out, address=args.address,
+                          in_process=args.in_process, progress=not args.quiet)
+    print_json({"out": str(Path(args.out) / "emm.json"), "emm": report["emm"],
+                "points": [{k: p[k] for k in ("size", "memorization_ratio")} for p in report["points"]],
+                "wall_seconds": report["wall_seconds"]})
+    return 0
+
+
+def report_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    parser.add_argument("--results", action="append", metavar="PATH",
+                        help="a result JSON or a folder searched recursively; repeatable")
+    parser.add_argument("--samples", action="append", metavar="NAME=SHARDS", help="a shard set to show; repeatable")
+    parser.add_argument("--classifier", default=None, help="evaluation classifier for the density histograms")
+    parser.add_argument("--dataset", default=None, help="real dataset spec (density reference, t_re test split)")
+    parser.add_argument("--tre", action="append", metavar="T=CLASSIFIER_DIR",
+                        help="classifier trained on data reconstructed at t_re = T; repeatable")
+    parser.add_argument("--grid", type=value_type(PositiveInt), default=40, help="samples per grid")
+    parser.add_argument("--title", default="tailforge evaluation report", help="report title")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Collect the JSON results of the eval commands (found by the kind each records, under each --results
+    path), sample grids of shard sets (--samples NAME=DIR; sets generated with the same seed are paired), density
+    histograms (with --classifier and --dataset) and accuracy vs t_re (--tre T=CLASSIFIER). Writes OUT/report.json and
+    OUT/report.html (figures embedded; opens offline). Sections whose inputs are missing are listed as absent."""
+
+    from tailforge.eval.report import write_report
+    from tailforge.gen.core.errors import ConfigError
+
+    tre = {}
+    for name, folder in name_value_pairs(args.tre, "--tre").items():
+        try:
+            tre[float(name)] = folder
+        except ValueError:
+            raise ConfigError(f"--tre expects T=CLASSIFIER_DIR with T a number, got {name!r}") from None
+    report = write_report(args.out, results=args.results or [], samples=name_value_pairs(args.samples, "--samples"),
+                          classifier=args.classifier, dataset=args.dataset, tre=tre, grid=args.grid, title=args.title)
+    print_json({"report": str(Path(args.out) / "report.html"), "present": report["present"],
+                "absent": report["absent"]})
+    return 0
+
+
+def entropy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classifier", required=True, help="classifier folder (tailforge train classifier)")
+    parser.add_argument("--dataset", required=True, nargs="+", metavar="SPEC",
+                        help="one or more dataset specs, e.g. shards:R/t_re_0 shards:R/t_re_0p3")
+    parser.add_argument("--split", default="train", help="split to measure (shard sets have only 'train')")
+    add_device_option(parser, "cpu")
+    add_json_option(parser)
+
+
+def run_entropy(args: argparse.Namespace) -> int:
+    """Mean over a dataset of the entropy (nats) of the classifier's softmax output (Eq. 4), overall and per
+    true class, with the classifier's top-1 on the same data. Yamaguchi & Fukuda measure the classifier trained
+    on real data on reconstructed sets of growing t_re (tailforge gen reconstruct): the entropy falls as the
+    reverse process pulls samples towards the modes."""
+
+    from tailforge.eval.entropy import evaluate_entropy
+
+    print_report(evaluate_entropy(args.classifier, args.dataset, args.split, args.device), args.json)
+    return 0
+
+
+def density_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True, help="shard set folder (gen baseline / gen lowdensity output)")
+    parser.add_argument("--dataset", required=True, help="dataset spec of the real data, e.g. digits")
+    parser.add_argument("--classifier", required=True, help="evaluation classifier folder (tailforge train classifier)")
+    add_json_option(parser)
 
 
 def run_density(args: argparse.Namespace) -> int:
+    """Measure a shard set in the embedding space of an evaluation classifier (one that did not guide the
+    samples; refused if it did): hardness (Sehwag et al. 2022, Eq. 3, class Gaussians of the real training
+    split), AvgkNN (mean distance to the k nearest real training images), LOF (scikit-learn, novelty=True), k-NN
+    manifold precision/recall (Kynkaanniemi et al. 2019) and the fraction the classifier assigns to the
+    generated class; the real test split is measured the same way as a reference, and out-of-fold percentiles of
+    the training split's own hardness are reported."""
+
     from tailforge.eval.density import DensityConfig, evaluate_density
-    from tailforge.gen.core.files import write_json_atomic
 
-    config = DensityConfig(k=args.k, lof_neighbors=args.lof_neighbors, pr_k=args.pr_k, shrinkage=args.shrinkage,
-                           folds=args.folds)
-    report = evaluate_density(args.shards, args.dataset, args.classifier, config)
-    if args.json:
-        write_json_atomic(args.json, report)
-    print_json(report)
+    print_report(evaluate_density(args.shards, args.dataset, args.classifier, config_from_args(DensityConfig, args)),
+                 args.json)
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    import dataclasses
+SUMMARY = "evaluate classifiers and shard sets"
 
-    from tailforge.demo import DemoConfig
-    from tailforge.demo import run_demo as demo
-    from tailforge.gen.diffusion.samplers import SamplingConfig
-    from tailforge.gen.methods.lowdensity import GuidanceConfig
-
-    fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in fields}
-    settings["sampling"] = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps)
-    settings["guide"] = GuidanceConfig(alpha=args.alpha, beta=args.beta)
-    settings["guide"].validate()
-    demo(DemoConfig(**settings), address=args.address)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from tailforge.bench import register as register_bench
-
-    group = add_group(sub, "eval", "evaluate classifiers and shard sets")
-    accuracy = add_command(
-        group, "accuracy", "top-1, per-class accuracy and ECE of a classifier on a dataset", run_accuracy,
-        description="Classify a dataset split with a saved classifier. On a shard set (shards:PATH) the labels are "
-                    "the classes the samples were generated for, so top-1 is the fraction of samples an "
-                    "independent classifier assigns to their requested class.")
-    accuracy.add_argument("--classifier", required=True, help="classifier folder (tailforge train classifier)")
-    accuracy.add_argument("--dataset", required=True, help="dataset spec, e.g. digits or shards:OUT")
-    accuracy.add_argument("--split", default="test", help="split to evaluate (shard sets have only 'train')")
-    accuracy.add_argument("--json", default=None, help="also write the report to this file")
-    accuracy.add_argument("--diffaug-ensemble", default=None, metavar="MODEL_DIR",
-                          help="also evaluate DiffAug-Ensemble of the classifier with this (unconditional) diffusion "
-                               "model: mean softmax over t in {0, 50, ..., 450} (seed 003)")
-    accuracy.add_argument("--skip-bad-shards", action="store_true",
-                          help="shards: datasets: skip damaged shards (logged, counted in the report's shard_read) "
-                               "instead of stopping at the first one")
-    from tailforge.eval import corruptions, emm, entropy, fidelity, memorization, ood, report
-
-    for suite in (corruptions, ood, fidelity, memorization, emm, report, entropy):
-        suite.register(group)
-
-    density = add_command(
-        group, "density", "hardness, AvgkNN, LOF, precision/recall of a shard set (seed 000 Sec. 4.2)", run_density,
-        description="Measure a shard set in the embedding space of an evaluation classifier (one that did not guide "
-                    "the samples; refused if it did): hardness (seed 000 Eq. 3, class Gaussians of the real training "
-                    "split), AvgkNN (mean distance to the k nearest real training images), LOF (scikit-learn, "
-                    "novelty=True), k-NN manifold precision/recall (Kynkaanniemi et al. 2019) and the fraction the "
-                    "classifier assigns to the generated class; the real test split is measured the same way as a "
-                    "reference, and out-of-fold percentiles of the training split's own hardness are reported.")
-    density.add_argument("--shards", required=True, help="shard set folder (gen baseline / gen lowdensity output)")
-    density.add_argument("--dataset", required=True, help="dataset spec of the real data, e.g. digits")
-    density.add_argument("--classifier", required=True, help="evaluation classifier folder (tailforge train classifier)")
-    density.add_argument("--k", type=positive_int, default=5, help="AvgkNN neighbours (seed 000: 5)")
-    density.add_argument("--lof-neighbors", type=positive_int, default=20, help="LOF neighbourhood size")
-    density.add_argument("--pr-k", type=positive_int, default=3, help="k of the precision/recall k-NN manifolds")
-    density.add_argument("--shrinkage", choices=("auto", "ledoit_wolf", "none"), default="ledoit_wolf",
-                         help="class covariances of the evaluation features")
-    density.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds for the training hardness")
-    density.add_argument("--json", default=None, help="also write the report to this file")
-
-    register_demo(sub)
-    register_bench(sub)
-
-
-DEMO_EPILOG = """\
-The same study on CIFAR-10 on a GPU cluster
--------------------------------------------
-CIFAR-10 in torchvision's on-disk format (cifar-10-batches-py) must be at the same local path on
-every node (or use shards:s3://... after converting it); nothing is downloaded. Start the cluster
-(cluster.yaml, or `ray start --head` plus `ray start --address HEAD:6379` on each GPU node), then
-from this checkout:
-
-  ray job submit --address http://HEAD:8265 --working-dir . -- \\
-    tailforge demo --out /shared/demo-cifar10 \\
-      --dataset cifar10:/data/cifar-10-batches-py \\
-      --unet-preset ddpm-cifar10 --diffusion-steps 800000 --label-dropout 0.1 \\
-      --diffusion-batch-size 128 --num-samples 50000 --sampler ddpm --sampling-steps 250 \\
-      --guidance-epochs 30 --classifier resnet18_cifar --classifier-epochs 100 \\
-      --reference-classifier resnet18_cifar --reference-epochs 100 \\
-      --corruptions all --severities 1,2,3,4,5 --corruption-reference-size 32 --t-re 0.3 \\
-      --actors 8 --diffaug-actors 4
-
-What to change and why: --unet-preset ddpm-cifar10 is the DDPM paper's 35.7M-parameter net and
-800k steps its schedule (seed 000 uses 250 DDPM steps for sampling); --label-dropout 0.1 gives the
-one model the null class that DiffAug and DiffAug-Ensemble denoise with (seed 003 used separate
-unconditional models); --num-samples 50000 matches
-the training-set size of seed 000's experiments; --actors is the number of generation actors (one
-per GPU by default when unset on GPU nodes), --diffaug-actors the AugmentActors serving DiffAug to
-the trainer; --corruptions all --severities 1,2,3,4,5 runs the full CIFAR-10-C suite at 32 px. Each stage is cached in
---out, so a resubmitted job continues where the last one stopped (--out must be on storage every
-node sees for the shard sets: a shared filesystem or an s3:// URL).
-"""
-
-
-def register_demo(sub: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_ray_options
-    from tailforge.demo import DemoConfig
-    from tailforge.gen.diffusion.samplers import SAMPLERS
-
-    defaults = DemoConfig()
-    demo = sub.add_parser(
-        "demo", help="the embedded default: the whole pipeline on digits on this machine",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EPILOG,
-        description="Run the project's main job end to end on a local Ray instance (or --address): train a "
-                    "diffusion model with label dropout (class-conditional, and unconditional through its null "
-                    "class), an independent evaluation classifier "
-                    "and seed 000's guidance nets; generate baseline, low-density (alpha = beta = 0.5) and "
-                    "reconstructed (t_re) shard sets on the actor pool; train one classifier architecture on real "
-                    "data, real + baseline, real + low-density, real + reconstructed and real with DiffAug on the "
-                    "fly (same seed, epochs and steps); evaluate accuracy, corruptions, OOD and DiffAug-Ensemble, "
-                    "and the shard sets' density, fidelity and memorization; write OUT/report/report.html and "
-                    "report.json (led by the papers' findings this run reproduced or not) and OUT/summary.json. "
-                    "Every stage is cached in --out: a second run reuses what is there. Defaults fit scikit-learn's "
-                    "bundled digits on a 2-core CPU.")
-    demo.set_defaults(run=run_demo)
-    add = demo.add_argument
-    add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
-    add("--dataset", default=defaults.dataset, help="dataset spec (default: digits)")
-    add("--diffusion-steps", type=positive_int, default=defaults.diffusion_steps,
-        help=f"the diffusion model's training steps (default: {defaults.diffusion_steps})")
-    add("--label-dropout", type=float, default=defaults.label_dropout,
-        help="probability a training label is replaced by the null class, which DiffAug and DiffAug-Ensemble use "
-             f"(default: {defaults.label_dropout}; Ho & Salimans 2022 use 0.1-0.2)")
-    add("--unet-preset", default=None, help="U-Net preset (default: tiny for <= 16 px, small above)")
-    add("--diffusion-batch-size", type=positive_int, default=defaults.diffusion_batch_size,
-        help=f"diffusion training batch (default: {defaults.diffusion_batch_size})")
-    add("--num-samples", type=positive_int, default=defaults.num_samples,
-        help=f"baseline and low-density samples each (default: {defaults.num_samples})")
-    add("--sampler", choices=sorted(SAMPLERS), default=defaults.sampling.sampler,
-        help=f"sampler of every generation job (default: {defaults.sampling.sampler})")
-    add("--sampling-steps", type=positive_int, default=defaults.sampling.steps,
-        help=f"its steps (default: {defaults.sampling.steps})")
-    add("--alpha", type=float, default=defaults.guide.alpha, help="low-density hardness scale (default: 0.5, seed 000)")
-    add("--beta", type=float, default=defaults.guide.beta, help="low-density fidelity scale (default: 0.5, seed 000)")
-    add("--guidance-epochs", type=positive_int, default=defaults.guidance_epochs,
-        help=f"guidance nets' epochs (default: {defaults.guidance_epochs})")
-    add("--t-re", type=float, default=defaults.t_re, help=f"reconstruction's t_re, a fraction of T (default: {defaults.t_re})")
-    add("--classifier", default=defaults.classifier,
-        help=f"architecture of the compared classifiers, any timm name (default: {defaults.classifier})")
-    add("--classifier-epochs", type=positive_int, default=defaults.classifier_epochs,
-        help=f"their epochs (default: {defaults.classifier_epochs})")
-    add("--synthetic-weight", type=float, default=defaults.synthetic_weight,
-        help=f"sampling weight of a synthetic set next to real = 1 (default: {defaults.synthetic_weight})")
-    add("--reference-classifier", default=defaults.reference_classifier,
-        help=f"independent evaluation classifier (default: {defaults.reference_classifier})")
-    add("--reference-epochs", type=positive_int, default=defaults.reference_epochs,
-        help=f"its epochs (default: {defaults.reference_epochs})")
-    add("--corruptions", type=lambda text: tuple() if text == "all" else tuple(text.split(",")),
-        default=defaults.corruptions, help=f"comma-separated corruptions, or all (default: {','.join(defaults.corruptions)})")
-    add("--severities", type=lambda text: tuple(int(v) for v in text.split(",")), default=defaults.severities,
-        help=f"comma-separated corruption severities (default: {','.join(map(str, defaults.severities))})")
-    add("--corruption-reference-size", type=positive_int, default=defaults.corruption_reference_size,
-        help="image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to 8 px digits "
-             "(default: 8)")
-    add("--diffaug-actors", type=int, default=defaults.diffaug_actors,
-        help="serve DiffAug from this many AugmentActors (default: 0, in the training process)")
-    add("--seed", type=int, default=defaults.seed, help="seed of every job and trainer (default: 0)")
-    add_ray_options(demo)
+COMMANDS = [
+    Command(
+        "accuracy", "top-1, per-class accuracy and ECE of a classifier on a dataset", run=run_accuracy,
+        options=accuracy_options),
+    Command(
+        "corruptions", "CIFAR-10-C corruptions at 5 severities: mean corruption accuracy", run=run_corruptions,
+        config="tailforge.eval.corruptions:CorruptionSuiteConfig", flags={"corruptions": CORRUPTION_NAMES},
+        options=corruptions_options),
+    Command(
+        "ood", "OOD detection: MSP, energy, MaxLogit, ReAct, ASH, SCALE, Mahalanobis, kNN", run=run_ood,
+        config="tailforge.eval.ood:OODConfig", options=ood_options),
+    Command(
+        "fidelity", "Frechet distance in classifier features and real-vs-synthetic fake detection", run=run_fidelity,
+        config="tailforge.eval.fidelity:FidelityConfig", options=fidelity_options),
+    Command(
+        "memorization", "ratio-criterion memorization of a shard set or model against its training data",
+        run=run_memorization, config="tailforge.eval.memorization:MemorizationConfig", options=memorization_options),
+    Command(
+        "emm", "effective model memorization over nested training subsets (Gu et al.)", run=run_emm,
+        config="tailforge.eval.emm:EMMConfig", options=emm_options,
+        flags={"sizes": Flag(parse=training_set_sizes, show=lambda sizes: ",".join(str(n or "full") for n in sizes))}),
+    Command(
+        "report", "gather evaluation results into report.json and a self-contained report.html", run=run_report,
+        options=report_options),
+    Command(
+        "entropy", "mean output entropy of a classifier on datasets (Yamaguchi & Fukuda, Eq. 4, Fig. 5)",
+        run=run_entropy, options=entropy_options),
+    Command(
+        "density", "hardness, AvgkNN, LOF, precision/recall of a shard set (Sehwag et al. 2022, Sec. 4.2)",
+        run=run_density, config="tailforge.eval.density:DensityConfig", options=density_options),
+]

@@ -28,13 +28,12 @@ image index), so results do not depend on batching.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +41,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import Check, NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.noise import PerSampleNoise, sample_seed
 
 REFERENCE_SIZE = 32  # CIFAR-10-C's image size: pixel parameters are stated for it
 SEVERITIES = (1, 2, 3, 4, 5)
+Severity = Annotated[int, Check(lambda v: v in SEVERITIES, "a severity in 1..5")]
 
 Gens = Sequence[torch.Generator]
 
@@ -546,7 +548,7 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
         families[family] = mean_over(members)
     per_severity = {str(s): float(np.mean([rows[n]["severities"][i]["accuracy"] for n in benchmark]))
                     for i, s in enumerate(severities)} if benchmark else {}
-    report = {
+    report = tag_result("corruptions", {
         "clean_accuracy": clean,
         "mean_corruption_accuracy": mean_over(benchmark),
         "relative_corruption_accuracy": (mean_over(benchmark) / clean) if benchmark and clean > 0 else None,
@@ -560,7 +562,7 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
         "corruptions": rows,
         "image_size": int(images.shape[-1]), "reference_size": reference_size, "severities": list(severities),
         "num_images": int(len(images)), "seed": seed,
-    }
+    })
     return report, examples
 
 
@@ -571,12 +573,16 @@ class CorruptionSuiteConfig:
     classifier: str  # classifier folder (tailforge train classifier)
     dataset: str  # dataset spec whose `split` is corrupted
     split: str = "test"  # split to corrupt
-    corruptions: tuple[str, ...] = ()  # corruption names; empty: every one that applies to these images
-    severities: tuple[int, ...] = SEVERITIES  # CIFAR-10-C severities 1..5
-    reference_size: int = REFERENCE_SIZE  # image size CIFAR-10-C's pixel parameters are stated for
-    limit: int = 0  # use only the first N images (0: all)
-    seed: int = 0  # corruption noise seed
+    corruptions: tuple[str, ...] = ()  # corruption names; empty (`all` as a flag): every one that applies here
+    severities: tuple[Severity, ...] = SEVERITIES  # CIFAR-10-C severities
+    # image size CIFAR-10-C's pixel parameters are stated for; the images' own size applies them unscaled
+    reference_size: PositiveInt = REFERENCE_SIZE
+    limit: NonNegativeInt = 0  # use only the first N images (0: all)
+    seed: NonNegativeInt = 0  # corruption noise seed
     diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, device: str | None = None,
@@ -607,54 +613,3 @@ def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, devi
     report["example_rows"] = list(examples)
     write_json_atomic(out / "corruptions.json", report)
     return report
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    names = () if args.corruptions == "all" else tuple(n.strip() for n in args.corruptions.split(","))
-    config = CorruptionSuiteConfig(classifier=args.classifier, dataset=args.dataset, split=args.split, corruptions=names,
-                                   severities=args.severities, reference_size=args.reference_size, limit=args.limit,
-                                   seed=args.seed, diffaug_ensemble=args.diffaug_ensemble)
-    report = run_corruption_suite(config, args.out, device=args.device, progress=not args.quiet)
-    print_json({"out": str(Path(args.out) / "corruptions.json"), "clean_accuracy": report["clean_accuracy"],
-                "mean_corruption_accuracy": report["mean_corruption_accuracy"], "families": report["families"],
-                "no_effect_at_this_size": report["no_effect_at_this_size"], "not_computed": sorted(report["not_computed"])})
-    return 0
-
-
-def _severities(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"severities are comma-separated integers 1..5, got {text!r}") from None
-    if not values or any(v not in SEVERITIES for v in values):
-        raise argparse.ArgumentTypeError(f"severities must be in 1..5, got {text!r}")
-    return values
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, non_negative_int, positive_int
-    from tailforge.eval.features import add_classifier_options
-
-    parser = add_command(
-        group, "corruptions", "CIFAR-10-C corruptions at 5 severities: mean corruption accuracy", run_cli,
-        description="Corrupt the test split with the CIFAR-10-C corruptions (Hendrycks & Dietterich 2019) at "
-                    "severities 1-5, computed here for any image size (pixel parameters scaled by size / "
-                    "--reference-size), and classify. Writes OUT/corruptions.json (per corruption and severity "
-                    "accuracy, the fraction of images each leaves unchanged, per-family and mean corruption "
-                    "accuracy over the benchmark's 15 corruptions that apply) and OUT/corruption_examples.png. "
-                    f"Corruptions: {', '.join(CORRUPTIONS)} (frost and spatter cannot be computed here; see "
-                    "tailforge.eval.corruptions).")
-    add_classifier_options(parser)
-    parser.add_argument("--dataset", required=True, help="dataset spec whose test split is corrupted")
-    parser.add_argument("--split", default="test", help="split to corrupt")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--corruptions", default="all", help="comma-separated names, or all that apply")
-    parser.add_argument("--severities", type=_severities, default="1,2,3,4,5", help="comma-separated severities")
-    parser.add_argument("--reference-size", type=positive_int, default=REFERENCE_SIZE,
-                        help="image size CIFAR-10-C's pixel parameters are stated for (32); set it to the image "
-                             "size to apply them unscaled")
-    parser.add_argument("--limit", type=non_negative_int, default=0, help="use only the first N images (0: all)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="corruption noise seed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")

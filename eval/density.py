@@ -1,6 +1,6 @@
 """Density and fidelity of a sample set in the feature space of an evaluation classifier.
 
-Seed 000 (Sehwag et al. 2022), Sec. 4.2: hardness (Eq. 3), AvgkNN (mean distance to the k = 5
+Sehwag et al. 2022, Sec. 4.2: hardness (Eq. 3), AvgkNN (mean distance to the k = 5
 nearest real neighbours) and LOF (Breunig et al. 2000; scikit-learn's LocalOutlierFactor with
 novelty=True), all measured with a network that did *not* guide the sampler; Sec. 4.1 / Fig. 4b:
 precision (and recall) of k-NN manifolds (Kynkaanniemi et al. 2019, k = 3), computed in chunks so
@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
+from sklearn.neighbors import LocalOutlierFactor
 from torch import Tensor
 
+from tailforge.eval.neighbors import distance_blocks, knn
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import OneOf, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, file_sha256
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.read import iter_samples
-from tailforge.gen.methods.lowdensity import ClassGaussians, fit_class_gaussians, hardness
+from tailforge.gen.methods.lowdensity import SHRINKAGE, ClassGaussians, fit_class_gaussians, hardness
 from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, embed, load_classifier, predict_logits
 
 #: fields of a sample's json that say how it was generated (copied into the report)
@@ -60,10 +63,8 @@ def crossfit_hardness(features: Tensor, labels: Tensor, num_classes: int, *, fol
 
 def avg_knn_distance(features: Tensor, reference: Tensor, k: int = 5, *, exclude_self: bool = False) -> Tensor:
     """AvgkNN: mean Euclidean distance from each row of `features` to its k nearest rows of
-    `reference` (seed 000, Sec. 4.2, k = 5). ``exclude_self`` when `features` is `reference`."""
-    nn = NearestNeighbors(n_neighbors=k + int(exclude_self)).fit(reference.double().numpy())
-    dist, _ = nn.kneighbors(features.double().numpy())
-    return torch.from_numpy(dist[:, int(exclude_self):].mean(axis=1))
+    `reference` (Sehwag et al. 2022, Sec. 4.2, k = 5). ``exclude_self`` when `features` is `reference`."""
+    return knn(features.double(), reference.double(), k, exclude_self=exclude_self).distances.mean(1)
 
 
 def lof_scores(features: Tensor, reference: Tensor, n_neighbors: int = 20) -> Tensor:
@@ -74,24 +75,18 @@ def lof_scores(features: Tensor, reference: Tensor, n_neighbors: int = 20) -> Te
     return torch.from_numpy(-lof.score_samples(features.double().numpy()))
 
 
-def _chunked_min_over(queries: Tensor, points: Tensor, chunk_size: int, reduce) -> Tensor:
-    """reduce(distance block [c, M]) for query chunks of `chunk_size` rows, concatenated."""
-    return torch.cat([reduce(torch.cdist(queries[i:i + chunk_size], points))
-                      for i in range(0, len(queries), chunk_size)])
-
-
 def knn_radii(features: Tensor, k: int = 3, chunk_size: int = 1024) -> Tensor:
     """Distance of each row to its k-th nearest other row (the radius of its k-NN ball)."""
     if len(features) <= k:
         raise ConfigError(f"k-NN radii need more than k = {k} points, got {len(features)}")
     f = features.double()
-    return _chunked_min_over(f, f, chunk_size, lambda d: d.topk(k + 1, dim=1, largest=False).values[:, k])
+    return knn(f, f, k, exclude_self=True, query_chunk=chunk_size).distances[:, k - 1]
 
 
 def manifold_coverage(queries: Tensor, points: Tensor, radii: Tensor, chunk_size: int = 1024) -> Tensor:
     """Per query: whether it lies inside at least one k-NN ball of `points` (radii from knn_radii)."""
     r = radii.double()
-    return _chunked_min_over(queries.double(), points.double(), chunk_size, lambda d: (d <= r).any(dim=1))
+    return torch.cat([(d <= r).any(dim=1) for d in distance_blocks(queries, points, chunk_size)])
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1024) -> dict[str, float]:
@@ -107,11 +102,15 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1
 class DensityConfig:
     """`tailforge eval density`; copied into its report."""
 
-    k: int = 5  # AvgkNN neighbours (seed 000: five)
-    lof_neighbors: int = 20  # LOF neighbourhood (scikit-learn's default; the paper does not say)
-    pr_k: int = 3  # k of the precision/recall manifolds (Kynkaanniemi et al. 2019)
-    shrinkage: str = "ledoit_wolf"  # class covariances of the evaluation features (96-d, ~140 per class on digits)
-    folds: int = 5  # cross-fitting folds for the real training data's own hardness
+    k: PositiveInt = 5  # AvgkNN neighbours (Sehwag et al. 2022: five)
+    lof_neighbors: PositiveInt = 20  # LOF neighbourhood (scikit-learn's default; the paper does not say)
+    pr_k: PositiveInt = 3  # k of the precision/recall manifolds (Kynkaanniemi et al. 2019)
+    # class covariances of the evaluation features (96-d, ~140 per class on digits)
+    shrinkage: Annotated[str, OneOf(SHRINKAGE)] = "ledoit_wolf"
+    folds: PositiveInt = 5  # cross-fitting folds for the real training data's own hardness
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclasses.dataclass
@@ -195,7 +194,7 @@ def evaluate_density(shards: str | Path, dataset: str, classifier_dir: str | Pat
         raise ConfigError(f"shard labels reach {int(labels.max())} but {dataset!r} has {train.info.num_classes} classes")
     reference = real_reference(embed(net, train.images), train.labels, train.info.num_classes, config)
     percentiles = [50, 90, 95, 99]
-    return {
+    return tag_result("density", {
         "shards": str(shards), "dataset": dataset, "classifier": str(classifier_dir),
         "classifier_model": net_config.get("model"), "config": config_dict(config),
         "generation": provenance(metas),
@@ -204,4 +203,4 @@ def evaluate_density(shards: str | Path, dataset: str, classifier_dir: str | Pat
                                      reference, config),
         "real_train_hardness_percentiles": dict(zip(
             map(str, percentiles), np.percentile(reference.train_hardness.numpy(), percentiles).round(4).tolist())),
-    }
+    })

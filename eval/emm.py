@@ -1,8 +1,8 @@
-"""Effective model memorization (seed 002, Definition 1) over nested training subsets.
+"""Effective model memorization (Gu et al. 2023, Definition 1) over nested training subsets.
 
     EMM_eps(P, M, T) = max_N { E[R_Mem(D, M, T)] >= 1 - eps  |  D ~ P, |D| = N }
 
-Seed 002 (Section 2) estimates it by training the same model M with the same procedure T on a
+Gu et al. 2023 (Section 2) estimates it by training the same model M with the same procedure T on a
 series of training sets of growing size, measuring each memorization ratio R_Mem (the ratio
 criterion, :mod:`tailforge.eval.memorization`), and interpolating between the two consecutive
 sizes whose ratios straddle 1 - eps; eps = 0.1 throughout that paper. Its released code reports
@@ -14,7 +14,7 @@ Hypothesis 1 (Eq. 4) compares. Each size is one Ray task (one CPU, or one GPU wh
 them) that trains a model, samples it and measures memorization, so the sizes train in parallel.
 
 Options that change the training set, each written as a shard set the trainer reads:
-- ``dummy``: seed 004 Hypothesis 2 / Appendix B.2: add K Gaussian-mixture dummy images (the ``gm``
+- ``dummy``: Yoon et al. 2023 Hypothesis 2 / Appendix B.2: add K Gaussian-mixture dummy images (the ``gm``
   dataset at the same size and channels) as one extra class; samples are drawn only for the real
   classes and compared with the real training images.
 - ``labels``: ``true`` (the dataset's classes), ``none`` (unconditional model), ``random`` (each
@@ -29,13 +29,18 @@ import dataclasses
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.core.files import config_dict, read_json, write_json_atomic
+from tailforge.gen.core.files import config_dict, saved_result, write_json_atomic
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
+from tailforge.gen.diffusion.samplers import SAMPLERS
+from tailforge.gen.models.unet import UNET_PRESETS
 
 LABEL_MODES = ("true", "none", "random", "unique")
 
@@ -46,37 +51,33 @@ class EMMConfig:
 
     dataset: str = "digits"  # dataset spec; size N trains on SPEC?n=N (nested subsets of its training split)
     sizes: tuple[int, ...] = (50, 100, 200, 400, 0)  # training-set sizes; 0 = the full training split
-    labels: str = "true"  # true | none (unconditional) | random | unique (seed 002 Sec. 6)
-    random_classes: int = 0  # C for random labels; 0 = the dataset's number of classes
-    dummy: int = 0  # Gaussian-mixture dummy images added as one extra class (seed 004 Hypothesis 2)
-    steps: int = 2000  # diffusion training steps, the same for every size (same procedure T)
-    batch_size: int = 128  # training batch
-    lr: float = 2e-3  # AdamW learning rate
-    preset: str | None = None  # U-Net preset (None: tiny up to 16 px, small above)
-    num_samples: int = 1000  # generated images per model (seed 002 uses 10k)
-    sampler: str = "ddim"  # sampler for the generated images
-    sampling_steps: int = 50  # its steps
-    epsilon: float = 0.1  # EMM threshold: ratio >= 1 - epsilon (seed 002 sets 0.1)
-    subset_seed: int = 0  # permutation that makes the nested subsets
-    seed: int = 0  # model initialisation, training batches, sampling noise and random labels
+    # true | none (unconditional) | random | unique (Gu et al. 2023 Sec. 6)
+    labels: Annotated[str, OneOf(LABEL_MODES)] = "true"
+    random_classes: NonNegativeInt = 0  # C for random labels; 0 = the dataset's number of classes
+    dummy: NonNegativeInt = 0  # Gaussian-mixture dummy images added as one extra class (Yoon et al. 2023 Hypothesis 2)
+    steps: PositiveInt = 2000  # diffusion training steps, the same for every size (same procedure T)
+    batch_size: PositiveInt = 128  # training batch
+    lr: PositiveFloat = 2e-3  # AdamW learning rate
+    preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset (None: tiny up to 16 px, small above)
+    num_samples: PositiveInt = 1000  # generated images per model (Gu et al. 2023 uses 10k)
+    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddim"  # sampler for the generated images
+    sampling_steps: PositiveInt = 50  # its steps
+    epsilon: PositiveFloat = 0.1  # EMM threshold: ratio >= 1 - epsilon (Gu et al. 2023 sets 0.1)
+    subset_seed: NonNegativeInt = 0  # permutation that makes the nested subsets
+    seed: NonNegativeInt = 0  # model initialisation, training batches, sampling noise and random labels
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        check_fields(self)
         if not self.sizes:
             raise ConfigError("give at least one training-set size")
         if any(n < 0 for n in self.sizes) or len(set(self.sizes)) != len(self.sizes):
             raise ConfigError(f"sizes must be distinct and >= 2 (0 = full), got {self.sizes}")
         if any(0 < n < 2 for n in self.sizes):
             raise ConfigError(f"the ratio criterion needs at least 2 training images; got sizes {self.sizes}")
-        if self.labels not in LABEL_MODES:
-            raise ConfigError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
-        if self.dummy < 0 or self.random_classes < 0:
-            raise ConfigError("dummy and random_classes must be >= 0")
         if self.dummy and self.labels != "true":
             raise ConfigError("dummy-data injection conditions on the dummy class: use it with labels=true")
         if not 0 < self.epsilon < 1:
             raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
-        if self.steps < 1 or self.num_samples < 1 or self.sampling_steps < 1:
-            raise ConfigError("steps, num_samples and sampling_steps must be >= 1")
 
 
 def subset_spec(spec: str, n: int, subset_seed: int) -> str:
@@ -91,7 +92,7 @@ def subset_spec(spec: str, n: int, subset_seed: int) -> str:
 
 
 def estimate_emm(sizes: Sequence[int], ratios: Sequence[float], epsilon: float = 0.1) -> dict[str, Any]:
-    """Seed 002 Definition 1 estimated as in its Section 2: the largest size N_i whose ratio is
+    """Gu et al. 2023 Definition 1 estimated as in its Section 2: the largest size N_i whose ratio is
     >= 1 - eps and the next size N_{i+1} (ratio < 1 - eps) bracket EMM, interpolated linearly:
 
         EMM = N_i + (r_i - (1 - eps)) * (N_{i+1} - N_i) / (r_i - r_{i+1}).
@@ -167,7 +168,7 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
         data = dataclasses.replace(real, labels=torch.arange(len(real)))
         return (write_labeled_shards(run_dir / "trainset", data, [f"image-{i}" for i in range(len(real))]),
                 len(real), list(range(len(real))))
-    # GM dummy images (seed 004 App. B.2) as one extra class after the real ones
+    # GM dummy images (Yoon et al. 2023 App. B.2) as one extra class after the real ones
     info = real.info
     dummy = load_dataset(f"gm?size={info.image_size}&channels={info.channels}&train={config.dummy}&seed={config.seed}")
     data = dataclasses.replace(real, images=torch.cat([real.images, dummy.images]),
@@ -182,11 +183,10 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
 RESULT_VERSION = 2
 
 
-def _run_identity(config_json: dict[str, Any], size: int | None) -> dict[str, Any]:
+def _run_settings(config_json: dict[str, Any]) -> dict[str, Any]:
     """What one run depends on: every setting but the list of sizes (so a study with more or
     fewer sizes reuses the runs it shares with an earlier one)."""
-    return {"config": {k: v for k, v in config_json.items() if k != "sizes"}, "size": size,
-            "result_version": RESULT_VERSION}
+    return {k: v for k, v in config_json.items() if k != "sizes"}
 
 
 def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = None) -> dict[str, Any]:
@@ -203,13 +203,11 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     result_path = run / "result.json"
-    identity = _run_identity(config_dict(config), size)
-    if result_path.is_file():
-        saved = read_json(result_path, "EMM run result")
-        if {**_run_identity(saved.get("config") or {}, saved.get("size")),
-                "result_version": saved.get("result_version")} == identity:
-            return saved
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    saved = saved_result(result_path, _run_settings(config_dict(config)), "EMM run result", size=size,
+                         result_version=RESULT_VERSION)
+    if saved is not None:
+        return saved
+    device = default_device(device)
     started = time.perf_counter()
     real = load_dataset(subset_spec(config.dataset, size, config.subset_seed), "train")
     spec, model_classes, sample_classes = training_set(config, real, run)
@@ -235,12 +233,13 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     true_labels = torch.cat(labels) if config.labels == "true" else None
     stats, nn2 = memorization_stats(images, true_labels, real, device=device)
     save_png_atomic(nearest_pairs_grid(images, real.images, nn2), run / "nearest_pairs.png")
-    result = {"config": config_dict(config), "size": size, "result_version": RESULT_VERSION,
-              "sampled_classes": sample_classes, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
-              "model_classes": model_classes, "memorization_ratio": stats["memorization_ratio"],
-              "memorization": stats, "nearest_pairs_png": "nearest_pairs.png", "device": device,
-              "seconds": {"train": round(trained - started, 2), "sample": round(sampled - trained, 2),
-                          "measure": round(time.perf_counter() - sampled, 2)}}
+    result = tag_result("emm_run", {
+        "config": config_dict(config), "size": size, "result_version": RESULT_VERSION,
+        "sampled_classes": sample_classes, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
+        "model_classes": model_classes, "memorization_ratio": stats["memorization_ratio"],
+        "memorization": stats, "nearest_pairs_png": "nearest_pairs.png", "device": device,
+        "seconds": {"train": round(trained - started, 2), "sample": round(sampled - trained, 2),
+                    "measure": round(time.perf_counter() - sampled, 2)}})
     write_json_atomic(result_path, result)
     return result
 
@@ -254,7 +253,6 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
     """Every size as a Ray task (or in this process), then EMM; writes OUT/emm.json."""
     from tqdm import tqdm
 
-    config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full = len(load_dataset(config.dataset, "train"))
@@ -270,30 +268,24 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
             results.append(run_point(config, size, run_dir))
             bar.update(1)
     else:
-        import ray
+        from tailforge.gen.jobs.ray import run_tasks
 
-        from tailforge.gen.jobs.ray import connect
-
-        connect(address)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(run_point).options(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=2)
-        pending = [task.remote(config, size, run_dir) for size, run_dir in runs.items()]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(done[0]))
+        for result in run_tasks(run_point, [(config, size, run_dir) for size, run_dir in runs.items()],
+                                address=address):
+            results.append(result)
             bar.update(1)
-            bar.set_postfix(last=f"n={results[-1]['num_train']}: {results[-1]['memorization_ratio']:.3f}")
+            bar.set_postfix(last=f"n={result['num_train']}: {result['memorization_ratio']:.3f}")
     bar.close()
     results.sort(key=lambda r: r["num_train"])
     points = [{"size": r["num_train"], "full": r["size"] == 0, "memorization_ratio": r["memorization_ratio"],
                "distinct_train_images_replicated": r["memorization"]["distinct_train_images_replicated"],
                "median_ratio_d1_d2": r["memorization"]["median_ratio_d1_d2"], "run": _run_name(r["size"]),
                "seconds": r["seconds"]} for r in results]
-    report = {"config": config_dict(config), "points": points,
-              "emm": estimate_emm([p["size"] for p in points], [p["memorization_ratio"] for p in points],
-                                  config.epsilon),
-              "wall_seconds": round(time.perf_counter() - started, 1),
-              "note": "wall_seconds counts only the runs this invocation computed; reused runs cost nothing"}
+    report = tag_result("emm", {
+        "config": config_dict(config), "points": points,
+        "emm": estimate_emm([p["size"] for p in points], [p["memorization_ratio"] for p in points], config.epsilon),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "note": "wall_seconds counts only the runs this invocation computed; reused runs cost nothing"})
     write_json_atomic(out / "emm.json", report)
     return report
 
@@ -314,60 +306,3 @@ def parse_sizes(text: str) -> tuple[int, ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"sizes are integers or 'full', got {part!r}") from None
     return tuple(sizes)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    config = EMMConfig(dataset=args.dataset, sizes=args.sizes, labels=args.labels, random_classes=args.random_classes,
-                       dummy=args.dummy, steps=args.steps, batch_size=args.batch_size, lr=args.lr, preset=args.preset,
-                       num_samples=args.num_samples, sampler=args.sampler, sampling_steps=args.sampling_steps,
-                       epsilon=args.epsilon, subset_seed=args.subset_seed, seed=args.seed)
-    report = run_emm(config, args.out, address=args.address, in_process=args.in_process, progress=not args.quiet)
-    print_json({"out": str(Path(args.out) / "emm.json"), "emm": report["emm"],
-                "points": [{k: p[k] for k in ("size", "memorization_ratio")} for p in report["points"]],
-                "wall_seconds": report["wall_seconds"]})
-    return 0
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, non_negative_int, positive_float, positive_int
-    from tailforge.gen.diffusion.samplers import SAMPLERS
-    from tailforge.gen.models.unet import UNET_PRESETS
-
-    defaults = EMMConfig()
-    parser = add_command(
-        group, "emm", "effective model memorization over nested training subsets (seed 002)", run_cli,
-        description="Train one diffusion model per training-set size (nested subsets SPEC?n=N) as parallel Ray "
-                    "tasks, sample each, measure its memorization ratio (ratio criterion d1 < d2/3) and "
-                    "interpolate EMM, the largest size whose ratio is still >= 1 - epsilon (seed 002 Def. 1). "
-                    "--dummy K injects K Gaussian-mixture dummy images as an extra class (seed 004 Hyp. 2); "
-                    "--labels random|unique conditions on uninformative labels (seed 002 Sec. 6). Writes "
-                    "OUT/emm.json and OUT/runs/nN/{model,result.json,nearest_pairs.png}; a re-run reuses "
-                    "finished sizes.")
-    parser.add_argument("--dataset", default=defaults.dataset, help="dataset spec (without n=)")
-    parser.add_argument("--sizes", type=parse_sizes, default=",".join(str(n) if n else "full" for n in defaults.sizes),
-                        help="comma-separated training-set sizes, 'full' for the whole training split")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--labels", choices=LABEL_MODES, default=defaults.labels,
-                        help="class labels the models are conditioned on")
-    parser.add_argument("--random-classes", type=non_negative_int, default=defaults.random_classes,
-                        help="C for --labels random (0: the dataset's number of classes)")
-    parser.add_argument("--dummy", type=non_negative_int, default=defaults.dummy,
-                        help="Gaussian-mixture dummy images added to every training set as one extra class")
-    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="diffusion training steps per model")
-    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="training batch")
-    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate")
-    parser.add_argument("--preset", choices=sorted(UNET_PRESETS), default=None, help="U-Net preset")
-    parser.add_argument("--num-samples", type=positive_int, default=defaults.num_samples,
-                        help="generated images per model")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler, help="sampler")
-    parser.add_argument("--sampling-steps", type=positive_int, default=defaults.sampling_steps, help="sampling steps")
-    parser.add_argument("--epsilon", type=positive_float, default=defaults.epsilon, help="EMM threshold 1 - epsilon")
-    parser.add_argument("--subset-seed", type=non_negative_int, default=defaults.subset_seed,
-                        help="seed of the permutation the nested subsets come from")
-    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed,
-                        help="model, batch, sampling and random-label seed")
-    parser.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--in-process", action="store_true", help="train the sizes one after another without Ray")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")

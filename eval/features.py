@@ -15,14 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
+from tailforge.gen.core.device import default_device
 from tailforge.gen.models.classifiers import load_classifier
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
@@ -35,7 +31,7 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
 
 
 def wrap_diffaug_ensemble(classifier: nn.Module, model_dir: str | os.PathLike) -> nn.Module:
-    """`classifier` wrapped in DiffAug-Ensemble (seed 003: mean softmax over t in {0, 50, ..., 450})
+    """`classifier` wrapped in DiffAug-Ensemble (Sastry et al. 2023: mean softmax over t in {0, 50, ..., 450})
     with the unconditional diffusion model in `model_dir`, on the classifier's device
     (:func:`tailforge.gen.methods.diffaug.load_diffaug_ensemble`). It returns log-probabilities, so softmax
     of its output is the ensemble's probability and every logit-based metric applies to it."""
@@ -48,19 +44,9 @@ def load_eval_classifier(folder: str | os.PathLike, *, diffaug_ensemble: str | N
                          device: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A saved classifier (optionally wrapped in DiffAug-Ensemble) and a description of it that
     goes into every report: the folder, its config, and the wrapper."""
-    device = device or default_device()
+    device = default_device(device)
     model, config = load_classifier(folder, device)
     described = {"classifier": str(folder), "model": config.get("model"), "diffaug_ensemble": diffaug_ensemble}
     if diffaug_ensemble:
         model = wrap_diffaug_ensemble(model, diffaug_ensemble)
     return model, {**described, "num_classes": int(config["num_classes"])}
-
-
-def add_classifier_options(parser, *, required: bool = True) -> None:
-    """The classifier flags shared by the accuracy, corruption and OOD commands."""
-    parser.add_argument("--classifier", required=required, default=None,
-                        help="classifier folder (tailforge train classifier)")
-    parser.add_argument("--diffaug-ensemble", default=None, metavar="MODEL_DIR",
-                        help="evaluate DiffAug-Ensemble of the classifier with this diffusion model (seed 003: "
-                             "mean softmax over t in {0, 50, ..., 450})")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

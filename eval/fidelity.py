@@ -1,4 +1,4 @@
-"""Fidelity of a synthetic set against real data (seed 001 Section 4.1).
+"""Fidelity of a synthetic set against real data (Yamaguchi & Fukuda 2023 Section 4.1).
 
 * Frechet distance (Heusel et al. 2017) between Gaussians fitted to real and synthetic features,
 
@@ -7,7 +7,7 @@
   in the embedding of a named evaluation classifier (no Inception weights can be loaded here;
   FID proper is this quantity in Inception-v3 pool features). The FD between the real training
   and real test splits is reported beside it as the floor that two real samples reach.
-* Fake-detection accuracy (seed 001 Table 1, after Frank et al. 2020): the held-out accuracy of a
+* Fake-detection accuracy (Yamaguchi & Fukuda 2023 Table 1, after Frank et al. 2020): the held-out accuracy of a
   classifier trained to tell real from synthetic images, in the pixel domain and in the frequency
   domain (log-magnitude of the orthonormal 2-D DCT-II of every channel). 50 % means the two sets
   are indistinguishable to it. The detector is a linear model (scikit-learn logistic regression on
@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 
 
@@ -72,7 +73,7 @@ def pixel_features(images: Tensor) -> np.ndarray:
 
 def fake_detection_accuracy(real: Tensor, fake: Tensor, *, domain: str = "pixel", folds: int = 5,
                             seed: int = 0) -> dict[str, float]:
-    """Cross-validated accuracy of a linear real-vs-synthetic classifier (seed 001 Table 1) on
+    """Cross-validated accuracy of a linear real-vs-synthetic classifier (Yamaguchi & Fukuda 2023 Table 1) on
     class-balanced data: min(len(real), len(fake)) images of each, chosen with `seed`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -102,8 +103,8 @@ def fidelity_report(classifier: torch.nn.Module, samples: Tensor, train: Tensor,
     from tailforge.gen.models.classifiers import embed
 
     train_f = embed(classifier, train)
-    report: dict[str, Any] = {"frechet_distance": frechet_distance_features(embed(classifier, samples), train_f),
-                              "num_samples": int(len(samples)), "num_train": int(len(train))}
+    report = tag_result("fidelity", {"frechet_distance": frechet_distance_features(embed(classifier, samples), train_f),
+                                     "num_samples": int(len(samples)), "num_train": int(len(train))})
     if test is not None:
         report["frechet_distance_real_test_vs_train"] = frechet_distance_features(embed(classifier, test), train_f)
     report["fake_detection"] = {domain: fake_detection_accuracy(train, samples, domain=domain, folds=folds, seed=seed)
@@ -118,13 +119,16 @@ class FidelityConfig:
     shards: str  # synthetic shard set
     dataset: str  # real dataset spec: its training split is the reference, its test split the FD floor
     classifier: str  # evaluation classifier folder: the feature space of the Frechet distance
-    folds: int = 5  # cross-validation folds of the fake detector
-    seed: int = 0  # class balancing and fold seed
+    folds: PositiveInt = 5  # cross-validation folds of the fake detector
+    seed: NonNegativeInt = 0  # class balancing and fold seed
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def run_fidelity(config: FidelityConfig, out: str | Path, *, device: str | None = None) -> dict[str, Any]:
     """Measure the shard set against the real data, write OUT/fidelity.json."""
-    from tailforge.eval.features import default_device
+    from tailforge.gen.core.device import default_device
     from tailforge.gen.core.errors import DatasetError
     from tailforge.gen.core.files import config_dict, write_json_atomic
     from tailforge.gen.data.datasets import load_dataset
@@ -149,34 +153,3 @@ def run_fidelity(config: FidelityConfig, out: str | Path, *, device: str | None 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "fidelity.json", report)
     return report
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    config = FidelityConfig(shards=args.shards, dataset=args.dataset, classifier=args.classifier, folds=args.folds,
-                            seed=args.seed)
-    report = run_fidelity(config, args.out, device=args.device)
-    print_json({"out": str(Path(args.out) / "fidelity.json"), "frechet_distance": report["frechet_distance"],
-                "frechet_distance_real_test_vs_train": report.get("frechet_distance_real_test_vs_train"),
-                "fake_detection": {d: r["accuracy"] for d, r in report["fake_detection"].items()}})
-    return 0
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, non_negative_int, positive_int
-
-    parser = add_command(
-        group, "fidelity", "Frechet distance in classifier features and real-vs-synthetic fake detection", run_cli,
-        description="Compare a shard set with the real training split: Frechet distance between Gaussians of the "
-                    "evaluation classifier's embeddings (with the real test-vs-train distance as the floor), and "
-                    "the cross-validated accuracy of a linear real-vs-synthetic detector in the pixel and DCT "
-                    "domains (seed 001 Table 1; 50 %% = indistinguishable). Writes OUT/fidelity.json. Precision "
-                    "and recall are in `tailforge eval density`.")
-    parser.add_argument("--shards", required=True, help="synthetic shard set")
-    parser.add_argument("--dataset", required=True, help="real dataset spec (its training split is the reference)")
-    parser.add_argument("--classifier", required=True, help="evaluation classifier folder (feature space)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds of the detector")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="balancing and fold seed")
-    parser.add_argument("--device", default=None, help="torch device for the embeddings")

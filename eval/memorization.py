@@ -1,6 +1,6 @@
-"""Memorization of the training set by a diffusion model (seeds 002, 004; seed 000 Section 5).
+"""Memorization of the training set by a diffusion model (Gu et al. 2023; Yoon et al. 2023; Sehwag et al. 2022 Section 5).
 
-Ratio criterion (seed 004 Section 3.1, validated in its Appendix D; adopted by seed 002 Section 2):
+Ratio criterion (Yoon et al. 2023 Section 3.1, validated in its Appendix D; adopted by Gu et al. 2023 Section 2):
 a generated image W is a replicate of the training set S when
 
     ||W - NN1(W, S)||_2  <  1/3 * ||W - NN2(W, S)||_2
@@ -8,38 +8,41 @@ a generated image W is a replicate of the training set S when
 with NN1 / NN2 its nearest and second-nearest training images in L2. As in both papers' released
 code it is measured in pixel space (flattened images; here floats in [-1, 1], which only scales
 both distances and leaves the ratio unchanged). The memorization ratio is the fraction of
-generated images that are replicates (seed 002's R_Mem).
+generated images that are replicates (Gu et al. 2023's R_Mem).
 
-Nearest neighbours are exact: every generated image is compared with every training image in
-chunks (on the GPU when present); the three best candidates per query are re-ranked with
-distances recomputed in float64 from the image differences, so near-duplicates (the case the
-criterion is about) are not blurred by float32 cancellation in ||a||^2 + ||b||^2 - 2ab.
+Nearest neighbours are exact (:mod:`tailforge.eval.neighbors`): every generated image is compared
+with every training image in chunks (on the GPU when present), and the best candidates are
+re-ranked with distances recomputed in float64 from the image differences, so near-duplicates
+(the case the criterion is about) are not blurred by float32 cancellation in ||a||^2 + ||b||^2 - 2ab.
 
-Seed 000 Section 5's check works in a classifier's feature space instead: if generated images were
+Sehwag et al. 2022 Section 5's check works in a classifier's feature space instead: if generated images were
 memorized, their nearest-neighbour distance to the training set would be much smaller than that of
 held-out real images; and (its Fig. 9) the classes of their 5 nearest real neighbours.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from tailforge.eval.features import default_device
 from tailforge.eval.figures import image_grid, save_png_atomic
+from tailforge.eval.neighbors import knn
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, DatasetError
 from tailforge.gen.core.files import write_json_atomic
 from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
+from tailforge.gen.diffusion.samplers import SAMPLERS
 
-#: seed 004 Section 3.1: replicate when d1 / d2 < 1/3
+#: Yoon et al. 2023 Section 3.1: replicate when d1 / d2 < 1/3
 RATIO_THRESHOLD = 1.0 / 3.0
 
 
@@ -61,42 +64,21 @@ def _flat(x: Tensor) -> Tensor:
 def nearest_two(queries: Tensor, reference: Tensor, *, query_chunk: int = 1024, reference_chunk: int = 8192,
                 device: str | torch.device | None = None) -> NearestTwo:
     """Exact L2 nearest and second-nearest `reference` rows for each `queries` row (images are
-    flattened; uint8 images are mapped to [-1, 1] first). Chunked over both sets so memory stays
-    at query_chunk x reference_chunk distances whatever the sizes."""
+    flattened; uint8 images are mapped to [-1, 1] first), by :func:`tailforge.eval.neighbors.knn`
+    (chunked, float64 re-rank), on the GPU when present."""
     if len(reference) < 2:
         raise ConfigError(f"the ratio criterion needs at least 2 reference images, got {len(reference)}")
     queries, reference = _flat(queries), _flat(reference)
     if queries.shape[1] != reference.shape[1]:
         raise ConfigError(f"generated images have {queries.shape[1]} values each, training images "
                           f"{reference.shape[1]}: they must have the same shape")
-    device = torch.device(device or default_device())
-    keep = min(3, len(reference))
-    ref = reference.to(device, torch.float32)
-    ref_sq = ref.square().sum(1)
-    d1, d2, i1, i2 = [], [], [], []
-    for qs in range(0, len(queries), query_chunk):
-        q = queries[qs:qs + query_chunk].to(device, torch.float32)
-        best_d = torch.full((len(q), keep), float("inf"), device=device)
-        best_i = torch.zeros((len(q), keep), dtype=torch.long, device=device)
-        for rs in range(0, len(ref), reference_chunk):
-            chunk = ref[rs:rs + reference_chunk]
-            # candidates ranked by ||r||^2 - 2 q.r, one matmul (||q - r||^2 less the per-query
-            # constant ||q||^2; no sqrt): the chunk's best `keep`, merged with the best so far
-            dist = torch.addmm(ref_sq[rs:rs + len(chunk)], q, chunk.T, beta=1, alpha=-2)
-            top_d, top_i = dist.topk(min(keep, len(chunk)), dim=1, largest=False)
-            best_d, pos = torch.cat([best_d, top_d], 1).topk(keep, dim=1, largest=False)
-            best_i = torch.cat([best_i, top_i + rs], 1).gather(1, pos)
-        # re-rank the candidates with exact float64 distances computed from the differences
-        exact = (q.double().unsqueeze(1) - ref[best_i].double()).norm(dim=2)
-        exact, order = exact.sort(dim=1)
-        best_i = best_i.gather(1, order)
-        d1.append(exact[:, 0].cpu()), d2.append(exact[:, 1].cpu())
-        i1.append(best_i[:, 0].cpu()), i2.append(best_i[:, 1].cpu())
-    return NearestTwo(torch.cat(d1), torch.cat(d2), torch.cat(i1), torch.cat(i2))
+    two = knn(queries, reference, 2, query_chunk=query_chunk, reference_chunk=reference_chunk,
+              device=default_device(device))
+    return NearestTwo(*two.distances.unbind(1), *two.indices.unbind(1))
 
 
 def ratio_criterion(d1: Tensor, d2: Tensor, threshold: float = RATIO_THRESHOLD) -> Tensor:
-    """Seed 004 Section 3.1: replicate iff d1 < threshold * d2 (strict; a query whose two nearest
+    """Yoon et al. 2023 Section 3.1: replicate iff d1 < threshold * d2 (strict; a query whose two nearest
     training images are both at distance 0, i.e. duplicated training data, counts as a replicate
     only if d1 < threshold * d2, which 0 < 0 is not)."""
     return d1 < threshold * d2
@@ -110,8 +92,8 @@ def _quantiles(values: Tensor, qs=(0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, fl
 def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train: LabeledImages, *,
                        pairs: int = 24, device: str | None = None) -> tuple[dict[str, Any], NearestTwo]:
     """Ratio criterion of every generated image against the training images: the memorization
-    ratio, the number of distinct training images replicated (seed 004 Fig. 5b), per-class ratios
-    (seed 004 Section 3.3), the distribution of d1/d2, and the closest pairs."""
+    ratio, the number of distinct training images replicated (Yoon et al. 2023 Fig. 5b), per-class ratios
+    (Yoon et al. 2023 Section 3.3), the distribution of d1/d2, and the closest pairs."""
     nn2 = nearest_two(generated, train.images, device=device)
     ratio = nn2.d1 / nn2.d2.clamp_min(1e-12)
     replicate = ratio_criterion(nn2.d1, nn2.d2)
@@ -119,7 +101,7 @@ def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train
     nearest_label = train.labels[nn2.i1]
     counts, edges = np.histogram(ratio.clamp(max=1.0).numpy(), bins=20, range=(0.0, 1.0))
     stats: dict[str, Any] = {
-        "criterion": "d1 < d2 / 3, L2 in pixel space (seed 004 Sec. 3.1)",
+        "criterion": "d1 < d2 / 3, L2 in pixel space (Yoon et al. 2023 Sec. 3.1)",
         "num_generated": int(len(generated)),
         "num_train": int(len(train)),
         "memorization_ratio": float(replicate.double().mean()),
@@ -158,7 +140,7 @@ def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train
 
 def nearest_pairs_grid(generated: Tensor, train: Tensor, nn2: NearestTwo, count: int = 24):
     """Image grid of the `count` generated images closest to the training set: each generated
-    image (top of a pair) above its nearest training image (seed 004 Fig. 3; seed 000 Fig. 8)."""
+    image (top of a pair) above its nearest training image (Yoon et al. 2023 Fig. 3; Sehwag et al. 2022 Fig. 8)."""
     order = nn2.d1.argsort()[:count]
     ncols = min(12, len(order))
     tiles = []
@@ -173,18 +155,16 @@ def nearest_pairs_grid(generated: Tensor, train: Tensor, nn2: NearestTwo, count:
 
 def feature_nn_distances(classifier: torch.nn.Module, generated: Tensor, generated_labels: Tensor | None,
                          train: LabeledImages, heldout: LabeledImages, k: int = 5) -> dict[str, Any]:
-    """Seed 000 Section 5: nearest-neighbour distance to the training set in the classifier's
+    """Sehwag et al. 2022 Section 5: nearest-neighbour distance to the training set in the classifier's
     embedding space, for generated images and for held-out real images. Memorized samples would
     sit much closer to the training set than held-out real data does. Also (its Fig. 9) how many
     of each generated image's `k` nearest training images share its class."""
-    from sklearn.neighbors import NearestNeighbors
-
     from tailforge.gen.models.classifiers import embed
 
-    train_f = embed(classifier, train.images).numpy()
-    index = NearestNeighbors(n_neighbors=k).fit(train_f)
-    gen_d, gen_i = index.kneighbors(embed(classifier, generated).numpy())
-    held_d, _ = index.kneighbors(embed(classifier, heldout.images).numpy())
+    train_f = embed(classifier, train.images)
+    generated_nn = knn(embed(classifier, generated), train_f, k)
+    gen_d, gen_i = generated_nn.distances.numpy(), generated_nn.indices.numpy()
+    held_d = knn(embed(classifier, heldout.images), train_f, k).distances.numpy()
     out = {
         "space": "classifier embedding (forward_head pre_logits), L2",
         "generated_nn_distance": {"mean": float(gen_d[:, 0].mean()), "median": float(np.median(gen_d[:, 0]))},
@@ -213,7 +193,7 @@ def evaluate_memorization(samples: LabeledImages, train: LabeledImages, out: str
     stats, nn2 = memorization_stats(samples.images, labels, train, pairs=pairs, device=device)
     for pair in stats["closest_pairs"]:
         pair["generated_key"] = samples.keys[pair.pop("generated")]
-    report: dict[str, Any] = {"config": config or {}, **stats}
+    report = tag_result("memorization", {"config": config or {}, **stats})
     if classifier is not None and heldout is not None:
         report["feature_space"] = feature_nn_distances(classifier, samples.images, labels, train, heldout)
     elif classifier is not None:
@@ -236,14 +216,15 @@ class MemorizationConfig:
     dataset: str  # spec of the data the model was trained on: its training split is the reference
     shards: str | None = None  # generated shard set to check
     model: str | None = None  # diffusion model folder: generate `num` samples first (into OUT/samples)
-    classifier: str | None = None  # classifier folder for the feature-space check (seed 000 Sec. 5)
-    pairs: int = 24  # closest pairs listed and drawn
-    num: int = 1000  # with model: samples to generate (seed 002 uses 10k)
-    sampler: str = "ddim"  # with model: sampler
-    steps: int = 50  # with model: sampling steps
-    seed: int = 0  # with model: job seed
+    classifier: str | None = None  # classifier folder for the feature-space check (Sehwag et al. 2022 Sec. 5)
+    pairs: PositiveInt = 24  # closest pairs listed and drawn
+    num: PositiveInt = 1000  # with model: samples to generate (Gu et al. 2023 uses 10k)
+    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddim"  # with model: sampler
+    steps: PositiveInt = 50  # with model: sampling steps
+    seed: NonNegativeInt = 0  # with model: job seed
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        check_fields(self)
         if bool(self.shards) == bool(self.model):
             raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
 
@@ -267,7 +248,6 @@ def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str
     """Generate (with a model) or read the samples, measure them, write OUT/memorization.json."""
     from tailforge.gen.core.files import config_dict
 
-    config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = Path(config.shards) if config.shards else _generate_shards(config, out / "samples", actors=actors,
@@ -286,46 +266,3 @@ def run_memorization(config: MemorizationConfig, out: str | Path, *, device: str
             heldout = None
     return evaluate_memorization(samples, train, out, classifier=classifier, heldout=heldout, pairs=config.pairs,
                                  config={**config_dict(config), "samples": str(shards)}, device=device)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    config = MemorizationConfig(dataset=args.dataset, shards=args.shards, model=args.model, classifier=args.classifier,
-                                pairs=args.pairs, num=args.num, sampler=args.sampler, steps=args.steps, seed=args.seed)
-    report = run_memorization(config, args.out, device=args.device, actors=args.actors, address=args.address,
-                              progress=not args.quiet)
-    summary = {k: report[k] for k in ("memorization_ratio", "replicates", "distinct_train_images_replicated",
-                                      "median_ratio_d1_d2", "num_generated", "num_train")}
-    print_json({"out": str(Path(args.out) / "memorization.json"), **summary})
-    return 0
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, add_ray_options, non_negative_int, positive_int
-    from tailforge.gen.diffusion.samplers import SAMPLERS
-
-    parser = add_command(
-        group, "memorization", "ratio-criterion memorization of a shard set or model against its training data",
-        run_cli,
-        description="For every generated image find its nearest and second-nearest training images (exact, pixel "
-                    "space, chunked, GPU when present) and mark it a replicate when d1 < d2/3 (seeds 002/004). "
-                    "Writes OUT/memorization.json (memorization_ratio, distinct training images replicated, per "
-                    "class, d1/d2 distribution, closest pairs) and OUT/nearest_pairs.png. With --classifier also "
-                    "the feature-space nearest-neighbour distances of generated vs held-out real images (seed 000 "
-                    "Sec. 5). --model generates --num samples first (a baseline job into OUT/samples).")
-    parser.add_argument("--shards", default=None, help="generated shard set to check")
-    parser.add_argument("--model", default=None, help="diffusion model folder: generate samples first")
-    parser.add_argument("--dataset", required=True,
-                        help="spec of the data the model was trained on (its training split is the reference), "
-                             "e.g. digits?n=100")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--classifier", default=None, help="classifier folder for the feature-space check")
-    parser.add_argument("--pairs", type=positive_int, default=24, help="closest pairs to list and draw")
-    parser.add_argument("--num", type=positive_int, default=1000, help="with --model: samples to generate")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="with --model: sampler")
-    parser.add_argument("--steps", type=positive_int, default=50, help="with --model: sampling steps")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="with --model: job seed")
-    parser.add_argument("--device", default=None, help="torch device for the neighbour search")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_ray_options(parser)

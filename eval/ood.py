@@ -2,7 +2,9 @@
 (Yang et al., "OpenOOD: Benchmarking Generalized OOD Detection", NeurIPS D&B 2022; v1.5 defaults).
 
 Every score is "higher = more in-distribution" and is a pure function of logits or of penultimate
-features plus the classifier's linear head (weight W, bias b):
+features plus the classifier's linear head (weight W, bias b) and statistics of the ID training
+features; OOD_SCORES registers each (ScoreSpec: what it needs, its paper), and OODScorer computes
+every one that applies to a classifier:
 
     msp        max softmax probability (Hendrycks & Gimpel 2017)
     maxlogit   max logit (Hendrycks et al. 2022)
@@ -25,22 +27,20 @@ samples scored above the threshold that keeps 95 % of ID samples.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tailforge.eval.neighbors import knn
+from tailforge.eval.results import tag_result
+from tailforge.gen.core.checks import PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
-
-LOGIT_SCORES = ("msp", "maxlogit", "energy")
-FEATURE_SCORES = ("react", "ash", "scale", "mahalanobis", "knn")
-
 
 # --------------------------------------------------------------------------------------------
 # Scores: pure functions
@@ -101,14 +101,16 @@ def scale_score(features: Tensor, head: nn.Linear, percentile: float = 85.0) -> 
 
 
 @dataclasses.dataclass
-class ClassGaussians:
-    """Class means and the shared precision matrix of training features (Mahalanobis score)."""
+class TiedGaussians:
+    """Class means and one precision matrix shared by every class (tied covariance) of training
+    features: the Mahalanobis score's model (Lee et al. 2018). Not the per-class, shrunk Gaussians
+    of Sehwag et al.'s hardness (:class:`tailforge.gen.methods.lowdensity.ClassGaussians`)."""
 
-    means: Tensor  # [C, D]
-    precision: Tensor  # [D, D]
+    means: Tensor  # [C, D] float64, one row per class present in the training labels
+    precision: Tensor  # [D, D] float64 pseudo-inverse of the tied covariance
 
 
-def fit_class_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> ClassGaussians:
+def fit_class_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> TiedGaussians:
     """Class means and the tied covariance of the class-centred features (scikit-learn's
     EmpiricalCovariance, as OpenOOD's mds postprocessor; its pseudo-inverse precision)."""
     from sklearn.covariance import EmpiricalCovariance
@@ -117,27 +119,24 @@ def fit_class_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> C
     means = torch.stack([features[labels == c].double().mean(0) for c in present])
     centred = features.double() - means[torch.searchsorted(torch.tensor(present), labels)]
     cov = EmpiricalCovariance(assume_centered=True).fit(centred.numpy())
-    return ClassGaussians(means=means, precision=torch.from_numpy(cov.precision_))
+    return TiedGaussians(means=means, precision=torch.from_numpy(cov.precision_))
 
 
-def mahalanobis_score(features: Tensor, gaussians: ClassGaussians) -> Tensor:
+def mahalanobis_score(features: Tensor, gaussians: TiedGaussians) -> Tensor:
     diff = features.double()[:, None, :] - gaussians.means[None]  # N, C, D
     dist = torch.einsum("ncd,de,nce->nc", diff, gaussians.precision, diff)
     return (-dist).amax(1).float()
 
 
-def _normalise(features: Tensor) -> np.ndarray:
-    f = features.double().numpy()
-    return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-10)
+def _normalise(features: Tensor) -> Tensor:
+    f = features.double()
+    return f / (f.norm(dim=1, keepdim=True) + 1e-10)
 
 
 def knn_score(features: Tensor, train_features: Tensor, k: int = 50) -> Tensor:
-    from sklearn.neighbors import NearestNeighbors
-
+    """Minus the distance to the k-th nearest L2-normalised training feature (Sun et al. 2022)."""
     k = min(k, len(train_features))
-    index = NearestNeighbors(n_neighbors=k).fit(_normalise(train_features))
-    dist, _ = index.kneighbors(_normalise(features))
-    return torch.from_numpy(-dist[:, -1]).float()
+    return (-knn(_normalise(features), _normalise(train_features), k).distances[:, -1]).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,51 +175,75 @@ def roc_points(id_scores: Tensor, ood_scores: Tensor, max_points: int = 200) -> 
 # Scorer: fitted once on ID training data, then applied to any image set
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """One OOD score: what it is computed from and where it comes from."""
+
+    name: str  # its key in ood.json
+    input: str  # "logits" (the classifier's output) or "features" (its penultimate embedding)
+    needs: tuple[str, ...]  # "raw_logits" (not log-probabilities), or OODScorer fields fitted on ID data
+    score: Callable[[Tensor, "OODScorer"], Tensor]  # (logits or features [N, ...], scorer) -> [N], higher = more ID
+    paper: str  # the method's paper, author(s) and year
+
+
+#: every OOD score, in the order ood.json lists them
+OOD_SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in (
+    ScoreSpec("msp", "logits", (), lambda logits, _: msp_score(logits), "Hendrycks & Gimpel 2017"),
+    ScoreSpec("maxlogit", "logits", (), lambda logits, _: maxlogit_score(logits), "Hendrycks et al. 2022"),
+    ScoreSpec("energy", "logits", ("raw_logits",), lambda logits, _: energy_score(logits), "Liu et al. 2020"),
+    ScoreSpec("react", "features", ("head", "react_clip"),
+              lambda f, s: react_score(f, _cpu_linear(s.head), s.react_clip), "Sun et al. 2021"),
+    ScoreSpec("ash", "features", ("head",), lambda f, s: ash_score(f, _cpu_linear(s.head), s.ash_percentile),
+              "Djurisic et al. 2023"),
+    ScoreSpec("scale", "features", ("head",), lambda f, s: scale_score(f, _cpu_linear(s.head), s.scale_percentile),
+              "Xu et al. 2024"),
+    ScoreSpec("mahalanobis", "features", ("gaussians",), lambda f, s: mahalanobis_score(f, s.gaussians),
+              "Lee et al. 2018"),
+    ScoreSpec("knn", "features", ("train_features",), lambda f, s: knn_score(f, s.train_features, s.knn_k),
+              "Sun et al. 2022"),
+)}
+
+
 @dataclasses.dataclass
 class OODScorer:
-    """Every applicable score for one classifier, with its ID statistics fitted once."""
+    """Every applicable score of OOD_SCORES for one classifier, with its ID statistics fitted once."""
 
     classifier: nn.Module
-    head: nn.Linear | None
+    head: nn.Linear | None  # the linear head on timm-style features (None: no feature scores)
     log_probs: bool = False  # the classifier returns log-probabilities (an ensemble): energy is constant
-    react_clip: float | None = None
-    gaussians: ClassGaussians | None = None
-    train_features: Tensor | None = None
-    knn_k: int = 50
-    react_percentile: float = 90.0
-    ash_percentile: float = 90.0
-    scale_percentile: float = 85.0
+    react_clip: float | None = None  # ReAct's clip value: a percentile of the ID features
+    gaussians: TiedGaussians | None = None  # class means and tied covariance of the ID features
+    train_features: Tensor | None = None  # the kNN bank: ID training features
+    knn_k: int = 50  # K of the kNN score
+    react_percentile: float = 90.0  # the percentile react_clip was fitted at
+    ash_percentile: float = 90.0  # ASH-B pruning percentile
+    scale_percentile: float = 85.0  # SCALE percentile
+
+    def unavailable(self, spec: ScoreSpec) -> str | None:
+        """Why `spec` cannot be computed for this classifier, or None when it can."""
+        if self.head is None and (spec.input == "features" or "head" in spec.needs):
+            return "the classifier exposes no linear head on timm-style features"
+        if self.log_probs and "raw_logits" in spec.needs:
+            return "the classifier returns log-probabilities (an ensemble), whose logsumexp is 0"
+        unfitted = [need for need in spec.needs if need != "raw_logits" and getattr(self, need) is None]
+        return f"not fitted: {', '.join(unfitted)}" if unfitted else None
 
     @property
     def names(self) -> tuple[str, ...]:
-        logit = tuple(s for s in LOGIT_SCORES if not (self.log_probs and s == "energy"))
-        return logit + (FEATURE_SCORES if self.head is not None else ())
+        return tuple(name for name, spec in OOD_SCORES.items() if self.unavailable(spec) is None)
 
     def not_applicable(self) -> dict[str, str]:
-        reasons = {s: "the classifier exposes no linear head on timm-style features"
-                   for s in FEATURE_SCORES if self.head is None}
-        if self.log_probs:
-            reasons["energy"] = "the classifier returns log-probabilities (an ensemble), whose logsumexp is 0"
-        return reasons
+        return {name: reason for name, spec in OOD_SCORES.items() if (reason := self.unavailable(spec))}
 
     def scores(self, images: Tensor) -> dict[str, Tensor]:
         from tailforge.gen.models.classifiers import embed, predict_logits
 
-        logits = predict_logits(self.classifier, images)
-        out = {"msp": msp_score(logits), "maxlogit": maxlogit_score(logits)}
-        if not self.log_probs:
-            out["energy"] = energy_score(logits)
-        if self.head is None:
-            return out
-        features = embed(self.classifier, images)
-        head = _cpu_linear(self.head)
+        specs = [OOD_SCORES[name] for name in self.names]
+        inputs = {"logits": predict_logits(self.classifier, images)}
+        if any(spec.input == "features" for spec in specs):
+            inputs["features"] = embed(self.classifier, images)
         with torch.no_grad():
-            out["react"] = react_score(features, head, self.react_clip)
-            out["ash"] = ash_score(features, head, self.ash_percentile)
-            out["scale"] = scale_score(features, head, self.scale_percentile)
-        out["mahalanobis"] = mahalanobis_score(features, self.gaussians)
-        out["knn"] = knn_score(features, self.train_features, self.knn_k)
-        return out
+            return {spec.name: spec.score(inputs[spec.input], self) for spec in specs}
 
 
 def _cpu_linear(head: nn.Linear) -> nn.Linear:
@@ -260,8 +283,8 @@ def evaluate_ood(scorer: OODScorer, id_images: Tensor, ood_sets: dict[str, Tenso
     summary = {s: {"auroc": float(np.mean([r["scores"][s]["auroc"] for r in results.values()])),
                    "fpr95": float(np.mean([r["scores"][s]["fpr95"] for r in results.values()]))}
                for s in scorer.names} if results else {}
-    return {"scores_computed": list(scorer.names), "scores_not_applicable": scorer.not_applicable(),
-            "num_id": int(len(id_images)), "sets": results, "mean_over_sets": summary}
+    return tag_result("ood", {"scores_computed": list(scorer.names), "scores_not_applicable": scorer.not_applicable(),
+                              "num_id": int(len(id_images)), "sets": results, "mean_over_sets": summary})
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +306,7 @@ def _match(images: Tensor, size: int, channels: int) -> Tensor:
 def default_ood_sets(id_test: LabeledImages, num: int = 500) -> dict[str, tuple[str, Tensor]]:
     """Near and far OOD sets for any dataset, built at its size and channels:
     near: the ID test images rotated by 90 degrees (same strokes and statistics, wrong geometry),
-    far:  seed 004's procedural datasets (Mondrian, Gaussian-mixture dummies, Random Ink)."""
+    far:  Yoon et al. 2023's procedural datasets (Mondrian, Gaussian-mixture dummies, Random Ink)."""
     info = id_test.info
     sets = {"rotated90": ("near", id_test.images.rot90(1, dims=(2, 3)).contiguous())}
     for name in ("mondrian", "gm", "ri"):
@@ -325,15 +348,18 @@ class OODConfig:
     diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
     ood: tuple[str, ...] = ()  # extra OOD dataset specs (their test split if they have one)
     default_sets: bool = True  # add the rotated-ID near set and the procedural far sets
-    num: int = 500  # images per OOD set
+    num: PositiveInt = 500  # images per OOD set
     holdout_classes: tuple[int, ...] = ()  # open-set protocol: train without these, their test images are near-OOD
     model: str = "tinycnn"  # with holdout_classes: timm model to train
-    epochs: int = 30  # with holdout_classes: training epochs
+    epochs: PositiveInt = 30  # with holdout_classes: training epochs
     seed: int = 0  # with holdout_classes: training seed
-    knn_k: int = 50  # K of the kNN score (OpenOOD's CIFAR setting)
+    knn_k: PositiveInt = 50  # K of the kNN score (OpenOOD's CIFAR setting)
     react_percentile: float = 90.0  # ReAct clip percentile of ID features
     ash_percentile: float = 90.0  # ASH-B pruning percentile
     scale_percentile: float = 85.0  # SCALE percentile
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages, device: str | None, progress: bool):
@@ -387,43 +413,3 @@ def run_ood(config: OODConfig, out: str | Path, *, device: str | None = None, pr
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "ood.json", report)
     return report
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    holdout = tuple(int(c) for c in args.holdout_classes.split(",")) if args.holdout_classes else ()
-    config = OODConfig(dataset=args.dataset, classifier=args.classifier, diffaug_ensemble=args.diffaug_ensemble,
-                       ood=tuple(args.ood or ()), default_sets=not args.no_default_sets, num=args.num,
-                       holdout_classes=holdout, model=args.model, epochs=args.epochs, seed=args.seed, knn_k=args.knn_k)
-    report = run_ood(config, args.out, device=args.device, progress=not args.quiet)
-    table = {name: {s: round(v["auroc"], 4) for s, v in r["scores"].items()} for name, r in report["sets"].items()}
-    print_json({"out": str(Path(args.out) / "ood.json"), "auroc": table})
-    return 0
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, positive_int
-    from tailforge.eval.features import add_classifier_options
-
-    parser = add_command(
-        group, "ood", "OOD detection: MSP, energy, MaxLogit, ReAct, ASH, SCALE, Mahalanobis, kNN", run_cli,
-        description="Score the ID test split and each OOD set with OpenOOD's postprocessors (feature statistics "
-                    "fitted on the ID training split) and report AUROC and FPR@95TPR per set. Default sets, at the "
-                    "dataset's size: near = the ID test images rotated 90 degrees, far = mondrian, gm, ri. "
-                    "--holdout-classes trains a fresh classifier without those classes and adds their test images "
-                    "as a near-OOD set (open-set protocol). Writes OUT/ood.json with ROC curves.")
-    add_classifier_options(parser, required=False)
-    parser.add_argument("--dataset", required=True, help="ID dataset spec (train split fits, test split is ID)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--ood", action="append", metavar="SPEC",
-                        help="an extra OOD dataset spec (test split if it has one); repeatable")
-    parser.add_argument("--no-default-sets", action="store_true", help="only the --ood / held-out sets")
-    parser.add_argument("--num", type=positive_int, default=500, help="images per OOD set")
-    parser.add_argument("--knn-k", type=positive_int, default=50, help="K of the kNN score")
-    parser.add_argument("--holdout-classes", default=None, metavar="C,C,...",
-                        help="train a classifier without these classes; their test images are near-OOD")
-    parser.add_argument("--model", default="tinycnn", help="with --holdout-classes: timm model to train")
-    parser.add_argument("--epochs", type=positive_int, default=30, help="with --holdout-classes: training epochs")
-    parser.add_argument("--seed", type=int, default=0, help="with --holdout-classes: training seed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,16 +1,17 @@
 """`tailforge eval report`: every evaluation result in one report.json and one self-contained
 report.html (figures embedded as PNG data URIs: it opens offline, from any folder).
 
-Inputs are the JSON files the evaluation commands write (found by their content, so any file name
-works), shard sets for sample grids and density histograms, and classifiers trained on
-reconstructed data for accuracy vs t_re. A section whose inputs are absent is reported as absent
+Inputs are the JSON files the evaluation commands write (any file name works: each says its
+"kind" and "version", :mod:`tailforge.eval.results`), shard sets for sample grids and density
+histograms, and classifiers trained on reconstructed data for accuracy vs t_re. REPORT_SECTIONS
+holds one section builder per result kind. A JSON of no known kind or version, or one its builder
+cannot read, is listed as not recognised; a section whose inputs are absent is reported as absent
 with the reason; nothing is filled in. Every figure carries the source file and the config that
 produced it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -22,30 +23,14 @@ import numpy as np
 import torch
 
 from tailforge.eval.figures import data_uri, image_grid, pil_data_uri
+from tailforge.eval.results import RESULT_VERSIONS
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import read_json, write_json_atomic
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 
-#: result kinds, recognised by the keys their JSON holds
-KINDS: dict[str, tuple[str, ...]] = {
-    "emm": ("points", "emm"),
-    "memorization": ("memorization_ratio", "closest_pairs"),
-    "corruptions": ("mean_corruption_accuracy", "corruptions"),
-    "ood": ("scores_computed", "sets"),
-    "fidelity": ("frechet_distance", "fake_detection"),
-    "density": ("samples", "real_test"),
-    "accuracy": ("top1", "per_class"),
-}
-
-
-def result_kind(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return None
-    for kind, keys in KINDS.items():
-        if all(k in obj for k in keys):
-            return kind
-    return None
+#: result files of one kind: (path, parsed JSON)
+Results = list[tuple[Path, dict[str, Any]]]
 
 
 @dataclasses.dataclass
@@ -61,6 +46,16 @@ class Table:
     title: str
     header: list[str]
     rows: list[list[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportInputs:
+    """What sections draw on besides result files."""
+
+    samples: dict[str, str]  # --samples NAME=SHARDS: sets for grids and density histograms
+    classifier: str | None  # --classifier: the evaluation classifier of the density histograms
+    dataset: str | None  # --dataset: the real data (density reference, t_re test split)
+    tre: dict[float, str]  # --tre T=CLASSIFIER_DIR: classifiers trained on data reconstructed at t_re
 
 
 @dataclasses.dataclass
@@ -178,12 +173,6 @@ def roc_figure(sets: dict[str, dict[str, Any]], title: str) -> str:
 # Helpers
 
 
-def _short(config: dict[str, Any] | None, keys: tuple[str, ...] = ()) -> str:
-    config = config or {}
-    items = [(k, config[k]) for k in (keys or tuple(config)) if k in config and config[k] not in (None, "", [], {})]
-    return ", ".join(f"{k}={v}" for k, v in items)
-
-
 def _fmt(value: Any, digits: int = 4) -> Any:
     if isinstance(value, float):
         return round(value, digits)
@@ -194,10 +183,30 @@ def _image_uri(path: Path) -> str | None:
     return data_uri(path.read_bytes()) if path.is_file() else None
 
 
-def discover(paths: list[str]) -> tuple[dict[str, list[tuple[Path, dict]]], list[str]]:
-    """Recognised results by kind (file path, parsed JSON), and the JSON files not recognised."""
-    found: dict[str, list[tuple[Path, dict]]] = {k: [] for k in KINDS}
-    ignored = []
+def _unrecognised(path: Path, reason: str) -> dict[str, str]:
+    return {"path": str(path), "reason": reason}
+
+
+def read_result(path: Path) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(kind, parsed JSON, None) for a result the report reads, else (None, None, why it does not)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        return None, None, f"not readable JSON ({type(err).__name__})"
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if not isinstance(kind, str) or kind not in RESULT_VERSIONS:
+        return None, None, "no known result kind" if kind is None else f"unknown result kind {kind!r}"
+    if obj.get("version") != RESULT_VERSIONS[kind]:
+        return None, None, (f"{kind} result of version {obj.get('version')!r}; this report reads version "
+                            f"{RESULT_VERSIONS[kind]}")
+    return kind, obj, None
+
+
+def discover(paths: list[str]) -> tuple[dict[str, Results], list[dict[str, str]]]:
+    """Results by kind, and the JSON files not recognised (path and reason). Results of a kind
+    that another kind's result refers to (READ_THROUGH) are neither."""
+    found: dict[str, Results] = {kind: [] for kind in REPORT_SECTIONS}
+    unrecognised = []
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -208,17 +217,12 @@ def discover(paths: list[str]) -> tuple[dict[str, list[tuple[Path, dict]]], list
         else:
             raise ConfigError(f"--results {raw}: no such file or folder")
     for file in dict.fromkeys(files):
-        try:
-            obj = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            ignored.append(str(file))
-            continue
-        kind = result_kind(obj)
-        if kind:
+        kind, obj, reason = read_result(file)
+        if reason:
+            unrecognised.append(_unrecognised(file, reason))
+        elif kind not in READ_THROUGH:
             found[kind].append((file, obj))
-        elif not (isinstance(obj, dict) and "memorization" in obj and "size" in obj):  # EMM run files: via emm.json
-            ignored.append(str(file))
-    return found, ignored
+    return found, unrecognised
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,9 +256,7 @@ def samples_section(samples: dict[str, str], grid: int) -> Section:
     return section
 
 
-def density_section(samples: dict[str, str], classifier: str | None, dataset: str | None,
-                    results: list[tuple[Path, dict]]) -> Section:
-    section = Section("density", "Density: hardness, AvgkNN, LOF (seed 000 Sec. 4.2)")
+def density_section(section: Section, results: Results) -> None:
     for path, obj in results:
         rows = []
         for name in ("samples", "real_test"):
@@ -265,32 +267,27 @@ def density_section(samples: dict[str, str], classifier: str | None, dataset: st
                                     ["set", "median hardness", "median AvgkNN", "median LOF", "precision", "recall",
                                      "classifier accuracy"], rows))
         section.data[str(path)] = {k: obj[k] for k in ("samples", "real_test")}
-    if samples and classifier and dataset:
-        try:
-            from tailforge.eval import density
-        except ImportError as err:
-            section.notes.append(f"histograms not drawn: tailforge.eval.density is not available ({err})")
-        else:
-            _density_histograms(section, density, samples, classifier, dataset)
-    elif samples:
-        section.notes.append("histograms need --classifier (an evaluation classifier) and --dataset")
-    if not section.tables and not section.figures:
-        section.absent = "no density results (tailforge eval density --json) and no --samples with --classifier/--dataset"
-    return section
 
 
-def _density_histograms(section: Section, density, samples: dict[str, str], classifier: str, dataset: str) -> None:
+def density_histograms(section: Section, inputs: ReportInputs) -> None:
+    """Histograms of hardness, AvgkNN and LOF of each --samples set and the real test split."""
+    from tailforge.eval import density
     from tailforge.gen.data.datasets import load_dataset
     from tailforge.gen.models.classifiers import embed, load_classifier
 
+    samples, classifier, dataset = inputs.samples, inputs.classifier, inputs.dataset
+    if not samples:
+        return
+    if not (classifier and dataset):
+        section.notes.append("histograms need --classifier (an evaluation classifier) and --dataset")
+        return
     net, _ = load_classifier(classifier)
     config = density.DensityConfig()
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     reference = density.real_reference(embed(net, train.images), train.labels, train.info.num_classes, config)
     values: dict[str, dict[str, np.ndarray]] = {}
     for name, root in samples.items():
-        if hasattr(density, "check_independent"):
-            density.check_independent(classifier, density.read_shard_set(root)[2])
+        density.check_independent(classifier, density.read_shard_set(root)[2])
         data = load_dataset(f"shards:{root}", "train")
         values[name] = {k: v.numpy() for k, v in density.density_metrics(embed(net, data.images), data.labels,
                                                                            reference, config).items()}
@@ -303,8 +300,7 @@ def _density_histograms(section: Section, density, samples: dict[str, str], clas
         section.data.setdefault("medians", {})[metric] = {n: float(np.median(v[metric])) for n, v in values.items()}
 
 
-def accuracy_section(results: list[tuple[Path, dict]], tre: dict[float, str], dataset: str | None) -> Section:
-    section = Section("accuracy", "Accuracy (top-1, ECE; with and without DiffAug-Ensemble) and accuracy vs t_re")
+def accuracy_section(section: Section, results: Results) -> None:
     rows = []
     for path, obj in results:
         rows.append([str(path), obj.get("classifier"), obj.get("dataset"), "plain", obj.get("n"), _fmt(obj["top1"]),
@@ -313,21 +309,23 @@ def accuracy_section(results: list[tuple[Path, dict]], tre: dict[float, str], da
             de = obj["diffaug_ensemble"]
             rows.append([str(path), obj.get("classifier"), obj.get("dataset"), f"DiffAug-Ensemble ({de.get('model')})",
                          de.get("n"), _fmt(de["top1"]), _fmt(de.get("ece"))])
-    if rows:
-        section.tables.append(Table("accuracy", ["source", "classifier", "dataset", "mode", "n", "top-1", "ECE"], rows))
-        section.data["accuracy"] = {str(p): o for p, o in results}
-    if tre:
-        points = _tre_points(tre, dataset)
-        section.data["accuracy_vs_t_re"] = points
-        uri = line_figure({"test accuracy": ([p["t_re"] for p in points], [p["test_accuracy"] for p in points])},
-                          "t_re (fraction of T)", "test accuracy", "classifiers trained on reconstructed data "
-                          "(seed 001 Table 2)")
-        section.figures.append(Figure("accuracy vs t_re", uri, "test accuracy of a classifier trained on each "
-                                      "reconstructed set; t_re = 0 is real data, 1 is full generation",
-                                      {"classifiers": {str(k): v for k, v in tre.items()}, "dataset": dataset}))
-    if not rows and not tre:
-        section.absent = "no accuracy results (tailforge eval accuracy --json) and no --tre classifiers"
-    return section
+    section.tables.append(Table("accuracy", ["source", "classifier", "dataset", "mode", "n", "top-1", "ECE"], rows))
+    section.data["accuracy"] = {str(p): o for p, o in results}
+
+
+def accuracy_vs_tre(section: Section, inputs: ReportInputs) -> None:
+    """Test accuracy of the --tre classifiers, trained on data reconstructed at each t_re."""
+    if not inputs.tre:
+        return
+    tre, dataset = inputs.tre, inputs.dataset
+    points = _tre_points(tre, dataset)
+    section.data["accuracy_vs_t_re"] = points
+    uri = line_figure({"test accuracy": ([p["t_re"] for p in points], [p["test_accuracy"] for p in points])},
+                      "t_re (fraction of T)", "test accuracy", "classifiers trained on reconstructed data "
+                      "(Yamaguchi & Fukuda 2023 Table 2)")
+    section.figures.append(Figure("accuracy vs t_re", uri, "test accuracy of a classifier trained on each "
+                                  "reconstructed set; t_re = 0 is real data, 1 is full generation",
+                                  {"classifiers": {str(k): v for k, v in tre.items()}, "dataset": dataset}))
 
 
 def _tre_points(tre: dict[float, str], dataset: str | None) -> list[dict[str, Any]]:
@@ -349,7 +347,7 @@ def _tre_points(tre: dict[float, str], dataset: str | None) -> list[dict[str, An
     return points
 
 
-def corruption_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+def corruption_section(section: Section, results: Results) -> None:
     labels = {str(p): _run_label(o.get("config")) or str(p) for p, o in results}
     names = list(results[0][1]["corruptions"])
     series = {labels[str(p)]: [o["corruptions"].get(n, {}).get("mean_accuracy", np.nan) for n in names] for p, o in results}
@@ -399,7 +397,7 @@ def _run_label(config: dict[str, Any] | None) -> str:
     return label
 
 
-def ood_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+def ood_section(section: Section, results: Results) -> None:
     for path, obj in results:
         label = _run_label(obj.get("config")) or str(path)
         config = {**(obj.get("config") or {}), "source": str(path)}
@@ -416,7 +414,7 @@ def ood_section(section: Section, results: list[tuple[Path, dict]]) -> None:
                                    "auroc": {n: {s: v["auroc"] for s, v in r["scores"].items()} for n, r in obj["sets"].items()}}
 
 
-def fidelity_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+def fidelity_section(section: Section, results: Results) -> None:
     rows = []
     for path, obj in results:
         cfg = obj.get("config") or {}
@@ -430,7 +428,7 @@ def fidelity_section(section: Section, results: list[tuple[Path, dict]]) -> None
                          "indistinguishable")
 
 
-def memorization_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+def memorization_section(section: Section, results: Results) -> None:
     rows = []
     hist = {}
     for path, obj in results:
@@ -465,7 +463,7 @@ def memorization_section(section: Section, results: list[tuple[Path, dict]]) -> 
         {label: str(p) for (p, _), label in zip(results, hist)}))
 
 
-def emm_section(section: Section, results: list[tuple[Path, dict]]) -> None:
+def emm_section(section: Section, results: Results) -> None:
     series, markers, configs, rows = {}, {}, {}, []
     for path, obj in results:
         cfg = obj["config"]
@@ -501,38 +499,109 @@ def emm_section(section: Section, results: list[tuple[Path, dict]]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-#: sections built from one kind of result: key, title, builder, the command that writes the input
-RESULT_SECTIONS: list[tuple[str, str, Callable[[Section, list[tuple[Path, dict]]], None], str]] = [
-    ("corruptions", "Corruption robustness (CIFAR-10-C protocol)", corruption_section, "tailforge eval corruptions"),
-    ("ood", "OOD detection (OpenOOD postprocessors)", ood_section, "tailforge eval ood"),
-    ("fidelity", "Fidelity: Frechet distance and fake detection (seed 001 Sec. 4.1)", fidelity_section,
-     "tailforge eval fidelity"),
-    ("memorization", "Memorization: ratio criterion d1 < d2/3 (seeds 002, 004)", memorization_section,
-     "tailforge eval memorization"),
-    ("emm", "Memorization ratio vs training-set size and EMM (seed 002 Def. 1)", emm_section, "tailforge eval emm"),
-]
+def entropy_section(section: Section, results: Results) -> None:
+    rows = []
+    for path, obj in results:
+        for spec, r in obj["datasets"].items():
+            rows.append([str(path), obj.get("classifier"), spec, r["n"], _fmt(r["mean_entropy"]),
+                         _fmt(r.get("max_entropy")), _fmt(r.get("top1"))])
+        section.data[str(path)] = {k: obj.get(k) for k in ("classifier", "split", "datasets")}
+    section.tables.append(Table("mean output entropy (nats)", ["source", "classifier", "dataset", "n", "mean entropy",
+                                                               "maximum (log C)", "top-1"], rows))
+    section.notes.append("lower entropy: samples the classifier finds easier, closer to the modes of the real data")
 
 
-def result_section(key: str, title: str, build: Callable[[Section, list[tuple[Path, dict]]], None],
-                   command: str, results: list[tuple[Path, dict]]) -> Section:
-    section = Section(key, title)
+@dataclasses.dataclass(frozen=True)
+class SectionSpec:
+    """The report section of one kind of result."""
+
+    kind: str  # the result kind it reads (tailforge.eval.results.RESULT_VERSIONS)
+    title: str  # its heading
+    build: Callable[[Section, Results], None]  # adds tables, figures, notes and data for the results (at least one)
+    absent: str  # why the section is empty when it ends with neither table nor figure
+    from_inputs: Callable[[Section, ReportInputs], None] | None = None  # what it adds from other report inputs
+
+    @property
+    def version(self) -> int:
+        """The result version it reads: the one the evaluation commands write now."""
+        return RESULT_VERSIONS[self.kind]
+
+
+#: one section per result kind, in report order (after the sample grids)
+REPORT_SECTIONS: dict[str, SectionSpec] = {spec.kind: spec for spec in (
+    SectionSpec("density", "Density: hardness, AvgkNN, LOF (Sehwag et al. 2022 Sec. 4.2)", density_section,
+                "no density results (tailforge eval density --json) and no --samples with --classifier/--dataset",
+                density_histograms),
+    SectionSpec("accuracy", "Accuracy (top-1, ECE; with and without DiffAug-Ensemble) and accuracy vs t_re",
+                accuracy_section, "no accuracy results (tailforge eval accuracy --json) and no --tre classifiers",
+                accuracy_vs_tre),
+    SectionSpec("corruptions", "Corruption robustness (CIFAR-10-C protocol)", corruption_section,
+                "no corruptions results (tailforge eval corruptions)"),
+    SectionSpec("ood", "OOD detection (OpenOOD postprocessors)", ood_section, "no ood results (tailforge eval ood)"),
+    SectionSpec("fidelity", "Fidelity: Frechet distance and fake detection (Yamaguchi & Fukuda 2023 Sec. 4.1)", fidelity_section,
+                "no fidelity results (tailforge eval fidelity)"),
+    SectionSpec("memorization", "Memorization: ratio criterion d1 < d2/3 (Gu et al. 2023; Yoon et al. 2023)", memorization_section,
+                "no memorization results (tailforge eval memorization)"),
+    SectionSpec("emm", "Memorization ratio vs training-set size and EMM (Gu et al. 2023 Def. 1)", emm_section,
+                "no emm results (tailforge eval emm)"),
+    SectionSpec("entropy", "Output entropy of a classifier (Yamaguchi & Fukuda 2023, Eq. 4)", entropy_section,
+                "no entropy results (tailforge eval entropy --json)"),
+)}
+
+#: result kinds read through another kind's result, not on their own: an EMM study's emm.json
+#: lists its runs, and its section draws each run's figure from the run folder
+READ_THROUGH: dict[str, str] = {"emm_run": "emm"}
+
+#: what a builder raises on a result that has the right kind and version but not the content
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _built(spec: SectionSpec, results: Results) -> Section:
+    section = Section(spec.kind, spec.title)
     if results:
-        build(section, results)
-    else:
-        section.absent = f"no {key} results ({command})"
+        spec.build(section, results)
     return section
+
+
+def build_section(spec: SectionSpec, results: Results, inputs: ReportInputs) -> tuple[Section, list[dict[str, str]]]:
+    """The section of `results`, and the results its builder could not read (path and reason):
+    when the whole set fails, each result is tried alone and the section is built from the
+    ones that pass."""
+    unreadable = []
+    try:
+        section = _built(spec, results)
+    except MALFORMED:
+        readable = []
+        for path, obj in results:
+            try:
+                _built(spec, [(path, obj)])
+            except MALFORMED as err:
+                unreadable.append(_unrecognised(path, f"malformed {spec.kind} result ({type(err).__name__}: {err})"))
+            else:
+                readable.append((path, obj))
+        section = _built(spec, readable)
+    if spec.from_inputs:
+        spec.from_inputs(section, inputs)
+    if not section.tables and not section.figures:
+        section.absent = spec.absent
+    return section, unreadable
 
 
 def build_report(*, results: list[str], samples: dict[str, str], classifier: str | None, dataset: str | None,
                  tre: dict[float, str], grid: int = 40) -> tuple[list[Section], dict[str, Any]]:
-    found, ignored = discover(results)
-    sections = [samples_section(samples, grid), density_section(samples, classifier, dataset, found["density"]),
-                accuracy_section(found["accuracy"], tre, dataset)]
-    sections += [result_section(key, title, build, command, found[key]) for key, title, build, command in RESULT_SECTIONS]
-    inputs = {"results": results, "found": {k: [str(p) for p, _ in v] for k, v in found.items()},
-              "not_recognised": {"count": len(ignored), "first": ignored[:20]}, "samples": samples, "classifier": classifier, "dataset": dataset,
-              "tre": {str(k): v for k, v in tre.items()}}
-    return sections, inputs
+    found, unrecognised = discover(results)
+    inputs = ReportInputs(samples=samples, classifier=classifier, dataset=dataset, tre=tre)
+    sections = [samples_section(samples, grid)]
+    for kind, spec in REPORT_SECTIONS.items():
+        section, unreadable = build_section(spec, found[kind], inputs)
+        sections.append(section)
+        unrecognised += unreadable
+        unread = {u["path"] for u in unreadable}
+        found[kind] = [(p, o) for p, o in found[kind] if str(p) not in unread]
+    described = {"results": results, "found": {k: [str(p) for p, _ in v] for k, v in found.items()},
+                 "not_recognised": {"count": len(unrecognised), "first": unrecognised[:20]}, "samples": samples,
+                 "classifier": classifier, "dataset": dataset, "tre": {str(k): v for k, v in tre.items()}}
+    return sections, described
 
 
 def render_html(sections: list[Section], inputs: dict[str, Any], title: str) -> str:
@@ -541,7 +610,8 @@ def render_html(sections: list[Section], inputs: dict[str, Any], title: str) -> 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(TEMPLATE.read_text())
     return template.render(title=title, sections=sections, inputs=json.dumps(inputs, indent=1, default=str),
-                           generated=time.strftime("%Y-%m-%d %H:%M:%S"), dumps=lambda o: json.dumps(o, indent=1, default=str))
+                           not_recognised=inputs["not_recognised"], generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+                           dumps=lambda o: json.dumps(o, indent=1, default=str))
 
 
 def write_report(out: str | Path, *, results: list[str], samples: dict[str, str], classifier: str | None = None,
@@ -561,50 +631,3 @@ def write_report(out: str | Path, *, results: list[str], samples: dict[str, str]
     tmp.replace(out / "report.html")
     write_json_atomic(out / "report.json", report)
     return report
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    pairs = {}
-    for raw in values or []:
-        name, sep, value = raw.partition("=")
-        if not sep or not name or not value:
-            raise ConfigError(f"{flag} expects NAME=VALUE, got {raw!r}")
-        pairs[name] = value
-    return pairs
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from tailforge.cli.util import print_json
-
-    tre = {}
-    for name, folder in _pairs(args.tre, "--tre").items():
-        try:
-            tre[float(name)] = folder
-        except ValueError:
-            raise ConfigError(f"--tre expects T=CLASSIFIER_DIR with T a number, got {name!r}") from None
-    report = write_report(args.out, results=args.results or [], samples=_pairs(args.samples, "--samples"),
-                          classifier=args.classifier, dataset=args.dataset, tre=tre, grid=args.grid, title=args.title)
-    print_json({"report": str(Path(args.out) / "report.html"), "present": report["present"], "absent": report["absent"]})
-    return 0
-
-
-def register(group: argparse._SubParsersAction) -> None:
-    from tailforge.cli.util import add_command, positive_int
-
-    parser = add_command(
-        group, "report", "gather evaluation results into report.json and a self-contained report.html", run_cli,
-        description="Collect the JSON results of the eval commands (found by content under each --results path), "
-                    "sample grids of shard sets (--samples NAME=DIR; sets generated with the same seed are paired), "
-                    "density histograms (with --classifier and --dataset) and accuracy vs t_re (--tre T=CLASSIFIER). "
-                    "Writes OUT/report.json and OUT/report.html (figures embedded; opens offline). Sections whose "
-                    "inputs are missing are listed as absent.")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--results", action="append", metavar="PATH",
-                        help="a result JSON or a folder searched recursively; repeatable")
-    parser.add_argument("--samples", action="append", metavar="NAME=SHARDS", help="a shard set to show; repeatable")
-    parser.add_argument("--classifier", default=None, help="evaluation classifier for the density histograms")
-    parser.add_argument("--dataset", default=None, help="real dataset spec (density reference, t_re test split)")
-    parser.add_argument("--tre", action="append", metavar="T=CLASSIFIER_DIR",
-                        help="classifier trained on data reconstructed at t_re = T; repeatable")
-    parser.add_argument("--grid", type=positive_int, default=40, help="samples per grid")
-    parser.add_argument("--title", default="tailforge evaluation report", help="report title")

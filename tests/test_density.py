@@ -1,4 +1,4 @@
-"""Density metrics (seed 000 Sec. 4.2) against brute-force and hand-written references: AvgkNN,
+"""Density metrics (Sehwag et al. 2022 Sec. 4.2) against brute-force and hand-written references: AvgkNN,
 LOF (Breunig et al. 2000), k-NN precision/recall (Kynkaanniemi et al. 2019), cross-fitted hardness;
 and `tailforge eval density` end to end."""
 

@@ -1,4 +1,4 @@
-"""DiffAug (seed 003 Eq. 3), its training loss, the in-process and Ray-served stages, DiffAug-Ensemble."""
+"""DiffAug (Sastry et al. 2023 Eq. 3), its training loss, the in-process and Ray-served stages, DiffAug-Ensemble."""
 
 from __future__ import annotations
 

@@ -74,11 +74,11 @@ def test_training_sets_for_dummy_random_and_unique_labels(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ConfigError):
-        EMMConfig(sizes=(1,)).validate()
+        EMMConfig(sizes=(1,))
     with pytest.raises(ConfigError):
-        EMMConfig(labels="random", dummy=5).validate()
+        EMMConfig(labels="random", dummy=5)
     with pytest.raises(ConfigError):
-        EMMConfig(epsilon=1.5).validate()
+        EMMConfig(epsilon=1.5)
 
 
 def test_tiny_study_in_process_and_resumes(tmp_path):

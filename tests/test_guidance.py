@@ -1,4 +1,4 @@
-"""Low-density guidance (seed 000 Algorithm 1): the wrapped samplers against a literal Algorithm 1
+"""Low-density guidance (Sehwag et al. 2022 Algorithm 1): the wrapped samplers against a literal Algorithm 1
 loop, the norm of the applied guidance, no guidance on the last step, DDIM, both guidance inputs,
 alpha = beta = 0 against the baseline bit for bit, guidance folders, shards."""
 
@@ -140,7 +140,7 @@ def test_guided_ddpm_step_adds_sigma_times_the_normalized_gradients(denoiser, mo
 
 
 def algorithm1_step(denoiser, models, config, x, sigma, sigma_next, labels, rng):
-    """One step of seed 000 Algorithm 1, literally, for the DDPM sampler in sigma-space."""
+    """One step of Sehwag et al. 2022 Algorithm 1, literally, for the DDPM sampler in sigma-space."""
     denoised = denoiser(x, sigma.expand(len(x)), labels)
     if sigma_next == 0:  # t = 1: z = 0, s = 0
         return ddpm_step(x, denoised, sigma, sigma_next, torch.zeros_like(x))
@@ -219,7 +219,7 @@ def test_guidance_rejects_what_algorithm_1_does_not_cover(denoiser, models_x0):
     with pytest.raises(ConfigError, match="ddpm or ddim"):
         step_rule("heun", {})
     with pytest.raises(ConfigError, match="alpha and beta"):
-        GuidanceConfig(alpha=-1).validate()
+        GuidanceConfig(alpha=-1)
 
 
 def test_direction_counts_guidance_evaluations(models_x0):

@@ -1,4 +1,4 @@
-"""Hardness (seed 000 Eq. 3) against direct Gaussian log-densities; the guidance losses (Eq. 4, 6)
+"""Hardness (Sehwag et al. 2022 Eq. 3) against direct Gaussian log-densities; the guidance losses (Eq. 4, 6)
 against hand-written formulas; class Gaussians against numpy / scikit-learn estimates."""
 
 from __future__ import annotations

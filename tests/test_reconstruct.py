@@ -1,4 +1,4 @@
-"""Real-sample reconstruction (seed 001 Algorithm 1) and output entropy (seed 001 Eq. 4)."""
+"""Real-sample reconstruction (Yamaguchi & Fukuda 2023 Algorithm 1) and output entropy (Yamaguchi & Fukuda 2023 Eq. 4)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from tailforge.cli import main
 from tailforge.eval.emm import estimate_emm, write_labeled_shards
 from tailforge.eval.fidelity import fidelity_report
 from tailforge.eval.report import write_report
+from tailforge.eval.results import tag_result
 from tailforge.gen.core.files import write_json_atomic
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
@@ -64,9 +65,11 @@ def inputs(tmp_path_factory):
                "median_ratio_d1_d2": m, "run": f"n{n}", "seconds": {}} for n, r, d, m in
               ((25, 1.0, 25, 0.05), (100, 0.7, 80, 0.2), (400, 0.05, 10, 0.8))]
     (results / "emm").mkdir()
-    write_json_atomic(results / "emm" / "emm.json", {
+    write_json_atomic(results / "emm" / "emm.json", tag_result("emm", {
         "config": {"dataset": "digits", "labels": "true", "dummy": 0, "steps": 10, "epsilon": 0.1},
-        "points": points, "emm": estimate_emm([25, 100, 400], [1.0, 0.7, 0.05]), "wall_seconds": 1.0})
+        "points": points, "emm": estimate_emm([25, 100, 400], [1.0, 0.7, 0.05]), "wall_seconds": 1.0}))
+    assert main(["eval", "entropy", "--classifier", str(clf), "--dataset", "digits?n=30", f"shards:{samples['copies']}",
+                 "--json", str(results / "entropy.json")]) == 0
     return {"root": root, "clf": str(clf), "samples": samples, "results": [str(results), str(root / "accuracy.json")]}
 
 
@@ -85,7 +88,7 @@ def written(inputs, tmp_path_factory):
 
 def test_report_sections_and_figures(written):
     out, report = written
-    expected = {"samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm"}
+    expected = {"samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm", "entropy"}
     assert expected <= set(report["present"]), report["absent"]
     accuracy = next(iter(report["sections"]["accuracy"]["data"]["accuracy"].values()))
     assert accuracy["n"] == accuracy["diffaug_ensemble"]["n"] == 30  # with and without DiffAug-Ensemble
@@ -106,9 +109,9 @@ def test_report_sections_and_figures(written):
 def test_absent_inputs_are_reported_absent(tmp_path):
     report = write_report(tmp_path, results=[], samples={})
     assert report["present"] == [] and set(report["absent"]) == {
-        "samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm"}
+        "samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm", "entropy"}
     page = (tmp_path / "report.html").read_text()
-    assert page.count('data-absent="yes"') == 8 and "<img" not in page
+    assert page.count('data-absent="yes"') == 9 and "<img" not in page
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium not installed (HTML structure is "

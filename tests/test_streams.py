@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -193,6 +194,37 @@ def test_stream_checks_shapes_and_labels(tmp_path):
     assert "Traceback" not in str(raised.value) and str(raised.value).startswith("sample a-")
     with pytest.raises(ShardError, match="label 7"):
         all_batches(MixedStream((a,), batch_size=5, image_shape=SHAPE, num_classes=5, epoch_samples=10))
+
+
+def damaged_png(png: bytes, fix_crc: bool) -> bytes:
+    """`png` with one byte of its compressed pixel data flipped; with `fix_crc` the IDAT chunk's
+    CRC is recomputed, so only the zlib stream is wrong (libpng's error path: torchvision 0.29
+    crashes the process there instead of raising)."""
+    start = png.index(b"IDAT")
+    length = int.from_bytes(png[start - 4:start], "big")
+    data = bytearray(png)
+    data[start + 4 + length // 2] ^= 0xFF
+    if fix_crc:
+        data[start + 4 + length:start + 8 + length] = zlib.crc32(data[start:start + 4 + length]).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fix_crc", [False, True])
+def test_a_damaged_image_is_a_one_line_error_naming_its_sample(tmp_path, fix_crc):
+    root = tmp_path / "bad"
+    root.mkdir()
+    spec = plan_shards("bad", 4, 4, seed=0)[0]
+    rng = np.random.default_rng(0)
+    samples = [encode_sample(f"bad-{i:09d}", rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), 1, {}) for i in spec.indices]
+    samples[2]["png"] = damaged_png(samples[2]["png"], fix_crc)
+    sha, size = write_shard(root, spec, samples)
+    write_manifest(root, [ShardRecord(spec.name, spec.index, spec.start, spec.count, sha, size, 0.0, 0, "test")],
+                   extra={"num_classes": 10})
+    stream = MixedStream((ShardSet("bad", str(root), 1.0),), batch_size=4, image_shape=SHAPE, num_classes=10,
+                         epoch_samples=4, resample=False)
+    with pytest.raises(ShardError, match="cannot decode its image") as raised:
+        all_batches(stream)
+    assert str(raised.value).startswith("sample bad-000000002 in ") and "\n" not in str(raised.value)
 
 
 def test_real_shards_round_trip_losslessly(tmp_path):

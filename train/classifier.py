@@ -6,13 +6,9 @@ schedule with linear warmup (a pure function of the step, :func:`lr_at`), label 
 CUDA, per-epoch checkpoints (safetensors + JSON, never pickles) with exact resume, a progress bar
 and a JSONL log of per-epoch metrics.
 
-Augmentation hook. A *stage* is ``Callable[[Iterable[Batch]], Iterator[Batch]]``; a Batch is a dict
-with "images" (float32 NCHW in [-1, 1], on the CPU), "labels" (int64), "index" (the global batch
-index within the run: ``(epoch * steps_per_epoch + step) * world_size + rank``, so it is
-``epoch * steps_per_epoch + step`` on one rank and unique across ranks) and "seed" (the run seed).
-A stage yields the same batches in order, each with an added "augmented" tensor shaped like
-"images". With a stage, the loss is CE(model(images), labels) + CE(model(augmented), labels),
-computed from one forward pass over the concatenated batch: the released DiffAug recipe (seed 003;
+Augmentation hook: a *stage* (the contract of gen/core/stage.py) adds an "augmented" tensor to
+every batch. With a stage, the loss is CE(model(images), labels) + CE(model(augmented), labels),
+computed from one forward pass over the concatenated batch: the released DiffAug recipe (Sastry et al. 2023;
 shared/seeds/README.md). ``--diffaug MODEL_DIR`` builds the DiffAug stage of gen/methods/diffaug.py.
 
 Data order is a function of (seed, epoch, rank, loader worker) only, and checkpoints hold the
@@ -23,23 +19,25 @@ epoch k continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Annotated, Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tailforge.gen.core.errors import CheckpointError, ConfigError
-from tailforge.gen.core.files import config_dict, load_module_state, read_json, write_json_atomic
+from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict, load_module_state
 from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.core.noise import derive_seed
+from tailforge.gen.core.stage import Batch, Stage
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.models.classifiers import (
     CLASSIFIER_WEIGHTS,
@@ -48,11 +46,8 @@ from tailforge.gen.models.classifiers import (
     predict_logits,
     save_classifier,
 )
-from tailforge.train.run_folder import load_optimizer, save_optimizer
+from tailforge.train.run_folder import CheckpointFolders, load_optimizer, save_optimizer
 from tailforge.train.streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
-
-Batch = dict[str, Any]
-Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
@@ -68,48 +63,37 @@ class ClassifierTrainConfig:
 
     dataset: str = "digits"  # dataset spec: train split (as shards) for training, test split for the log
     model: str = "tinycnn"  # any timm model name (tinycnn, tinycnn_wide, resnet18_cifar registered here)
-    epochs: int = 30  # epochs (resampled mode: epoch_samples samples each)
-    batch_size: int = 128  # images per optimizer step over all workers (each rank takes batch_size / workers)
-    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
-    lr: float = 3e-3  # peak learning rate
+    epochs: PositiveInt = 30  # epochs (resampled mode: epoch_samples samples each)
+    batch_size: PositiveInt = 128  # images per optimizer step over all workers (each rank takes batch_size / workers)
+    optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "adamw"  # adamw | sgd (Nesterov momentum)
+    lr: PositiveFloat = 3e-3  # peak learning rate
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # decoupled (AdamW) or L2 (SGD) weight decay
-    schedule: str = "cosine"  # cosine (to 0) | step (times gamma every step_epochs epochs)
+    schedule: Annotated[str, OneOf(SCHEDULES)] = "cosine"  # cosine (to 0) | step (times gamma every step_epochs epochs)
     warmup: float = 0.15  # fraction of all steps spent in linear warmup from 0 to lr
-    step_epochs: int = 10  # step schedule: epochs between decays
-    gamma: float = 0.1  # step schedule: decay factor
+    step_epochs: PositiveInt = 10  # step schedule: epochs between decays
+    gamma: PositiveFloat = 0.1  # step schedule: decay factor
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     amp: bool = True  # float16 autocast + GradScaler when training on CUDA (no effect on the CPU)
     mix: tuple[MixSource, ...] = (MixSource(REAL, 1.0),)  # sources and their sampling weights
     resample: bool = True  # resampled epochs of epoch_samples samples; False: every sample once per epoch
-    epoch_samples: int = 0  # samples per epoch (resampled); 0: one pass over the real data in expectation
-    shuffle_buffer: int = 1000  # samples in each reader's shuffle buffer
-    loader_workers: int = 1  # DataLoader worker processes per rank (0: read in the training process)
-    workers: int = 1  # Ray Train workers (DDP ranks); 1 trains in this process
+    epoch_samples: NonNegativeInt = 0  # samples per epoch (resampled); 0: one pass over the real data in expectation
+    shuffle_buffer: PositiveInt = 1000  # samples in each reader's shuffle buffer
+    loader_workers: NonNegativeInt = 1  # DataLoader worker processes per rank (0: read in the training process)
+    workers: PositiveInt = 1  # Ray Train workers (DDP ranks); 1 trains in this process
     follow: bool = False  # read synthetic shard sets while their generation job still writes them
-    follow_timeout: float = 600.0  # follow: seconds to wait for a set's first shard
+    follow_timeout: PositiveFloat = 600.0  # follow: seconds to wait for a set's first shard
     diffaug: str = ""  # DiffAug diffusion-model folder ("" = no DiffAug)
-    diffaug_actors: int = 0  # DiffAug on this many AugmentActors (0 = in the training process)
-    checkpoint_every: int = 1  # epochs between checkpoints
-    seed: int = 0  # initialisation, data order and augmentation seed
+    diffaug_actors: NonNegativeInt = 0  # DiffAug on this many AugmentActors (0 = in the training process)
+    checkpoint_every: PositiveInt = 1  # epochs between checkpoints
+    seed: NonNegativeInt = 0  # initialisation, data order and augmentation seed
 
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "step_epochs", "workers", "checkpoint_every", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epoch_samples", "loader_workers", "diffaug_actors"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+    def __post_init__(self):
+        check_fields(self)
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if not 0 < self.gamma <= 1:
@@ -181,63 +165,42 @@ class RankContext:
     """Where one rank runs: its place in the world, its device, how its model is wrapped (DDP
     under Ray Train) and where each epoch's metrics are reported."""
 
-    device: torch.device
+    device: torch.device  # a device name is turned into a torch.device
     rank: int = 0
     world_size: int = 1
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model
     report: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
 
 
-def default_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _checkpoint_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("epoch-*") if p.is_dir()) if folder.is_dir() else []
-
-
-def _comparable(config_json: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config_json.items() if k not in RESUMABLE_CHANGES}
-
-
 class Checkpoints:
-    """``OUT/checkpoints/epoch-NNNN/``: classifier.safetensors + classifier.json (the model),
-    optimizer.safetensors + optimizer.json, state.json (epoch, config, AMP scaler). Each is written
-    into a temporary folder that is renamed into place; the newest ``keep`` are kept."""
+    """``OUT/checkpoints/epoch-NNNN/`` (train/run_folder.py's CheckpointFolders): classifier.safetensors
+    + classifier.json (the model), optimizer.safetensors + optimizer.json, state.json (epoch,
+    config, AMP scaler); the newest ``keep`` are kept."""
 
     def __init__(self, folder: Path, config: ClassifierTrainConfig, model_config: dict[str, Any], keep: int = 2):
-        self.folder, self.config_json, self.model_config, self.keep = folder, config_dict(config), model_config, keep
+        self.folders = CheckpointFolders(folder, "epoch", 4, config_dict(config), RESUMABLE_CHANGES, keep)
+        self.model_config = model_config
 
     def save(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=".tmp-"))
-        try:
-            save_classifier(staging, model, self.model_config)
-            save_optimizer(optimizer, staging)
-            write_json_atomic(staging / "state.json", {"epoch": epoch, "config": self.config_json,
-                                                       "scaler": scaler.state_dict()})
-            staging.rename(self.folder / f"epoch-{epoch:04d}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        for old in _checkpoint_dirs(self.folder)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        def write(folder: Path) -> None:
+            save_classifier(folder, model, self.model_config)
+            save_optimizer(optimizer, folder)
+
+        self.folders.save(epoch, write, scaler=scaler.state_dict())
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
         """Load the newest checkpoint if any (the config must match); returns the epochs done."""
-        found = _checkpoint_dirs(self.folder)
-        if not found:
+        found = self.folders.latest()
+        if found is None:
             return 0
-        latest = found[-1]
-        state = read_json(latest / "state.json", "checkpoint state")
-        if _comparable(state.get("config") or {}) != _comparable(self.config_json):
-            theirs, ours = _comparable(state.get("config") or {}), _comparable(self.config_json)
-            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise CheckpointError(f"{latest} was written by a run with different settings ({', '.join(changed)}); "
-                                  "use a new --out folder, or the same settings to resume")
+        latest, state = found
         load_module_state(model, latest / CLASSIFIER_WEIGHTS)
         load_optimizer(optimizer, latest)
         if state.get("scaler"):
@@ -395,7 +358,6 @@ def fit_classifier(config: ClassifierTrainConfig, train: LabeledImages, test: La
                    stage: Stage | None = None) -> nn.Module:
     """Train ``config.model`` on an in-memory split in this process (no checkpoints); the stream
     settings of ``config`` (dataset, mix, workers, ...) are not used. Logs per-epoch metrics."""
-    config.validate()
     steps, make = memory_batches(train, config.batch_size, config.seed, config.epochs)
     model = new_classifier(config, train.info.num_classes, train.info.channels)
     return run_training(config, model, make, steps, RankContext(default_device(device)), test=test,
@@ -462,6 +424,11 @@ def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext,
     return model, test_accuracy
 
 
+def _ray_rank(config: ClassifierTrainConfig, out: str, progress: bool, stage: Stage | None, **placement: Any) -> None:
+    """One Ray Train worker's rank (train/ray_train.py passes where it runs as RankContext's fields)."""
+    train_rank(config, out, RankContext(**placement), progress=progress, stage=stage)
+
+
 def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: str | None = None,
                      progress: bool = True, address: str | None = None, stage: Stage | None = None,
                      report: Callable[[dict[str, Any]], None] | None = None) -> tuple[nn.Module, float]:
@@ -470,7 +437,6 @@ def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: 
     ``address`` / $RAY_ADDRESS, else a local instance). Saves to ``out``; returns (model, test accuracy).
     A re-run of the same command resumes from the newest checkpoint. ``report`` receives each
     epoch's log entry (in-process runs; Ray Train runs report to Ray Train)."""
-    config.validate()
     if report is not None and config.workers > 1:
         raise ConfigError("report callbacks are for in-process runs; Ray Train workers report to Ray Train")
     out = Path(out)
@@ -481,7 +447,8 @@ def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: 
     if config.workers > 1:
         from tailforge.train.ray_train import train_on_ray
 
-        train_on_ray(config, out, address=address, progress=progress, stage=stage)
+        rank_loop = functools.partial(_ray_rank, config, str(out.resolve()), progress, stage)
+        train_on_ray(rank_loop, config.workers, out, address=address)
         model, saved = load_classifier(out)
         return model, float(saved["test_accuracy"])
     return train_rank(config, out, RankContext(default_device(device), report=report), progress=progress, stage=stage)

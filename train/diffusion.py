@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -23,14 +22,16 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tailforge.gen.core.errors import CheckpointError, ConfigError
+from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
+from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, load_module_state, load_safetensors, read_json
 from tailforge.gen.core.noise import derive_seed
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.diffusion.schedules import BETA_SCHEDULES
 from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
-from tailforge.gen.models.unet import build_unet, default_preset
-from tailforge.train.run_folder import load_optimizer, save_optimizer
+from tailforge.gen.models.unet import UNET_PRESETS, build_unet, default_preset
+from tailforge.train.run_folder import CheckpointFolders, load_optimizer, save_optimizer
 
 CHECKPOINTS = "checkpoints"
 
@@ -40,14 +41,14 @@ class DiffusionTrainConfig:
     """`tailforge train diffusion`; copied into the model's tailforge.json."""
 
     dataset: str = "digits"  # dataset spec (training split is used)
-    preset: str | None = None  # U-Net preset; None picks tiny (<= 16 px) or small
-    beta_schedule: str = "linear"  # linear (DDPM) or cosine (improved DDPM)
-    num_train_timesteps: int = 1000  # T
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 128  # images per step
-    lr: float = 2e-3  # AdamW learning rate after warmup (2e-3 suits the tiny net; DDPM used 2e-4 at 35.7M)
+    preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset; None picks tiny (<= 16 px) or small
+    beta_schedule: Annotated[str, OneOf(BETA_SCHEDULES)] = "linear"  # linear (DDPM) or cosine (improved DDPM)
+    num_train_timesteps: PositiveInt = 1000  # T
+    steps: PositiveInt = 2000  # optimizer steps
+    batch_size: PositiveInt = 128  # images per step
+    lr: PositiveFloat = 2e-3  # AdamW learning rate after warmup (2e-3 suits the tiny net; DDPM used 2e-4 at 35.7M)
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 100  # linear learning-rate warmup (DDPM warms up over 5000 of 800k steps)
+    warmup_steps: NonNegativeInt = 100  # linear learning-rate warmup (DDPM warms up over 5000 of 800k steps)
     grad_clip: float = 1.0  # gradient-norm clip (DDPM, Appendix B)
     ema_decay: float = 0.999  # EMA of the weights used for sampling (0.9999 in DDPM at 800k steps)
     class_conditional: bool = True  # learn a class embedding (False: unconditional model)
@@ -56,16 +57,12 @@ class DiffusionTrainConfig:
     # (DiffAug, DiffAug-Ensemble) next to its class-conditional use
     label_dropout: float = 0.0
     hflip: bool | None = None  # random horizontal flips; None: only if the dataset allows it
-    checkpoint_every: int = 500  # steps between checkpoints (and resumable points)
-    keep_checkpoints: int = 2  # how many step-N checkpoints to keep
-    seed: int = 0  # seeds initialisation and every step's batch / noise
+    checkpoint_every: PositiveInt = 500  # steps between checkpoints (and resumable points)
+    keep_checkpoints: PositiveInt = 2  # how many step-N checkpoints to keep
+    seed: NonNegativeInt = 0  # seeds initialisation and every step's batch / noise
 
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "num_train_timesteps", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+    def __post_init__(self):
+        check_fields(self)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout < 1:
@@ -73,8 +70,6 @@ class DiffusionTrainConfig:
         if self.label_dropout and not self.class_conditional:
             raise ConfigError("label_dropout needs a class-conditional model "
                               "(an unconditional one has no labels to drop)")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"unknown beta schedule {self.beta_schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -107,46 +102,33 @@ def _lr_at(step: int, config: DiffusionTrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
-def _checkpoint_dirs(out: Path) -> list[Path]:
-    folder = out / CHECKPOINTS
-    return sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+#: Settings a resumed run may change: more --steps may be asked for (the learning rate is constant
+#: after warmup, so extending a run is the same run), and how often / how many checkpoints are kept.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints")
 
 
-def _save_checkpoint(out: Path, step: int, unet: UNet2DModel, ema: EMAModel, optimizer, config_json: dict,
-                     keep: int) -> None:
-    """Write checkpoints/step-N atomically (a temp folder renamed into place), keep the newest `keep`."""
-    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out / CHECKPOINTS, prefix=".tmp-"))
-    try:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
+def _checkpoints(out: Path, config_json: dict, keep: int) -> CheckpointFolders:
+    """OUT/checkpoints/step-NNNNNNN/: unet/ (diffusers folder), ema.safetensors, the optimizer state."""
+    return CheckpointFolders(out / CHECKPOINTS, "step", 7, config_json, RESUMABLE_CHANGES, keep)
+
+
+def _save_checkpoint(checkpoints: CheckpointFolders, step: int, unet: UNet2DModel, ema: EMAModel, optimizer) -> None:
+    def write(folder: Path) -> None:
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
         names = [n for n, _ in unet.named_parameters()]
-        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)}, str(staging / "ema.safetensors"))
-        save_optimizer(optimizer, staging)
-        (staging / "state.json").write_text(json.dumps({"step": step, "config": config_json}, indent=2))
-        staging.rename(out / CHECKPOINTS / f"step-{step:07d}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in _checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)},
+                  str(folder / "ema.safetensors"))
+        save_optimizer(optimizer, folder)
+
+    checkpoints.save(step, write)
 
 
-def _resumable_fields(config_json: dict) -> dict:
-    """The config fields a resumed run must share with the checkpoint; more --steps may be asked
-    for (the learning rate is constant after warmup, so extending a run is the same run)."""
-    return {k: v for k, v in config_json.items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
-
-
-def _resume(out: Path, unet: UNet2DModel, ema: EMAModel, optimizer, config_json: dict) -> int:
+def _resume(checkpoints: CheckpointFolders, unet: UNet2DModel, ema: EMAModel, optimizer) -> int:
     """Load the newest checkpoint if there is one; returns the step to continue from."""
-    checkpoints = _checkpoint_dirs(out)
-    if not checkpoints:
+    found = checkpoints.latest()
+    if found is None:
         return 0
-    latest = checkpoints[-1]
-    state = read_json(latest / "state.json", "checkpoint state")
-    if _resumable_fields(state.get("config") or {}) != _resumable_fields(config_json):
-        raise CheckpointError(
-            f"{latest} was written by a run with a different config; use a new --out folder "
-            "or the same settings to resume")
+    latest, state = found
     load_module_state(unet, latest / "unet" / "diffusion_pytorch_model.safetensors")
     shadow = load_safetensors(latest / "ema.safetensors")
     ema.shadow_params = [shadow[n].to(p.device) for n, p in unet.named_parameters()]
@@ -158,9 +140,8 @@ def _resume(out: Path, unet: UNet2DModel, ema: EMAModel, optimizer, config_json:
 def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: str | None = None,
                     progress: bool = True, log_every: int = 50) -> Path:
     """Train a class-conditional DDPM on `config.dataset` and export the EMA model folder to `out`."""
-    config.validate()
     out = Path(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     data = load_dataset(config.dataset, "train")
     info = data.info
     preset = config.preset or default_preset(info.image_size)
@@ -180,7 +161,8 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     out.mkdir(parents=True, exist_ok=True)
-    start = _resume(out, unet, ema, optimizer, config_json)
+    checkpoints = _checkpoints(out, config_json, config.keep_checkpoints)
+    start = _resume(checkpoints, unet, ema, optimizer)
     images = data.float_images()
     hflip = info.flip_augment if config.hflip is None else config.hflip
     labels_on = config.class_conditional
@@ -215,7 +197,7 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             window = []
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(out, done, unet, ema, optimizer, config_json, config.keep_checkpoints)
+            _save_checkpoint(checkpoints, done, unet, ema, optimizer)
     bar.close()
     log.close()
     ema_unet = build_unet(preset, image_size=info.image_size, channels=info.channels, num_classes=embeddings)

@@ -1,4 +1,4 @@
-"""`tailforge train guidance`: the two guidance models of seed 000 (Sehwag et al. 2022, Sec. 3.2, 4).
+"""`tailforge train guidance`: the two guidance models of Sehwag et al. 2022 (Sec. 3.2, 4).
 
 1. An embedding classifier on the real training split, with one Gaussian per class of its
    embeddings (Eq. 3; Ledoit-Wolf shrinkage where the sample covariance is singular).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import DatasetInfo, LabeledImages, load_dataset
@@ -50,32 +53,30 @@ class GuidanceTrainConfig:
     """`tailforge train guidance`; copied into guidance.json."""
 
     dataset: str = "digits"  # dataset spec: its training split is the real data
-    model: str = ""  # diffusion model folder whose baseline samples are the discriminator's synthetic class
-    input: str = "x0"  # what the nets see while sampling: "x0" (x0_hat) or "xt" (noisy x_t, timestep-aware)
+    # diffusion model folder whose baseline samples are the discriminator's synthetic class
+    model: str = dataclasses.field(kw_only=True)
+    # what the nets see while sampling: "x0" (x0_hat) or "xt" (noisy x_t, timestep-aware)
+    input: Annotated[str, OneOf(GUIDANCE_INPUTS)] = "x0"
     classifier: str = "tinycnn"  # timm name of the embedding classifier (hardness, L_g1)
     discriminator: str = "tinycnn"  # timm name of the real-vs-synthetic discriminator (H', L_g2)
-    epochs: int = 30  # passes over each network's training data
-    batch_size: int = 128  # images per step
-    lr: float = 3e-3  # AdamW peak learning rate (cosine decay)
-    shrinkage: str = "auto"  # class covariances: auto (Ledoit-Wolf where singular) | ledoit_wolf | none
-    levels: int = 10  # "xt" only: noise levels (evenly spaced timesteps) with their own class Gaussians
+    epochs: PositiveInt = 30  # passes over each network's training data
+    batch_size: PositiveInt = 128  # images per step
+    lr: PositiveFloat = 3e-3  # AdamW peak learning rate (cosine decay)
+    # class covariances: auto (Ledoit-Wolf where singular) | ledoit_wolf | none
+    shrinkage: Annotated[str, OneOf(SHRINKAGE)] = "auto"
+    levels: PositiveInt = 10  # "xt" only: noise levels (evenly spaced timesteps) with their own class Gaussians
     synthetic: SamplingConfig = SamplingConfig()  # sampler of the baseline samples (paper: 250 DDPM steps)
     synthetic_shards: str = ""  # optional: read the baseline samples from this shard set instead
-    synthetic_seed: int = 1_000_000  # job seed of those samples, away from the seeds generation jobs use
+    synthetic_seed: NonNegativeInt = 1_000_000  # job seed of those samples, away from the seeds generation jobs use
     holdout: float = 0.15  # fraction of real + synthetic images held out to measure the discriminator
-    seed: int = 0  # initialisation, data order, noise and the holdout split
+    seed: NonNegativeInt = 0  # initialisation, data order, noise and the holdout split
 
-    def validate(self) -> None:
-        if self.input not in GUIDANCE_INPUTS:
-            raise ConfigError(f"input must be one of {GUIDANCE_INPUTS}, got {self.input!r}")
-        if self.shrinkage not in SHRINKAGE:
-            raise ConfigError(f"shrinkage must be one of {SHRINKAGE}, got {self.shrinkage!r}")
+    def __post_init__(self):
+        check_fields(self)
         if not self.model:
             raise ConfigError("a diffusion model folder is needed (--model): its samples train the discriminator")
         if not 0 < self.holdout < 0.5:
             raise ConfigError(f"holdout must be in (0, 0.5), got {self.holdout}")
-        if self.levels < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("levels, epochs and batch_size must be >= 1")
 
 
 def baseline_samples(model: DiffusionModel, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
@@ -173,8 +174,7 @@ def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, confi
 def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str | None = None,
                    progress: bool = True) -> dict:
     """Train both guidance nets and save them with their class Gaussians in `out`; returns guidance.json."""
-    config.validate()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     real, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
     model = load_diffusion_model(config.model, device)
     meta = model.meta

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -23,7 +23,11 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from tailforge.gen.jobs.ray import connect
-from tailforge.train.classifier import ClassifierTrainConfig, RankContext, Stage, train_rank
+
+#: rank_loop(device=, rank=, world_size=, wrap=, report=): one rank's training run, given where it
+#: runs (the fields of train/classifier.py's RankContext); it is passed in, not imported, so that
+#: this module does not depend on the trainer that calls it
+RankLoop = Callable[..., None]
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -33,10 +37,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if os.path.isdir(loop_config["cwd"]):
         os.chdir(loop_config["cwd"])
     context = ray.train.get_context()
-    ctx = RankContext(device=get_device(), rank=context.get_world_rank(), world_size=context.get_world_size(),
-                      wrap=prepare_model, report=ray.train.report)
-    train_rank(loop_config["config"], loop_config["out"], ctx, progress=loop_config["progress"],
-               stage=loop_config["stage"])
+    loop_config["rank_loop"](device=get_device(), rank=context.get_world_rank(), world_size=context.get_world_size(),
+                             wrap=prepare_model, report=ray.train.report)
 
 
 def scaling_for(workers: int) -> ScalingConfig:
@@ -48,17 +50,16 @@ def scaling_for(workers: int) -> ScalingConfig:
     return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 
-def train_on_ray(config: ClassifierTrainConfig, out: str | Path, *, address: str | None = None,
-                 progress: bool = True, stage: Stage | None = None, max_failures: int = 2) -> None:
-    """Run ``config`` on ``config.workers`` Ray Train workers; the classifier lands in ``out``.
-    Ray Train's own run state (not the checkpoints, which are ours) goes to OUT/ray_train."""
+def train_on_ray(rank_loop: RankLoop, workers: int, out: str | Path, *, address: str | None = None,
+                 max_failures: int = 2) -> None:
+    """Run ``rank_loop`` on ``workers`` Ray Train workers, one DDP rank each. Ray Train's own run
+    state (not the checkpoints, which the loop writes) goes to OUT/ray_train."""
     out = Path(out).resolve()
     connect(address)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "out": str(out), "progress": progress, "stage": stage,
-                           "cwd": os.getcwd()},
-        scaling_config=scaling_for(config.workers),
+        train_loop_config={"rank_loop": rank_loop, "cwd": os.getcwd()},
+        scaling_config=scaling_for(workers),
         run_config=RunConfig(name="train", storage_path=str(out / "ray_train"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )  # TorchConfig's default backend: nccl with GPUs, gloo without

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode  # importing torchvision.io registers torch.ops.image
 
 from tailforge.gen.core.errors import ShardError
 
@@ -30,8 +33,65 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any PIL-readable image) bytes to uint8 CHW (the code-internal layout)."""
-    with Image.open(io.BytesIO(data)) as img:
-        array = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB"))
-    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()
+_PNG_START = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"  # the signature, then IHDR (13 bytes long) comes first
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the IEND chunk (empty, so its CRC is a constant)
+_IHDR = struct.Struct(">IIBBBBB")  # width, height, bit depth, colour type, compression, filter, interlace
+_CHUNK_HEAD = struct.Struct(">I4s")  # a chunk's data length and type
+_CHANNELS = {0: 1, 2: 3}  # PNG colour type -> channels: what encode_png writes (grayscale, RGB)
+# torchvision's libpng operator, which torchvision.io.decode_png wraps. The wrapper is deprecated
+# since torchvision 0.29 (in favour of torchcodec; the pinned range is < 0.30) and warns on every
+# call; calling the operator itself skips that warning and 1.6 us of wrapping per image, which pays
+# for _is_plain_png.
+_LIBPNG_DECODE = torch.ops.image.decode_png
+
+
+def _is_plain_png(data: bytes) -> bool:
+    """Whether `data` is a plain, intact PNG that torchvision's libpng decoder can take. Plain:
+    8-bit grayscale or RGB, not interlaced, IHDR then IDAT chunks then IEND and nothing else.
+    Intact: every chunk's CRC, the zlib stream (with its Adler-32) and its size, and every row's
+    filter byte are right. torchvision turns a libpng error into a crash of the whole process (a
+    segmentation fault on a bad CRC or zlib stream, torchvision 0.29), so only an image that
+    leaves libpng nothing to object to goes there."""
+    if not (data.startswith(_PNG_START) and data.endswith(_PNG_END)
+            and zlib.crc32(data[12:29]) == int.from_bytes(data[29:33], "big")):
+        return False
+    width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack_from(data, 16)
+    channels = _CHANNELS.get(colour)
+    if channels is None or depth != 8 or compression or filtering or interlace or not 0 < width * height < 1 << 24:
+        return False
+    pos, end, idat = 33, len(data) - len(_PNG_END), []
+    while pos < end:
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos) if pos + 12 <= end else (0, b"")
+        stop = pos + 8 + length
+        if kind != b"IDAT" or stop + 4 > end or zlib.crc32(data[pos + 4:stop]) != int.from_bytes(data[stop:stop + 4], "big"):
+            return False
+        idat.append(data[pos + 8:stop])
+        pos = stop + 4
+    try:
+        pixels = zlib.decompress(b"".join(idat))
+    except zlib.error:
+        return False
+    row = 1 + width * channels  # each row: its filter type (0-4), then the filtered bytes
+    return len(pixels) == height * row and max(pixels[::row]) <= 4
+
+
+def decode_image(data: bytes) -> Tensor:
+    """Image bytes to uint8 CHW (the code-internal layout): 1 channel for grayscale, 3 for colour
+    (alpha dropped, palettes expanded, as PIL's convert to "L" / "RGB" does). The one decoder of
+    shard images, for the shard reader (gen/data/shards/read.py) and the training stream
+    (train/streams.py). Raises ShardError when the bytes are not a readable image.
+
+    Plain PNGs (everything encode_png writes; see _is_plain_png) go through torchvision's libpng
+    decoder, the rest (damaged, palette, alpha, 16-bit, JPEG, ...) through PIL, whose errors are
+    exceptions and whose mode conversion is the contract. Measured on 128 noise PNGs (2-core CPU,
+    median of 50): 8x8 grayscale 0.89 ms (PIL 3.2 ms; torchvision.io.decode_png 0.85 ms, which
+    crashes on damaged ones), 28x28 grayscale 1.24 ms (PIL 3.5, torchvision 1.08), equal pixels.
+    """
+    if _is_plain_png(data):
+        return _LIBPNG_DECODE(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED.value, False)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            array = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, broken chunks / CRC
+        raise ShardError(str(err)) from None
+    return torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy())

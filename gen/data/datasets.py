@@ -3,14 +3,15 @@
     SPEC := NAME[:PATH][?KEY=VALUE[&KEY=VALUE...]]
 
     digits                       scikit-learn's bundled 8x8 digits (fixed 1437/360 train/test split)
-    mondrian | gm | ri           seed 004's procedural datasets (Mondrian, Gaussian-mixture dummy,
+    mondrian | gm | ri           Yoon et al. 2023's procedural datasets (Mondrian, Gaussian-mixture dummy,
                                  Random Ink); options size, channels, train, test, seed
     cifar10:PATH                 torchvision's CIFAR-10 python format on disk (never downloaded)
     imagefolder:PATH             PATH/CLASS/*.png|jpg, or PATH/{train,test}/CLASS/*; option size
-    shards:PATH                  WebDataset shards with a timm-style _info.json (ours or anyone's)
+    shards:PATH                  WebDataset shards with a timm-style _info.json (ours or anyone's); options
+                                 skip_bad_shards, verify
 
 Every dataset accepts ``n=N`` (and ``subset_seed=S``): keep N training images chosen by a seeded
-permutation, so ``n=100`` is a subset of ``n=300`` (nested subsets, as EMM needs; seed 002 Sec. 3).
+permutation, so ``n=100`` is a subset of ``n=300`` (nested subsets, as EMM needs; Gu et al. 2023 Sec. 3).
 Images are held in memory as uint8 NCHW; the small-image regime this project trains on fits
 easily, and large corpora are read as streams from shards instead.
 """
@@ -31,6 +32,8 @@ from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.data.procedural import gaussian_mixture_images, mondrian_images, random_ink_images
 
 SPLITS = ("train", "test")
+#: options every dataset takes (load_dataset applies them): a nested training subset
+COMMON_OPTIONS = ("n", "subset_seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,7 @@ def parse_spec(spec: str) -> ParsedSpec:
         raise DatasetError(f"dataset {name!r} needs a path: use {name}:PATH (spec was {spec!r})")
     if not loader.needs_path and sep:
         raise DatasetError(f"dataset {name!r} takes no path (spec was {spec!r})")
-    allowed = set(loader.options) | {"n", "subset_seed"}
+    allowed = set(loader.options) | set(COMMON_OPTIONS)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise DatasetError(f"unknown option(s) {unknown} for dataset {name!r} in spec {spec!r}; allowed: {sorted(allowed)}")
@@ -124,16 +127,26 @@ def _int_option(parsed: ParsedSpec, spec: str, key: str, default: int, minimum: 
 
 
 # --------------------------------------------------------------------------------------------
-# Loaders. Each returns {split: (images uint8 NCHW, labels int64, keys)} plus the class names.
+# Loaders. Each returns a LoadedDataset: every split it has, its class names and flip flag.
 
 Splits = dict[str, tuple[Tensor, Tensor, list[str]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedDataset:
+    """What a loader read."""
+
+    splits: Splits  # split -> (images uint8 NCHW, labels int64, keys)
+    class_names: tuple[str, ...]  # label -> name
+    flip_augment: bool  # whether horizontal flips preserve the class
+    read_report: dict = dataclasses.field(default_factory=dict)  # shard sets: shards read / skipped
 
 
 def _index_keys(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:06d}" for i in range(count)]
 
 
-def _load_digits(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...], bool]:
+def _load_digits(parsed: ParsedSpec, spec: str) -> LoadedDataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -147,14 +160,14 @@ def _load_digits(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...]
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     splits = {split: (torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]),
                       [f"digits-{i:04d}" for i in idx]) for split, idx in (("train", train_idx), ("test", test_idx))}
-    return splits, tuple(str(c) for c in range(10)), False
+    return LoadedDataset(splits, tuple(str(c) for c in range(10)), False)
 
 
 def _procedural(make: Callable[[np.random.Generator, int, int, int], np.ndarray], name: str):
-    """Loader for a procedural dataset from seed 004; images are drawn from `make(rng, n, size, channels)`
+    """Loader for a procedural dataset from Yoon et al. 2023; images are drawn from `make(rng, n, size, channels)`
     with values in [0, 1]. The test split uses a different stream of the same seed."""
 
-    def load(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...], bool]:
+    def load(parsed: ParsedSpec, spec: str) -> LoadedDataset:
         size = _int_option(parsed, spec, "size", 8, minimum=4)
         channels = _int_option(parsed, spec, "channels", 1)
         if channels not in (1, 3):
@@ -166,7 +179,7 @@ def _procedural(make: Callable[[np.random.Generator, int, int, int], np.ndarray]
             rng = np.random.default_rng([seed, stream])
             images = np.round(make(rng, count, size, channels) * 255).astype(np.uint8)
             splits[split] = (torch.from_numpy(images), torch.zeros(count, dtype=torch.long), _index_keys(f"{name}-{split}", count))
-        return splits, (name,), False
+        return LoadedDataset(splits, (name,), False)
 
     return load
 
@@ -178,7 +191,7 @@ def _require_dir(parsed: ParsedSpec, spec: str, hint: str) -> Path:
     return path
 
 
-def _load_cifar10(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...], bool]:
+def _load_cifar10(parsed: ParsedSpec, spec: str) -> LoadedDataset:
     from torchvision.datasets import CIFAR10
 
     hint = ("Put torchvision's CIFAR-10 there (the folder holding cifar-10-batches-py/, as made by "
@@ -192,7 +205,7 @@ def _load_cifar10(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...
             raise DatasetError(f"CIFAR-10 not found or corrupted under {root} (spec {spec!r}): {err}. {hint}") from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         splits[split] = (images, torch.tensor(ds.targets, dtype=torch.long), _index_keys(f"cifar10-{split}", len(images)))
-    return splits, tuple(ds.classes), True
+    return LoadedDataset(splits, tuple(ds.classes), True)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -232,7 +245,7 @@ def _read_folder(root: Path, spec: str, classes: list[str], size: int | None) ->
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), keys
 
 
-def _load_imagefolder(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str, ...], bool]:
+def _load_imagefolder(parsed: ParsedSpec, spec: str) -> LoadedDataset:
     root = _require_dir(parsed, spec, "Expected PATH/CLASS_NAME/IMAGE files, or PATH/train/... and PATH/test/....")
     size = _int_option(parsed, spec, "size", 0, minimum=0) or None
     split_roots = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
@@ -240,13 +253,13 @@ def _load_imagefolder(parsed: ParsedSpec, spec: str) -> tuple[Splits, tuple[str,
     if not classes:
         raise DatasetError(f"no class folders under {split_roots['train']} (dataset {spec!r}); expected PATH/CLASS_NAME/*.png")
     splits = {split: _read_folder(path, spec, classes, size) for split, path in split_roots.items() if path.is_dir()}
-    return splits, tuple(classes), True
+    return LoadedDataset(splits, tuple(classes), True)
 
 
-def _load_shards(parsed: ParsedSpec, spec: str, stats=None) -> tuple[Splits, tuple[str, ...], bool]:
-    """Options ``skip_bad_shards=1`` (skip damaged shards, logged and counted in `stats`) and
-    ``verify=1`` (check each shard's sha256); PATH may be any fsspec URL (s3://bucket/set)."""
-    from tailforge.gen.data.shards.read import iter_samples, read_manifest
+def _load_shards(parsed: ParsedSpec, spec: str) -> LoadedDataset:
+    """Options ``skip_bad_shards=1`` (skip damaged shards, logged and counted in the read report)
+    and ``verify=1`` (check each shard's sha256); PATH may be any fsspec URL (s3://bucket/set)."""
+    from tailforge.gen.data.shards.read import ShardReadStats, iter_samples, read_manifest
     from tailforge.gen.data.storage import Storage, is_url
 
     if is_url(parsed.path):
@@ -257,6 +270,7 @@ def _load_shards(parsed: ParsedSpec, spec: str, stats=None) -> tuple[Splits, tup
         root = _require_dir(parsed, spec, "Expected a folder of .tar shards with an _info.json manifest.")
     flags = {key: _int_option(parsed, spec, key, 0, minimum=0) > 0 for key in ("skip_bad_shards", "verify")}
     manifest = read_manifest(root)
+    stats = ShardReadStats()
     splits = {}
     for split in manifest["splits"]:
         images, labels, keys = [], [], []
@@ -273,14 +287,16 @@ def _load_shards(parsed: ParsedSpec, spec: str, stats=None) -> tuple[Splits, tup
         raise DatasetError(f"shards under {root} have no non-empty 'train' split (spec {spec!r})")
     num_classes = int(manifest.get("num_classes") or (max(int(t[1].max()) for t in splits.values()) + 1))
     class_names = tuple(manifest.get("class_names") or (str(c) for c in range(num_classes)))
-    return splits, class_names, bool(manifest.get("flip_augment", False))
+    return LoadedDataset(splits, class_names, bool(manifest.get("flip_augment", False)), stats.as_dict())
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetLoader:
-    load: Callable[[ParsedSpec, str], tuple[Splits, tuple[str, ...], bool]]
-    needs_path: bool
-    options: tuple[str, ...] = ()
+    """A registered dataset: how it is loaded and which parts of a spec it takes."""
+
+    load: Callable[[ParsedSpec, str], LoadedDataset]  # (parsed spec, spec text) -> what it read
+    needs_path: bool  # NAME:PATH (True) or NAME alone (False)
+    options: tuple[str, ...] = ()  # the ?key=value options its loader reads, besides COMMON_OPTIONS
 
 
 _PROCEDURAL_OPTIONS = ("size", "channels", "train", "test", "seed")
@@ -300,23 +316,17 @@ DATASETS: dict[str, DatasetLoader] = {
 def load_dataset(spec: str, split: str = "train") -> LabeledImages:
     """Load one split of the dataset named by `spec` into memory."""
     parsed = parse_spec(spec)
-    stats = None
-    if parsed.name == "shards":  # the one loader that reports what it read (skipped shards)
-        from tailforge.gen.data.shards.read import ShardReadStats
-
-        stats = ShardReadStats()
-        splits, class_names, flip_augment = _load_shards(parsed, spec, stats)
-    else:
-        splits, class_names, flip_augment = DATASETS[parsed.name].load(parsed, spec)
+    loaded = DATASETS[parsed.name].load(parsed, spec)
+    splits, class_names = loaded.splits, loaded.class_names
     if split not in splits:
         raise DatasetError(f"dataset {spec!r} has no {split!r} split; it has {sorted(splits)}")
     images, labels, keys = splits[split]
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
         raise DatasetError(f"dataset {spec!r} gives images of shape {tuple(images.shape[1:])}; expected C x N x N with C in (1, 3)")
     info = DatasetInfo(spec=spec, image_size=int(images.shape[-1]), channels=int(images.shape[1]),
-                       num_classes=len(class_names), class_names=class_names, flip_augment=flip_augment)
+                       num_classes=len(class_names), class_names=class_names, flip_augment=loaded.flip_augment)
     data = LabeledImages(images=images, labels=labels, keys=keys, info=info, split=split,
-                         read_report=stats.as_dict() if stats is not None else {})
+                         read_report=loaded.read_report)
     if "n" in parsed.options and split == "train":
         n = _int_option(parsed, spec, "n", len(data))
         if n > len(data):

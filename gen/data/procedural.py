@@ -6,7 +6,7 @@ import numpy as np
 
 
 def mondrian_images(rng: np.random.Generator, n: int, size: int, channels: int) -> np.ndarray:
-    """Seed 004 Sec. 3.1 "Mondrian" (MO): a cross whose pixels are i.i.d. uniform, and four quadrants
+    """Yoon et al. 2023 Sec. 3.1 "Mondrian" (MO): a cross whose pixels are i.i.d. uniform, and four quadrants
     each filled with one uniform random colour. The cross's position is uniform with every quadrant
     non-empty; its width is size // 16 (at least one pixel)."""
     width = max(1, size // 16)
@@ -25,12 +25,12 @@ def mondrian_images(rng: np.random.Generator, n: int, size: int, channels: int) 
 
 
 def random_ink_images(rng: np.random.Generator, n: int, size: int, channels: int) -> np.ndarray:
-    """Seed 004 Sec. 3.3 "Random Ink" (RI): every pixel value an independent Bernoulli(1/2)."""
+    """Yoon et al. 2023 Sec. 3.3 "Random Ink" (RI): every pixel value an independent Bernoulli(1/2)."""
     return rng.integers(0, 2, size=(n, channels, size, size)).astype(np.float64)
 
 
 def gaussian_mixture_images(rng: np.random.Generator, n: int, size: int, channels: int) -> np.ndarray:
-    """Seed 004 Appendix B.2 "GM" dummy images: 100 fixed uniform-random mean images; each sample
+    """Yoon et al. 2023 Appendix B.2 "GM" dummy images: 100 fixed uniform-random mean images; each sample
     picks one mean uniformly, adds isotropic Gaussian noise with std 0.5 per pixel, and clips to [0, 1].
     The 100 means depend only on the shape (fixed across splits and seeds), so train and test come
     from the same mixture."""

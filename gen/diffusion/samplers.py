@@ -9,19 +9,22 @@ generator), ``callback`` is called after every step with a dict (i, x, sigma, si
 denoised). Sampler-specific settings (DDIM's eta, DDPM's variance) are keyword arguments with the
 papers' defaults; :func:`get_sampler` binds them so callers see the common signature.
 
-Each step is also exposed as a pure function of tensors so wrappers (e.g. low-density guidance,
-seed 000 Algorithm 1) can reuse it.
+Every sampler is registered once as a :class:`SamplerSpec` in :data:`SAMPLERS` (its grid, its
+denoiser calls per step, the settings it takes and, for samplers whose step is a pure function of
+tensors affine in the denoised estimate, the :class:`StepRule` that low-density guidance, Sehwag
+et al. 2022 Algorithm 1, wraps).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
 from torch import Tensor
 
+from tailforge.gen.core.checks import OneOf, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.images import float_to_uint8
 from tailforge.gen.core.noise import PerSampleNoise
@@ -42,7 +45,7 @@ def noise_like(x: Tensor, rng: Rng) -> Tensor:
 
 
 def ddpm_posterior_std(sigma: Tensor, sigma_next: Tensor, variance: str = "small") -> Tensor:
-    """Std of the DDPM reverse transition p(x_{t-1} | x_t) in sigma-space (Sigma_theta of seed 000 Eq. 2).
+    """Std of the DDPM reverse transition p(x_{t-1} | x_t) in sigma-space (Sigma_theta of Sehwag et al. 2022 Eq. 2).
 
     Ho et al. 2020, Sec. 3.2 fix the variance to beta_tilde_t (posterior, "small") or beta_t
     ("large"). With alpha_bar = 1 / (1 + sigma^2) and a step from sigma to sigma_next:
@@ -159,30 +162,72 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, labels: Tensor
     return x
 
 
-#: name -> (sampler function, sigma grid: "schedule" = the model's own timesteps, "karras" = Eq. 5)
-SAMPLERS: dict[str, tuple[Callable[..., Tensor], str]] = {
-    "ddpm": (sample_ddpm, "schedule"),
-    "ddim": (sample_ddim, "schedule"),
-    "euler": (sample_euler, "karras"),
-    "heun": (sample_heun, "karras"),
-}
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """One sampler step as a pure function of tensors, affine in the denoised estimate, with the
+    std of the step's ancestral noise: what low-density guidance (Sehwag et al. 2022, Algorithm 1,
+    gen.methods.lowdensity) needs to add its update to the sampler's own step."""
+
+    step: Callable[..., Tensor]  # (x, denoised, sigma, sigma_next, noise) -> x_next, settings bound
+    sigma_theta: Callable[[Tensor, Tensor], Tensor]  # (sigma, sigma_next) -> the step's Sigma_theta
+
+
+def _ddpm_step_rule(settings: dict[str, Any]) -> StepRule:
+    variance = settings.get("variance", "small")
+    return StepRule(functools.partial(ddpm_step, variance=variance),
+                    functools.partial(ddpm_posterior_std, variance=variance))
+
+
+def _ddim_step_rule(settings: dict[str, Any]) -> StepRule:
+    # Sigma_theta is the DDPM posterior std of the same step whatever eta: at eta = 0 DDIM injects
+    # no noise, and scaling guidance by that would switch it off (gen.methods.lowdensity docstring).
+    return StepRule(functools.partial(ddim_step, eta=settings.get("eta", 0.0)),
+                    functools.partial(ddpm_posterior_std, variance="small"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: everything callers need to know about it, so none branches on its name."""
+
+    name: str  # the --sampler value
+    sample: Callable[..., Tensor]  # the sampling function (the common signature of the module docstring)
+    grid: str  # sigma grid it runs on: "schedule" = the model's own timesteps, "karras" = Karras et al. Eq. 5
+    evals_per_step: int  # denoiser calls per step; the last step into sigma = 0 makes only the first
+    settings: tuple[str, ...] = ()  # SamplingConfig fields passed to `sample` as keyword arguments
+    # settings dict -> the guided StepRule; only samplers whose step is a pure function affine in the
+    # denoised estimate (Algorithm 1 is an ancestral step) have one, the others None
+    step_rule: Callable[[dict[str, Any]], StepRule] | None = None
+
+    def evals(self, steps: int) -> int:
+        """Denoiser calls of a `steps`-step chain (Heun: 2 per step but 1 on the last)."""
+        return self.evals_per_step * (steps - 1) + 1
+
+
+SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ddpm", sample_ddpm, "schedule", 1, step_rule=_ddpm_step_rule),
+    SamplerSpec("ddim", sample_ddim, "schedule", 1, settings=("eta",), step_rule=_ddim_step_rule),
+    SamplerSpec("euler", sample_euler, "karras", 1),
+    SamplerSpec("heun", sample_heun, "karras", 2),
+)}
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def get_sampler(name: str, **settings: Any) -> Callable[..., Tensor]:
     """The sampler `name` with its settings bound (e.g. ``get_sampler("ddim", eta=0.0)``)."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    fn, _ = SAMPLERS[name]
+    fn = sampler_spec(name).sample
     return functools.partial(fn, **settings) if settings else fn
 
 
 def sampler_sigmas(name: str, denoiser: Denoiser, steps: int, *, t_max: int | None = None) -> Tensor:
-    """The sigma grid sampler `name` runs on: the model's own timesteps (trailing spacing) for
-    DDPM/DDIM, the Karras grid for Euler/Heun. ``t_max`` truncates the chain (reconstruction)."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    """The sigma grid sampler `name` runs on (its spec's `grid`): the model's own timesteps
+    (trailing spacing) or the Karras grid. ``t_max`` truncates the chain (reconstruction)."""
     train_sigmas = denoiser.train_sigmas
-    if SAMPLERS[name][1] == "schedule":
+    if sampler_spec(name).grid == "schedule":
         return schedule_sigmas(train_sigmas.cpu(), steps, t_max=t_max)
     sigma_max = denoiser.sigma_max if t_max is None else float(train_sigmas[t_max])
     return karras_sigmas(denoiser.sigma_min, sigma_max, steps)
@@ -192,17 +237,21 @@ def sampler_sigmas(name: str, denoiser: Denoiser, steps: int, *, t_max: int | No
 class SamplingConfig:
     """How images are sampled; copied into every sample's json."""
 
-    sampler: str = "ddpm"  # ddpm | ddim | euler | heun
-    steps: int = 250  # denoiser steps (the seed 000 baseline samples with 250 DDPM steps)
+    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddpm"  # ddpm (ancestral), ddim (eta), euler / heun (Karras ODE)
+    steps: PositiveInt = 250  # denoiser steps (the Sehwag et al. 2022 baseline samples with 250 DDPM steps)
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 equals DDPM
     clip_denoised: bool = True  # clamp x0_hat to [-1, 1] at every step (DDPM's clip trick)
 
+    def __post_init__(self):
+        check_fields(self)
+
     def sampler_settings(self) -> dict[str, Any]:
-        return {"eta": self.eta} if self.sampler == "ddim" else {}
+        """The fields of this config the sampler takes (its spec's `settings`), by name."""
+        return {name: getattr(self, name) for name in sampler_spec(self.sampler).settings}
 
     def evals_per_sample(self) -> int:
-        """Denoiser calls per sample: Heun pays twice per step except on the last one."""
-        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+        """Denoiser calls per sample (the spec's count for `steps` steps)."""
+        return sampler_spec(self.sampler).evals(self.steps)
 
 
 def balanced_labels(indices: range | list[int], num_classes: int | None) -> torch.Tensor | None:

@@ -37,18 +37,13 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
-def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`sigmas_from_alphas_cumprod`: alpha_bar = 1 / (1 + sigma^2)."""
-    return 1.0 / (1.0 + sigma**2)
-
-
 def spaced_timesteps(num_train_timesteps: int, steps: int, *, t_max: int | None = None,
                      spacing: str = "trailing") -> torch.Tensor:
     """`steps` integer timesteps in [0, t_max], descending, spaced like diffusers' schedulers.
 
     With t_max = T - 1 these equal diffusers' ``set_timesteps(steps)`` for the same spacing, which
     is what lets our DDPM step be checked against ``DDPMScheduler.step``. A smaller t_max gives the
-    truncated grid that reconstruction (seed 001, Algorithm 1) runs from t_re back to 0.
+    truncated grid that reconstruction (Yamaguchi & Fukuda 2023, Algorithm 1) runs from t_re back to 0.
     """
     t_max = num_train_timesteps - 1 if t_max is None else int(t_max)
     if not 0 <= t_max < num_train_timesteps:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import torch
-
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.methods.diffaug import (
-    Batch,
-    DiffAugConfig,
-    Stage,
-    augment_batch,
-    load_denoiser,
-)
+from tailforge.gen.core.stage import Batch, Stage
+from tailforge.gen.methods.diffaug import DiffAugConfig, augment_batch, load_denoiser
 
 
 class DiffAugStage:
@@ -21,7 +15,7 @@ class DiffAugStage:
 
     def __init__(self, config: DiffAugConfig, device: str | None = None):
         self.config = config
-        self.denoiser, self.model = load_denoiser(config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.denoiser, self.model = load_denoiser(config, default_device(device))
 
     def __call__(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         for batch in batches:

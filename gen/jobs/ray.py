@@ -8,7 +8,7 @@ restarted by Ray (``max_restarts``) and its in-flight shards re-run on the new p
 (``max_task_retries``); an actor Ray gives up on is replaced by the driver and its shards are
 queued again. A shard is redone from its spec, and its bytes depend only on the spec.
 
-DiffAug served on the fly (seed 003; :class:`ServedDiffAugStage`): trainers call it as a pipeline
+DiffAug served on the fly (Sastry et al. 2023; :class:`ServedDiffAugStage`): trainers call it as a pipeline
 stage (the contract is in gen/methods/diffaug.py). It sends each batch to an
 :class:`AugmentActor` (one diffusion model each), keeps at most ``max_in_flight`` batches in
 flight (backpressure: the trainer's batch iterator is only advanced when a slot frees up) and
@@ -32,10 +32,12 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, ShardError, TailforgeError
+from tailforge.gen.core.stage import Batch
 from tailforge.gen.data.shards.format import ShardRecord, ShardSpec
 from tailforge.gen.jobs.sources import SourceFactory, produce_shard
-from tailforge.gen.methods.diffaug import Batch, DiffAugConfig, augment_batch, load_denoiser
+from tailforge.gen.methods.diffaug import DiffAugConfig, augment_batch, load_denoiser
 
 
 @ray.remote
@@ -104,6 +106,18 @@ def run_pool(make_source: SourceFactory, root: str, pending: Sequence[ShardSpec]
     _drain(lambda: GenerateActor.options(**options).remote(make_source), count, root, pending, finish)
 
 
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], *, address: str | None = None) -> Iterator[Any]:
+    """``fn(*args)`` for every args tuple of `calls` as Ray tasks (one CPU each, a GPU each when the
+    cluster has one, retried twice if a worker dies); yields the results in completion order."""
+    connect(address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(fn).options(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=2)
+    pending = [task.remote(*args) for args in calls]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
 def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequence[ShardSpec],
            finish: Callable[[ShardRecord], None]) -> None:
     """Keep two shards in flight per actor (one running, one queued, so an actor never idles
@@ -155,7 +169,7 @@ class AugmentActor:
 
     def __init__(self, config: DiffAugConfig):
         self.config = config
-        self.denoiser, self.model = load_denoiser(config, "cuda" if torch.cuda.is_available() else "cpu")
+        self.denoiser, self.model = load_denoiser(config, default_device())
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def augment(self, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
+from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
+from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, NonFiniteError
 from tailforge.gen.core.images import float_to_uint8, uint8_to_float
 from tailforge.gen.core.noise import PerSampleNoise
@@ -24,7 +27,7 @@ from tailforge.gen.diffusion.samplers import (
 from tailforge.gen.diffusion.schedules import sigma_at_step
 from tailforge.gen.methods.lowdensity import GuidanceConfig, GuidanceModels, generate_guided_batch
 from tailforge.gen.methods.reconstruct import chain_steps, reconstruct, t_re_steps
-from tailforge.gen.models.diffusion import load_diffusion_model
+from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
 from tailforge.gen.models.guidance import load_guidance
 
 
@@ -49,56 +52,92 @@ def produce_shard(source: SampleSource, root: str, spec: ShardSpec, worker: str)
                        model_evals=source.model_evals - start_evals, worker=worker)
 
 
-@dataclasses.dataclass(frozen=True)
-class BaselineConfig:
-    """`tailforge gen baseline`: plain sampling into shards."""
+class ShardSource(abc.ABC):
+    """The per-shard loop every source shares: the shard's samples in batches of
+    ``config.batch_size``, each batch made by :meth:`batch`, its model evaluations counted and
+    every sample encoded with the metadata all kinds record plus the batch's own per-row fields.
+    A subclass sets ``config`` (a ShardJobConfig), ``model`` and ``evals_per_sample`` in its
+    ``__init__``."""
 
-    model: str  # diffusion model folder
-    num: int  # number of samples
-    sampling: SamplingConfig = SamplingConfig()  # sampler and steps
-    seed: int = 0  # job seed: sample i's noise comes from (seed, i)
-    job: str = "baseline"  # name used in shard and sample keys
-    shard_size: int = 1000  # samples per shard
-    batch_size: int = 128  # samples per denoiser batch (does not change the samples' noise)
+    config: ShardJobConfig  # the job's config: its kind, job (key prefix), seed, batch_size
+    model: DiffusionModel  # the diffusion model (its hash goes into every sample's json)
+    evals_per_sample: int  # denoiser calls one sample costs
+    model_evals: int = 0  # denoiser calls so far (produce_shard reads the difference per shard)
 
-
-class BaselineSource:
-    """Produces a baseline shard's samples; held once per actor with its model loaded."""
-
-    def __init__(self, config: BaselineConfig, device: str | None = None):
-        self.config = config
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_diffusion_model(config.model, self.device)
-        self.model_evals = 0
+    @abc.abstractmethod
+    def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
+        """(uint8 NCHW images, labels, per-row json fields) of global sample `indices`."""
 
     def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
-        cfg, meta = self.config, self.model.meta
-        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
-            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
-            labels = balanced_labels(indices, meta.num_classes)
-            images = generate_batch(self.model, cfg.sampling, cfg.seed, indices, labels)
-            self.model_evals += len(indices) * cfg.sampling.evals_per_sample()
+        cfg = self.config
+        end = spec.start + spec.count
+        for first in range(spec.start, end, cfg.batch_size):
+            indices = list(range(first, min(first + cfg.batch_size, end)))
+            images, labels, rows = self.batch(indices)
+            self.model_evals += len(indices) * self.evals_per_sample
             for row, index in enumerate(indices):
-                label = int(labels[row]) if labels is not None else 0
-                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
-                    "job": cfg.job, "kind": "baseline", "index": index, "label": label, "seed": cfg.seed,
-                    "model_hash": self.model.model_hash, **dataclasses.asdict(cfg.sampling),
+                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), labels[row], {
+                    "job": cfg.job, "kind": cfg.kind, "index": index, "label": labels[row], "seed": cfg.seed,
+                    "model_hash": self.model.model_hash, **rows[row],
                 })
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardJobConfig:
+    """What every generation job's config shares (keyword-only fields, after each job's own)."""
+
+    kind: ClassVar[str]  # the job kind, every sample's json "kind": baseline | lowdensity | reconstruct
+    job: str  # name used in shard and sample keys (each job defaults it to its kind)
+    seed: NonNegativeInt = 0  # job seed: sample i's noise comes from (seed, i)
+    shard_size: PositiveInt = 1000  # samples per shard
+    batch_size: PositiveInt = 128  # samples per denoiser batch (does not change the samples' noise)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class LowDensityConfig:
+class BaselineConfig(ShardJobConfig):
+    """`tailforge gen baseline`: plain sampling into shards."""
+
+    kind: ClassVar[str] = "baseline"
+    job: str = dataclasses.field(default=kind, kw_only=True)
+
+    model: str  # diffusion model folder (tailforge train diffusion, or diffusers)
+    num: PositiveInt  # number of samples
+    sampling: SamplingConfig = SamplingConfig()  # sampler and steps
+
+
+class BaselineSource(ShardSource):
+    """Produces a baseline shard's samples; held once per actor with its model loaded."""
+
+
+    def __init__(self, config: BaselineConfig, device: str | None = None):
+        self.config = config
+        self.device = default_device(device)
+        self.model = load_diffusion_model(config.model, self.device)
+        self.evals_per_sample = config.sampling.evals_per_sample()
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
+        cfg = self.config
+        labels = balanced_labels(indices, self.model.meta.num_classes)
+        images = generate_batch(self.model, cfg.sampling, cfg.seed, indices, labels)
+        sampling = dataclasses.asdict(cfg.sampling)
+        return images, labels.tolist() if labels is not None else [0] * len(indices), [sampling] * len(indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowDensityConfig(ShardJobConfig):
     """`tailforge gen lowdensity`: guided sampling into shards."""
+
+    kind: ClassVar[str] = "lowdensity"
+    job: str = dataclasses.field(default=kind, kw_only=True)
 
     model: str  # diffusion model folder
     guidance: str  # guidance folder (tailforge train guidance): classifier, discriminator, class Gaussians
-    num: int  # number of samples
+    num: PositiveInt  # number of samples
     sampling: SamplingConfig = SamplingConfig()  # sampler (ddpm or ddim) and steps; paper: 250 DDPM steps
     guide: GuidanceConfig = GuidanceConfig()  # alpha, beta, tau, loss variant
-    seed: int = 0  # job seed: sample i's noise comes from (seed, i), as in a baseline job
-    job: str = "lowdensity"  # name used in shard and sample keys
-    shard_size: int = 1000  # samples per shard
-    batch_size: int = 128  # samples per denoiser batch (does not change the samples' noise)
 
 
 def guidance_meta(guidance: GuidanceModels, guide: GuidanceConfig, path: str) -> dict[str, Any]:
@@ -108,60 +147,52 @@ def guidance_meta(guidance: GuidanceModels, guide: GuidanceConfig, path: str) ->
             "guidance_classifier_sha256": guidance.info.get("classifier_sha256")}
 
 
-class LowDensitySource:
+class LowDensitySource(ShardSource):
     """Produces a low-density shard's samples; held once per actor with both models loaded."""
 
+
     def __init__(self, config: LowDensityConfig, device: str | None = None):
-        config.guide.validate()
         self.config = config
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(device)
         self.model = load_diffusion_model(config.model, self.device)
         if self.model.meta.num_classes is None:
             raise ConfigError(f"{config.model} is unconditional; low-density guidance needs a class-conditional model")
         self.guidance = load_guidance(config.guidance, self.device)
         self.meta = guidance_meta(self.guidance, config.guide, config.guidance)
-        self.model_evals = 0
+        self.evals_per_sample = config.sampling.evals_per_sample()
 
-    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+    def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
         cfg = self.config
-        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
-            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
-            labels = balanced_labels(indices, self.model.meta.num_classes)
-            images = generate_guided_batch(self.model, self.guidance, cfg.sampling, cfg.guide, cfg.seed, indices, labels)
-            self.model_evals += len(indices) * cfg.sampling.evals_per_sample()
-            # Hardness (Eq. 3) of the image as stored (uint8), under the guidance classifier.
-            scores = self.guidance.sample_hardness(uint8_to_float(images).to(self.device), labels.to(self.device))
-            for row, index in enumerate(indices):
-                label = int(labels[row])
-                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
-                    "job": cfg.job, "kind": "lowdensity", "index": index, "label": label, "seed": cfg.seed,
-                    "model_hash": self.model.model_hash, **dataclasses.asdict(cfg.sampling), **self.meta,
-                    "hardness": round(float(scores[row]), 5),
-                })
+        labels = balanced_labels(indices, self.model.meta.num_classes)
+        images = generate_guided_batch(self.model, self.guidance, cfg.sampling, cfg.guide, cfg.seed, indices, labels)
+        # Hardness (Eq. 3) of the image as stored (uint8), under the guidance classifier.
+        scores = self.guidance.sample_hardness(uint8_to_float(images).to(self.device), labels.to(self.device))
+        common = {**dataclasses.asdict(cfg.sampling), **self.meta}
+        return images, labels.tolist(), [{**common, "hardness": round(float(score), 5)} for score in scores]
 
 
 @dataclasses.dataclass(frozen=True)
-class ReconstructConfig:
+class ReconstructConfig(ShardJobConfig):
     """`tailforge gen reconstruct`, one shard set per t_re; copied into every sample's json."""
+
+    kind: ClassVar[str] = "reconstruct"
+    job: str = dataclasses.field(default=kind, kw_only=True)
 
     model: str  # diffusion model folder
     dataset: str  # dataset spec whose images are reconstructed (labels are kept)
     t_re: float  # reverse step as a fraction of T: 0 = the real images, 1 = full generation
     split: str = "train"  # which split of the dataset is reconstructed
     sampling: SamplingConfig = SamplingConfig()  # sampler; `steps` is the full chain's count (t_re = 1)
-    seed: int = 0  # job seed: sample i's forward and reverse noise come from (seed, i)
-    job: str = "reconstruct"  # name used in shard and sample keys
-    shard_size: int = 1000  # samples per shard
-    batch_size: int = 128  # images per denoiser batch (does not change the samples' noise)
 
 
-class ReconstructSource:
+class ReconstructSource(ShardSource):
     """Produces a reconstruction shard's samples; held once per actor with its model and the
     source images loaded. Sample i is the reconstruction of image i of the split."""
 
+
     def __init__(self, config: ReconstructConfig, device: str | None = None):
         self.config = config
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(device)
         self.model = load_diffusion_model(config.model, self.device)
         self.data = load_dataset(config.dataset, config.split)
         meta = self.model.meta
@@ -173,9 +204,9 @@ class ReconstructSource:
         # the sampler settings of this t_re's chain (the full chain's steps scaled by t_re)
         self.chain = dataclasses.replace(config.sampling, steps=chain_steps(config.sampling.steps, config.t_re, self.t)
                                          ) if self.t else None
+        self.evals_per_sample = self.chain.evals_per_sample() if self.chain else 0
         self.sigma = float(sigma_at_step(self.model.denoiser.train_sigmas, torch.tensor(self.t)))
         self.denoiser = ClampDenoised(self.model.denoiser) if config.sampling.clip_denoised else self.model.denoiser
-        self.model_evals = 0
 
     def reconstruct_batch(self, indices: list[int]) -> Tensor:
         """Reconstructions of source images `indices` as uint8 NCHW (the sources themselves at t = 0)."""
@@ -186,22 +217,15 @@ class ReconstructSource:
         out = reconstruct(self.denoiser, uint8_to_float(x0).to(self.device), self.t, sampler=self.chain.sampler,
                           steps=self.chain.steps, labels=labels, rng=PerSampleNoise(self.config.seed, indices),
                           **self.chain.sampler_settings())
-        self.model_evals += len(indices) * self.chain.evals_per_sample()
         return float_to_uint8(out).cpu()
 
-    def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
+    def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
         cfg = self.config
-        for first in range(spec.start, spec.start + spec.count, cfg.batch_size):
-            indices = list(range(first, min(first + cfg.batch_size, spec.start + spec.count)))
-            images = self.reconstruct_batch(indices)
-            for row, index in enumerate(indices):
-                label = int(self.data.labels[index])
-                yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), label, {
-                    "job": cfg.job, "kind": "reconstruct", "index": index, "label": label, "seed": cfg.seed,
-                    "model_hash": self.model.model_hash, "source_dataset": cfg.dataset, "source_split": cfg.split,
-                    "source_key": self.data.keys[index], "t_re": cfg.t_re, "t": self.t, "sigma": self.sigma,
-                    **dataclasses.asdict(cfg.sampling), "chain_steps": self.chain.steps if self.chain else 0,
-                })
+        common = {"source_dataset": cfg.dataset, "source_split": cfg.split, "t_re": cfg.t_re, "t": self.t,
+                  "sigma": self.sigma, **dataclasses.asdict(cfg.sampling),
+                  "chain_steps": self.chain.steps if self.chain else 0}
+        return (self.reconstruct_batch(indices), [int(self.data.labels[index]) for index in indices],
+                [{**common, "source_key": self.data.keys[index]} for index in indices])
 
 
 def shard_set_name(t_re: float) -> str:

@@ -1,4 +1,4 @@
-"""DiffAug (seed 003, Sastry, Dumpala & Oore): diffuse-and-denoise augmentation, at train and test time.
+"""DiffAug (Sastry et al. 2023): diffuse-and-denoise augmentation, at train and test time.
 
 DiffAug(x0, t) (Eq. 3) diffuses x0 to a random time t and applies one denoising step,
 x_hat_t = x_t + sigma^2(t) s_theta(x_t, t), which is the denoiser's estimate of x0 (Tweedie). As in
@@ -12,7 +12,7 @@ DiffAug-Ensemble (:class:`DiffAugEnsemble`) averages the classifier's softmax ov
 t in S = {0, 50, ..., 450} (of T = 1000), t = 0 being the image itself.
 
 t counts forward-diffusion steps (Ho et al. 2020), t = 0 the clean image: see
-:func:`~tailforge.gen.diffusion.schedules.sigma_at_step`, shared with reconstruction (seed 001).
+:func:`~tailforge.gen.diffusion.schedules.sigma_at_step`, shared with reconstruction (Yamaguchi & Fukuda 2023).
 
 Reproducibility: every row's t and noise come from its own generator seeded by
 (seed, batch index, row) (:func:`batch_noise`), never from torch's global generator or from which
@@ -23,11 +23,8 @@ a trainer has all cores), and x0_hat = x - sigma * eps_hat multiplies that round
 to about 157 at t = T - 1). So the in-process stage and the actor pool
 (:mod:`tailforge.gen.jobs.ray`) give bitwise-equal batches on the same hardware and libraries.
 
-The stage contract, shared with the classifier trainer: a stage is
-``Callable[[Iterable[Batch]], Iterator[Batch]]``; a Batch is a dict with "images" (float32 NCHW in
-[-1, 1], CPU), "labels" (int64), "index" (the batch's global index in the run, deterministic) and
-"seed" (the run seed). A stage yields the same batches in the same order, each a new dict with
-the added key "augmented" (float32, shaped like "images", CPU).
+The augmented half reaches the trainer through the stage contract of gen/core/stage.py
+(:func:`augment_batch` computes one batch's "augmented" tensor).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,18 +44,12 @@ from tailforge.gen.diffusion.denoiser import ClampDenoised, Denoiser
 from tailforge.gen.diffusion.schedules import sigma_at_step
 from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
 
-Batch = dict[str, Any]
-
-
-Stage = Callable[[Iterable[Batch]], Iterator[Batch]]
-
-
-#: DiffAug-Ensemble's diffusion times (seed 003): S = {0, 50, ..., 450} of T = 1000.
+#: DiffAug-Ensemble's diffusion times (Sastry et al. 2023): S = {0, 50, ..., 450} of T = 1000.
 ENSEMBLE_TIMES = tuple(range(0, 500, 50))
 
 
 def diffaug(denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None) -> Tensor:
-    """Eq. 3 of seed 003: the one-step denoised estimate of x0 from x_t = x0 + sigma_t * noise.
+    """Eq. 3 of Sastry et al. 2023: the one-step denoised estimate of x0 from x_t = x0 + sigma_t * noise.
 
     ``t`` (int64 [B]) is each row's number of forward steps; rows with t = 0 are returned unchanged
     (sigma = 0: nothing to denoise), so DiffAug at t = 0 is exactly the identity.
@@ -143,7 +134,7 @@ def image_index(image: Tensor) -> int:
 
 
 class DiffAugEnsemble(nn.Module):
-    """DiffAug-Ensemble (seed 003): p(y | x0) = mean over t in S of p_phi(y | DiffAug(x0, t)).
+    """DiffAug-Ensemble (Sastry et al. 2023): p(y | x0) = mean over t in S of p_phi(y | DiffAug(x0, t)).
 
     An nn.Module from images ([-1, 1] or uint8 NCHW) to **log-probabilities** log p(y | x0): the
     ensemble is a mean of softmax outputs, and its log is returned so that every evaluator that

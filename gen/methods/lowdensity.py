@@ -1,4 +1,4 @@
-"""Hardness score and the low-density guidance losses of seed 000 (Sehwag et al., CVPR 2022).
+"""Hardness score and the low-density guidance losses of Sehwag et al. 2022 (CVPR).
 
 Pure functions of tensors:
 
@@ -60,9 +60,8 @@ Choices Algorithm 1 leaves open, and what this module does:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
@@ -70,14 +69,15 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from torch import Tensor, nn
 
+from tailforge.gen.core.checks import OneOf, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.diffusion.denoiser import Denoiser, DenoiserWrapper
 from tailforge.gen.diffusion.samplers import (
+    SAMPLERS,
     SamplingConfig,
-    ddim_step,
-    ddpm_posterior_std,
-    ddpm_step,
+    StepRule,
     generate_batch,
+    sampler_spec,
 )
 from tailforge.gen.models.diffusion import DiffusionModel
 
@@ -140,7 +140,7 @@ def _class_covariance(features: np.ndarray, shrinkage: str) -> tuple[np.ndarray,
 
 
 def fit_class_gaussians(features: Tensor, labels: Tensor, num_classes: int, shrinkage: str = "auto") -> ClassGaussians:
-    """Fit N(mu_y, Sigma_y) to the embeddings of each class (seed 000, Sec. 3.2.1).
+    """Fit N(mu_y, Sigma_y) to the embeddings of each class (Sehwag et al. 2022, Sec. 3.2.1).
 
     ``shrinkage``: "auto" (sample covariance, Ledoit-Wolf where that is singular or n <= k),
     "ledoit_wolf" (always shrink), "none" (sample covariance; an error where it is singular).
@@ -289,15 +289,15 @@ class GuidanceConfig:
     alpha: float = 0.5  # scale of Normalize(grad L_g1), the hardness term (Eq. 7; paper default 0.5)
     beta: float = 0.5  # scale of Normalize(grad L_g2), the real-vs-synthetic fidelity term (paper default 0.5)
     tau: float = 1.0  # temperature of Eq. 4 and Eq. 6 (the paper gives no value)
-    loss: str = "hardness"  # "hardness" (Eq. 4/6 on class Gaussians) or "softmax" (probability variant)
+    # hardness: Eq. 4/6 on class Gaussians of embeddings; softmax: the probability variant
+    loss: Annotated[str, OneOf(GUIDANCE_LOSSES)] = "hardness"
 
-    def validate(self) -> None:
+    def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
             raise ConfigError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
         if not self.tau > 0:
             raise ConfigError(f"tau must be > 0, got {self.tau}")
-        if self.loss not in GUIDANCE_LOSSES:
-            raise ConfigError(f"unknown guidance loss {self.loss!r}; choose one of {GUIDANCE_LOSSES}")
+        check_fields(self)
 
     @property
     def active(self) -> bool:
@@ -357,7 +357,7 @@ class GuidanceNet(nn.Module):
 
 
 class GuidanceModels(nn.Module):
-    """The two guidance networks of seed 000: the embedding classifier (hardness, L_g1) and the
+    """The two guidance networks of Sehwag et al. 2022: the embedding classifier (hardness, L_g1) and the
     real-vs-synthetic discriminator (H', L_g2), as saved in one guidance folder."""
 
     def __init__(self, classifier: GuidanceNet, discriminator: GuidanceNet, info: dict[str, Any]):
@@ -424,30 +424,23 @@ def guidance_direction(models: GuidanceModels, image: Tensor, sigma: Tensor, lab
     return direction.detach()
 
 
-@dataclasses.dataclass(frozen=True)
-class StepRule:
-    """How guidance enters one sampler: its pure step function and Algorithm 1's Sigma_theta."""
-
-    step: Callable[..., Tensor]  # (x, denoised, sigma, sigma_next, noise) -> x_next, settings bound
-    sigma_theta: Callable[[Tensor, Tensor], Tensor]  # (sigma, sigma_next) -> the step's Sigma_theta
+def _guided_samplers() -> str:
+    """The samplers whose spec declares a guided step rule, for messages ("ddpm or ddim")."""
+    return " or ".join(name for name, spec in SAMPLERS.items() if spec.step_rule is not None)
 
 
 def step_rule(sampler: str, settings: dict[str, Any]) -> StepRule:
-    """The StepRule of a guided sampler: DDPM (Sigma = its posterior std) or DDIM (Sigma = the
-    DDPM posterior std of the same step, whatever eta; see the module docstring)."""
-    if sampler == "ddpm":
-        variance = settings.get("variance", "small")
-        return StepRule(functools.partial(ddpm_step, variance=variance),
-                        functools.partial(ddpm_posterior_std, variance=variance))
-    if sampler == "ddim":
-        return StepRule(functools.partial(ddim_step, eta=settings.get("eta", 0.0)),
-                        functools.partial(ddpm_posterior_std, variance="small"))
-    raise ConfigError(f"low-density guidance runs with the ddpm or ddim sampler (Algorithm 1 is an ancestral "
-                      f"step), not {sampler!r}")
+    """The StepRule the sampler's spec declares for guidance (DDPM: Sigma = its posterior std; DDIM:
+    Sigma = the DDPM posterior std of the same step, whatever eta; see the module docstring)."""
+    rule = sampler_spec(sampler).step_rule
+    if rule is None:
+        raise ConfigError(f"low-density guidance runs with the {_guided_samplers()} sampler (Algorithm 1 is an "
+                          f"ancestral step), not {sampler!r}")
+    return rule(settings)
 
 
 class LowDensityGuidance(DenoiserWrapper):
-    """Seed 000 Algorithm 1 as a Denoiser wrapper for the ddpm / ddim samplers on grid `sigmas`.
+    """Sehwag et al. 2022 Algorithm 1 as a Denoiser wrapper for the ddpm / ddim samplers on grid `sigmas`.
 
     Wrap the (clamped) denoiser; the sampler then takes Algorithm 1's step. Labels are required
     (L_g1 needs the class being generated). With alpha = beta = 0 it returns the inner denoiser's
@@ -457,7 +450,6 @@ class LowDensityGuidance(DenoiserWrapper):
     def __init__(self, inner: Denoiser, models: GuidanceModels, config: GuidanceConfig, sigmas: Tensor,
                  rule: StepRule):
         super().__init__(inner)
-        config.validate()
         self.models, self.config, self.rule = models, config, rule
         self.register_buffer("sigmas", sigmas.float().cpu(), persistent=False)
 
@@ -467,7 +459,7 @@ class LowDensityGuidance(DenoiserWrapper):
         i = int((self.sigmas[:-1] - s).abs().argmin())
         if not torch.isclose(self.sigmas[i], s, rtol=1e-5, atol=0):
             raise ConfigError(f"guided denoiser called at sigma={float(s):.6g}, which is not on its sampling grid; "
-                              "run it with the ddpm or ddim sampler on the grid it was built with")
+                              f"run it with the {_guided_samplers()} sampler on the grid it was built with")
         return self.sigmas[i], self.sigmas[i + 1]
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Real-sample reconstruction (seed 001, Yamaguchi & Fukuda, Sec. 3.2 and Algorithm 1).
+"""Real-sample reconstruction (Yamaguchi & Fukuda 2023, Sec. 3.2 and Algorithm 1).
 
 Each real image x0 is diffused forward to step t_re and the reverse process is run from t_re back
 to 0. The result lies between the real image (t_re = 0) and a fully synthetic sample of the
@@ -44,7 +44,7 @@ def chain_steps(full_steps: int, t_re: float, t: int) -> int:
 def reconstruct(denoiser: Denoiser, x0: Tensor, t: int, *, sampler: str = "ddpm", steps: int = 250,
                 labels: Tensor | None = None, rng: PerSampleNoise | torch.Generator | None = None,
                 **sampler_settings: Any) -> Tensor:
-    """Algorithm 1 of seed 001: diffuse x0 ([-1, 1] NCHW) forward t steps, reverse back to 0.
+    """Algorithm 1 of Yamaguchi & Fukuda 2023: diffuse x0 ([-1, 1] NCHW) forward t steps, reverse back to 0.
 
     Lines 1-5 (t forward steps of sqrt(a_t) x_{t-1} + sqrt(1 - a_t) eps) are drawn in one go from
     their closed form q(x_t | x0), the same distribution; lines 6-9 are `sampler` (DDPM ancestral,

@@ -1,6 +1,6 @@
 """Classifier networks, registered the timm way, and their safetensors checkpoints.
 
-They live in ``gen`` because generation needs them too (the guidance classifier of seed 000 runs
+They live in ``gen`` because generation needs them too (the guidance classifier of Sehwag et al. 2022 runs
 inside the sampler). Every network exposes timm's interface: ``forward_features`` (a feature map),
 ``forward_head(x, pre_logits=True)`` (the embedding used for hardness, OOD, density and
 memorization features) and ``reset_classifier``; any timm model name works wherever these do.

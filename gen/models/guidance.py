@@ -1,4 +1,4 @@
-"""Guidance folders (seed 000's two guidance networks and their class Gaussians), written by
+"""Guidance folders (Sehwag et al. 2022's two guidance networks and their class Gaussians), written by
 `tailforge train guidance` and read by low-density generation:
 
     DIR/guidance.json           input (x0 | xt), level sigmas, training config and figures, hashes

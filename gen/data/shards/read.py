@@ -14,7 +14,7 @@ import fsspec
 import webdataset as wds
 
 from tailforge.gen.core.errors import ShardError, StorageError
-from tailforge.gen.core.images import decode_png
+from tailforge.gen.core.images import decode_image
 from tailforge.gen.data.shards.format import (
     IMAGE_EXTENSIONS,
     INFO_FILE,
@@ -82,10 +82,6 @@ def shard_entries(root: str | os.PathLike, split: str = "train") -> list[ShardEn
     return [ShardEntry(storage.url(n), None if c is None else int(c), d) for n, c, d in zip(names, counts, digests)]
 
 
-def shard_urls(root: str | os.PathLike, split: str = "train") -> list[str]:
-    return [e.url for e in shard_entries(root, split)]
-
-
 @dataclasses.dataclass
 class ShardReadStats:
     """What a reader saw, for logs and reports. Counted in the process that iterates (with a
@@ -129,8 +125,8 @@ def decode_sample(url: str, raw: dict[str, Any]) -> dict[str, Any]:
         missing = [m for m, ok in (("png|jpg", image_ext), ("cls", "cls" in raw)) if not ok]
         raise ShardError(f"{where} lacks {missing} (it has {sorted(k for k in raw if not k.startswith('__'))})")
     try:
-        image = decode_png(raw[image_ext])
-    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, broken PNG chunks / CRC
+        image = decode_image(raw[image_ext]).numpy()
+    except ShardError as err:
         raise ShardError(f"{where}: cannot decode its {image_ext}: {err}") from None
     try:
         label = int(raw["cls"])

@@ -43,12 +43,6 @@ def write_shard(root: str | os.PathLike, spec: ShardSpec, samples: Iterable[dict
     return sha256, size
 
 
-def record_path(root: str | os.PathLike, name: str) -> str | Path:
-    """Where the record of shard `name` lives (a Path for local folders, a URL otherwise)."""
-    location = Storage(root).url(f"{RECORDS_DIR}/{Path(name).stem}.json")
-    return location if is_url(str(root)) else Path(location)
-
-
 def save_record(root: str | os.PathLike, record: ShardRecord) -> None:
     """Publish a shard's record (atomically); from now on the shard counts as done."""
     Storage(root).write_json(f"{RECORDS_DIR}/{Path(record.name).stem}.json", dataclasses.asdict(record))

@@ -1,0 +1,94 @@
+"""Per-value conditions of config fields, declared once in the field's annotation.
+
+A field annotated ``steps: PositiveInt`` is checked by its config's ``__post_init__``
+(:func:`check_fields`, a ConfigError naming the field and the value) and by the command line
+(cli/flags.py gives argparse the same condition, so a bad flag is an argparse error before any
+config is built). Conditions that relate several fields stay in the config's own ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from typing import Annotated, Any, Callable, Iterable
+
+from tailforge.gen.core.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A condition on one value; `expected` completes "expected ..., got VALUE"."""
+
+    ok: Callable[[Any], bool]  # True for a good value
+    expected: str  # what a good value is, e.g. "a positive integer"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """The value is one of a fixed set of names (argparse lists them as choices)."""
+
+    values: tuple[str, ...]  # the allowed names, in the order help lists them
+
+    def __init__(self, values: Iterable[str]):
+        object.__setattr__(self, "values", tuple(sorted(values)))
+
+
+PositiveInt = Annotated[int, Check(lambda v: v >= 1, "a positive integer")]
+NonNegativeInt = Annotated[int, Check(lambda v: v >= 0, "an integer >= 0")]
+PositiveFloat = Annotated[float, Check(lambda v: math.isfinite(v) and v > 0, "a finite positive number")]
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldType:
+    """What a field's annotation says about its values."""
+
+    base: Any  # int, float, str, bool or a nested config class (for a tuple: the element's type)
+    rule: Check | OneOf | None  # the condition on each value
+    many: bool  # a tuple of values
+    optional: bool  # None is allowed
+
+
+def field_type(annotation: Any) -> FieldType:
+    """Read ``X``, ``X | None``, ``tuple[X, ...]`` and ``Annotated[X, rule]`` (in that nesting)."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+    many = typing.get_origin(annotation) is tuple
+    if many:
+        annotation = typing.get_args(annotation)[0]
+    rule = None
+    if typing.get_origin(annotation) is Annotated:
+        rule = next((m for m in annotation.__metadata__ if isinstance(m, (Check, OneOf))), None)
+        annotation = typing.get_args(annotation)[0]
+    return FieldType(annotation, rule, many, optional)
+
+
+def failure(rule: Check | OneOf, value: Any) -> str | None:
+    """Why `value` breaks `rule` ("expected ..., got ...") or None when it is good."""
+    if isinstance(rule, OneOf):
+        return None if value in rule.values else f"expected one of {', '.join(rule.values)}, got {value!r}"
+    return None if rule.ok(value) else f"expected {rule.expected}, got {value!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(config_class: type) -> dict[str, FieldType]:
+    """Every field's FieldType (annotations resolved, conditions included)."""
+    hints = typing.get_type_hints(config_class, include_extras=True)
+    return {field.name: field_type(hints[field.name]) for field in dataclasses.fields(config_class)}
+
+
+def check_fields(config: Any) -> None:
+    """Raise ConfigError for the first field whose value breaks its annotation's condition
+    (a tuple: each element; None passes an optional field)."""
+    for name, kind in field_types(type(config)).items():
+        value = getattr(config, name)
+        if kind.rule is None or value is None:
+            continue
+        for item in value if kind.many else (value,):
+            problem = failure(kind.rule, item)
+            if problem:
+                raise ConfigError(f"{name}: {problem}")
