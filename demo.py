@@ -40,7 +40,7 @@ from tailforge.eval.report import Section, Table, write_report
 from tailforge.eval.results import is_current, tag_result
 from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.core.files import config_dict, read_json, saved_result, write_json_atomic
+from tailforge.gen.core.files import config_dict, saved_result, write_json_atomic
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.diffusion.samplers import SamplingConfig
 from tailforge.gen.jobs.runner import model_manifest, run_config_job
@@ -126,11 +126,8 @@ def _reuse(path: Path, wanted: dict[str, Any], compute: Callable[[], dict[str, A
 
 def _classifier(config: ClassifierTrainConfig, out: Path) -> float:
     """Train (or reuse) a classifier; its test accuracy."""
-    if (out / CLASSIFIER_CONFIG).is_file():
-        saved = read_json(out / CLASSIFIER_CONFIG)
-        if saved.get("train_config") == config_dict(config):
-            return float(saved["test_accuracy"])
-    return train_classifier(config, out)[1]
+    saved = saved_result(out / CLASSIFIER_CONFIG, config_dict(config), "classifier description", key="train_config")
+    return float(saved["test_accuracy"]) if saved else train_classifier(config, out)[1]
 
 
 def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:

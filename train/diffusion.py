@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.core.files import config_dict, load_module_state, load_safetensors, read_json
+from tailforge.gen.core.files import config_dict, load_module_state, load_safetensors, saved_result
 from tailforge.gen.core.noise import derive_seed
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.diffusion.schedules import BETA_SCHEDULES
@@ -147,11 +147,9 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     preset = config.preset or default_preset(info.image_size)
     resolved = dataclasses.replace(config, preset=preset)
     config_json = config_dict(resolved)
-    exported = out / "tailforge.json"
-    if exported.is_file():  # a finished run with this config: nothing to train, nothing to rewrite
-        saved = read_json(exported)
-        if saved.get("train_config") == config_json and saved.get("step") == config.steps:
-            return out
+    # a finished run with this config: nothing to train, nothing to rewrite
+    if saved_result(out / "tailforge.json", config_json, "model description", key="train_config", step=config.steps):
+        return out
     torch.manual_seed(config.seed)
     null_class = info.num_classes if config.label_dropout else None  # the embedding after the real classes
     embeddings = None if not config.class_conditional else info.num_classes + (null_class is not None)

@@ -53,16 +53,17 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from err
 
 
-def saved_result(path: str | os.PathLike, config: dict[str, Any], what: str = "saved result",
-                 **fields: Any) -> dict[str, Any] | None:
+def saved_result(path: str | os.PathLike, config: dict[str, Any], what: str = "saved result", *,
+                 key: str = "config", **fields: Any) -> dict[str, Any] | None:
     """The JSON object at `path` if it is a finished output made with `config`, else None (also
-    when there is no file): its "config" holds every field of `config` with the same value (an
-    output may record more, such as what it resolved) and its top-level `fields` are equal."""
+    when there is no file): its `key` ("config", or "train_config" in model folders) holds every
+    field of `config` with the same value (an output may record more, such as what it resolved)
+    and its top-level `fields` are equal."""
     path = Path(path)
     if not path.is_file():
         return None
     saved = read_json(path, what)
-    made_with = saved.get("config") if isinstance(saved, dict) else None
+    made_with = saved.get(key) if isinstance(saved, dict) else None
     if not isinstance(made_with, dict) or any(made_with.get(k) != v for k, v in config.items()):
         return None
     return saved if all(saved.get(k) == v for k, v in fields.items()) else None
