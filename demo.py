@@ -31,9 +31,10 @@ from typing import Any, Callable
 from tailforge.eval.accuracy import accuracy_report
 from tailforge.eval.corruptions import CorruptionSuiteConfig, run_corruption_suite
 from tailforge.eval.density import DensityConfig, evaluate_density
-from tailforge.eval.entropy import mean_output_entropy
+from tailforge.eval.entropy import output_entropy
 from tailforge.eval.features import wrap_diffaug_ensemble
 from tailforge.eval.fidelity import FidelityConfig, run_fidelity
+from tailforge.eval.findings import decide
 from tailforge.eval.memorization import MemorizationConfig, run_memorization
 from tailforge.eval.ood import OODConfig, run_ood
 from tailforge.eval.report import Section, Table, write_report
@@ -247,16 +248,18 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
     return results
 
 
-def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Yamaguchi & Fukuda 2023 Fig. 5: the evaluation classifier's mean output entropy (Eq. 4) on the real images and on
-    their reconstructions at t_re, for the training and the test split (Fig. 5's "Train/Test Samples")."""
+def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Yamaguchi & Fukuda 2023 Fig. 5: the evaluation classifier's output entropy (Eq. 4) on the real
+    images and on their reconstructions at t_re, per image (reconstruction i is that of image i), for
+    the training and the test split (Fig. 5's "Train/Test Samples")."""
     net, _ = load_classifier(paths["reference"])
     entropy = {}
     for split, shards in (("train", paths["reconstructed"]), ("test", paths["reconstructed-test"])):
         real = load_dataset(config.dataset, split)
         reconstructed = load_dataset(f"shards:{shards}", "train")  # a shard set's samples form its "train" split
-        entropy[split] = {"real": mean_output_entropy(predict_logits(net, real.images)),
-                          f"t_re={config.t_re}": mean_output_entropy(predict_logits(net, reconstructed.images))}
+        entropy[split] = {"t_re": config.t_re, **{
+            name: [round(float(h), 6) for h in output_entropy(predict_logits(net, images.images))]
+            for name, images in (("real", real), ("reconstructed", reconstructed))}}
     return entropy
 
 
@@ -266,72 +269,27 @@ def _mean_corruption(result: dict[str, Any]) -> float:
     return sum(rows) / len(rows)
 
 
-def findings(config: DemoConfig, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The papers' findings this run can check, each with its figures and whether it held here."""
-    acc = {name: r["top1"] for name, r in results["accuracy"].items()}
-    corr = {name: _mean_corruption(r) for name, r in results["corruptions"].items()}
-    base, low = results["density"]["baseline"]["samples"], results["density"]["lowdensity"]["samples"]
-    rows = []
-
-    def images_apart(a: str, b: str) -> str:
-        """How many test images separate two classifiers' accuracies: small test sets make small gaps noise."""
-        n = results["accuracy"][a]["n"]
-        return f"{round(abs(acc[a] - acc[b]) * n)} of {n} test images apart"
-
-    def add(paper: str, claim: str, measured: str, held: bool) -> None:
-        rows.append({"paper": paper, "finding": claim, "measured": measured, "reproduced": bool(held)})
-
-    add("000", "guided samples (alpha = beta = 0.5) lie in lower-density regions than baseline samples from the same "
-               "seeds: higher hardness, AvgkNN and LOF in an independent classifier's embedding",
-        f"median hardness {low['hardness']['median']:.1f} vs {base['hardness']['median']:.1f}, AvgkNN "
-        f"{low['avg_knn']['median']:.3f} vs {base['avg_knn']['median']:.3f}, LOF {low['lof']['median']:.3f} vs "
-        f"{base['lof']['median']:.3f}",
-        all(low[m]["median"] > base[m]["median"] for m in ("hardness", "avg_knn", "lof")))
-    add("000", "guided samples stay faithful: an independent classifier assigns most (>= 60 %) to their class, and "
-               "precision does not collapse",
-        f"class agreement {low['accuracy']:.3f} (baseline {base['accuracy']:.3f}); precision {low['precision']:.3f} "
-        f"(baseline {base['precision']:.3f})",
-        low["accuracy"] >= 0.6 and low["precision"] >= 0.5 * base["precision"])
-    add("000", "adding low-density samples to real data helps the classifier more than adding baseline samples",
-        f"test accuracy real+lowdensity {acc['real+lowdensity']:.4f}, real+baseline {acc['real+baseline']:.4f}, "
-        f"real {acc['real']:.4f} ({images_apart('real+lowdensity', 'real+baseline')})",
-        acc["real+lowdensity"] > acc["real+baseline"])
-    entropy, recon_key = results["entropy"], f"t_re={config.t_re}"
-    add("001", "reconstructed samples are easier: the real-data classifier's mean output entropy is lower on "
-               "reconstructions of test images than on the test images themselves (Fig. 5)",
-        f"test: entropy {entropy['test'][recon_key]:.4f} on the reconstructions vs {entropy['test']['real']:.4f} on "
-        f"the real images; train (which that classifier was fit to): {entropy['train'][recon_key]:.4f} vs "
-        f"{entropy['train']['real']:.4f}", entropy["test"][recon_key] < entropy["test"]["real"])
-    add("001", "training on reconstructed data does not raise test accuracy over real data",
-        f"real+reconstructed {acc['real+reconstructed']:.4f}, real {acc['real']:.4f} "
-        f"({images_apart('real+reconstructed', 'real')})",
-        acc["real+reconstructed"] <= acc["real"])
-    add("003", "DiffAug keeps clean accuracy (within 1 point) and raises accuracy on corrupted data",
-        f"clean {acc['real+diffaug']:.4f} vs {acc['real']:.4f} ({images_apart('real+diffaug', 'real')}); "
-        f"mean corruption accuracy "
-        f"{corr['real+diffaug']:.4f} vs {corr['real']:.4f}",
-        acc["real+diffaug"] >= acc["real"] - 0.01 and corr["real+diffaug"] > corr["real"])
-    add("003", "DiffAug-Ensemble adds to DiffAug's robustness",
-        f"mean corruption accuracy {corr['real+diffaug + DiffAug-Ensemble']:.4f} with the ensemble vs "
-        f"{corr['real+diffaug']:.4f} without",
-        corr["real+diffaug + DiffAug-Ensemble"] > corr["real+diffaug"])
-    mem = results["memorization"]
-    add("002/004", "a model trained on the full training set generates new images, not copies (memorization "
-                   "ratio near 0)",
-        f"memorization ratio {mem['memorization_ratio']:.3f} over {mem.get('num_generated', config.num_samples)} "
-        f"samples", mem["memorization_ratio"] < 0.05)
-    return rows
-
-
 def findings_section(rows: list[dict[str, Any]], config: DemoConfig) -> Section:
     section = Section("findings", "Findings of the papers this run checks")
-    section.tables.append(Table("findings", ["paper (seed)", "finding", "measured here", "reproduced"],
-                                [[r["paper"], r["finding"], r["measured"], "yes" if r["reproduced"] else "no"]
-                                 for r in rows]))
-    held = sum(r["reproduced"] for r in rows)
-    section.notes.append(f"{held} of {len(rows)} findings reproduced on {config.dataset} with these settings: "
-                         f"{json.dumps(config_dict(config))}. Small models and few steps are used so that the run "
-                         "fits a 2-core CPU; a finding that did not hold here is reported as such, not hidden.")
+    section.tables.append(Table("findings", ["paper", "finding", "d: what is compared", "d, 95 % interval",
+                                             "items x seeds", "verdict"],
+                                [[r["paper"], r["finding"], r["difference"],
+                                  f"{r['estimate']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]",
+                                  f"{r['items']} x {r['seeds']}", r["verdict"]] for r in rows]))
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("reproduced", "contradicted", "inconclusive")}
+    section.notes.append(
+        f"{counts['reproduced']} reproduced, {counts['contradicted']} contradicted, {counts['inconclusive']} "
+        f"inconclusive of {len(rows)} findings on {config.dataset}, one training seed. Each interval is a 95 % "
+        "paired bootstrap over the items both sides were measured on (test images, corrupted test images, or "
+        "generated samples that share their seeds); a finding is reproduced when the whole interval lies on the "
+        "paper's side of its threshold, contradicted when it lies on the other side, inconclusive otherwise.")
+    if counts["inconclusive"]:
+        section.notes.append(
+            "An inconclusive finding needs more data than this run has: the classifier comparisons rest on the "
+            f"{rows[0]['items'] if rows else 0}-odd test items of {config.dataset} and one seed, where one image is "
+            "a quarter of a point; the Fashion-MNIST study (10,000 test images, several seeds) is where they can "
+            "be decided.")
+    section.notes.append(f"Settings: {json.dumps(config_dict(config))}.")
     section.data["findings"] = rows
     return section
 
@@ -359,7 +317,7 @@ def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any
           lambda: [_classifier(c, folders[name]) for name, c in configs.items()])
     results = stage(4, "evaluation", f"accuracy, corruptions, OOD, density, fidelity, memorization -> {paths['eval']}",
                     lambda: evaluate(config, paths, folders))
-    rows = findings(config, results)
+    rows = decide(results)
     stage(5, "report", f"report -> {paths['report'] / 'report.html'}", lambda: write_report(
         paths["report"], results=[str(paths["eval"])],
         samples={"baseline": str(paths["baseline"]), "lowdensity": str(paths["lowdensity"]),
@@ -389,8 +347,9 @@ def print_summary(summary: dict[str, Any], results: dict[str, Any]) -> None:
               f"{s['precision']:>11.3f}{s['accuracy']:>12.3f}")
     print()
     for row in summary["findings"]:
-        print(f"[{'reproduced' if row['reproduced'] else 'NOT reproduced':>14}] seed {row['paper']}: {row['finding']}")
-        print(f"{'':17}{row['measured']}")
+        print(f"[{row['verdict']:>12}] {row['paper']}: {row['finding']}")
+        print(f"{'':15}{row['difference']}: {row['estimate']:+.4f}, 95 % [{row['low']:+.4f}, {row['high']:+.4f}] "
+              f"({row['items']} items, {row['seeds']} seed)")
     print(f"\nseconds per stage: {summary['seconds']} (total {sum(summary['seconds'].values()):.0f})")
     print(f"report: {summary['report']}\nsummary: {Path(summary['report']).parents[1] / 'summary.json'}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tailforge.eval.stats import encode_bits
+
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
@@ -33,8 +35,9 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, num_bins: int = 15
 
 
 def accuracy_report(logits: Tensor, labels: Tensor, num_classes: int) -> dict:
-    """top-1, per-class accuracy and ECE of a classifier's logits."""
+    """top-1, per-class accuracy and ECE of a classifier's logits, and each item's correctness
+    ("correct", in item order) so that two classifiers can be compared on the same items."""
     probs = logits.softmax(1)
     return {"n": int(len(labels)), "top1": top1_accuracy(logits, labels),
             "per_class": per_class_accuracy(logits, labels, num_classes),
-            "ece": expected_calibration_error(probs, labels)}
+            "ece": expected_calibration_error(probs, labels), "correct": encode_bits(logits.argmax(1) == labels)}

@@ -42,6 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from tailforge.eval.results import tag_result
+from tailforge.eval.stats import encode_bits
 from tailforge.gen.core.checks import Check, NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.noise import PerSampleNoise, sample_seed
@@ -518,18 +519,20 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
         cells = []
         example_row = []
         for severity in severities:
-            correct, unchanged, change = 0, 0, 0.0
+            correct, unchanged, change, hits = 0, 0, 0.0, []
             for start in range(0, len(images), batch_size):
                 batch = images[start:start + batch_size]
                 corrupted = corrupt(batch, name, severity, seed=seed, reference_size=reference_size,
                                     indices=range(start, start + len(batch)))
-                correct += int((predict_logits(classifier, corrupted).argmax(1) == labels[start:start + len(batch)]).sum())
+                hits.append(predict_logits(classifier, corrupted).argmax(1) == labels[start:start + len(batch)])
+                correct += int(hits[-1].sum())
                 unchanged += int((corrupted == batch).flatten(1).all(1).sum())
                 change += float((corrupted.float() - batch.float()).abs().mean(dim=(1, 2, 3)).sum())
                 if start == 0:
                     example_row.append(corrupted[0])
             cells.append({"severity": severity, "accuracy": correct / len(images),
-                          "unchanged_fraction": unchanged / len(images), "mean_abs_change": change / len(images)})
+                          "unchanged_fraction": unchanged / len(images), "mean_abs_change": change / len(images),
+                          "correct": encode_bits(torch.cat(hits))})
             bar.update(1)
         effective = cells[-1]["unchanged_fraction"] <= 0.5
         corruption = CORRUPTIONS[name]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from tailforge.eval.neighbors import distance_blocks, knn
 from tailforge.eval.results import tag_result
+from tailforge.eval.stats import encode_bits
 from tailforge.gen.core.checks import OneOf, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, file_sha256
@@ -89,12 +90,17 @@ def manifold_coverage(queries: Tensor, points: Tensor, radii: Tensor, chunk_size
     return torch.cat([(d <= r).any(dim=1) for d in distance_blocks(queries, points, chunk_size)])
 
 
+def manifold_membership(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per fake sample: inside the real k-NN manifold (union of balls reaching each real sample's
+    k-th neighbour); per real sample: inside the fake one (Kynkaanniemi et al. 2019)."""
+    return (manifold_coverage(fake, real, knn_radii(real, k, chunk_size), chunk_size),
+            manifold_coverage(real, fake, knn_radii(fake, k, chunk_size), chunk_size))
+
+
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1024) -> dict[str, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the fraction of fake
-    samples inside the real k-NN manifold (union of balls reaching each real sample's k-th
-    neighbour), recall the fraction of real samples inside the fake one."""
-    precision = manifold_coverage(fake, real, knn_radii(real, k, chunk_size), chunk_size)
-    recall = manifold_coverage(real, fake, knn_radii(fake, k, chunk_size), chunk_size)
+    samples inside the real manifold, recall the fraction of real samples inside the fake one."""
+    precision, recall = manifold_membership(real, fake, k, chunk_size)
     return {"precision": float(precision.double().mean()), "recall": float(recall.double().mean())}
 
 
@@ -144,11 +150,16 @@ def density_metrics(features: Tensor, labels: Tensor, reference: RealReference, 
 def density_summary(features: Tensor, labels: Tensor, logits: Tensor, reference: RealReference,
                     config: DensityConfig) -> dict[str, Any]:
     """Summaries of density_metrics, manifold precision/recall against the real training features,
-    and the fraction the evaluation classifier assigns to the labelled class."""
+    and the fraction the evaluation classifier assigns to the labelled class; "per_sample" keeps
+    each sample's values (in shard order) so two sample sets can be compared sample by sample."""
     per_sample = density_metrics(features, labels, reference, config)
+    faithful = logits.argmax(1) == labels
+    inside, recalled = manifold_membership(reference.train, features, config.pr_k)
     return {"num": len(labels), **{name: summarize(v) for name, v in per_sample.items()},
-            **precision_recall(reference.train, features, config.pr_k),
-            "accuracy": float((logits.argmax(1) == labels).double().mean())}
+            "precision": float(inside.double().mean()), "recall": float(recalled.double().mean()),
+            "accuracy": float(faithful.double().mean()),
+            "per_sample": {**{name: [round(float(x), 5) for x in v] for name, v in per_sample.items()},
+                           "faithful": encode_bits(faithful), "inside_real_manifold": encode_bits(inside)}}
 
 
 def read_shard_set(root: str | Path) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:

@@ -34,6 +34,7 @@ from torch import Tensor
 from tailforge.eval.figures import image_grid, save_png_atomic
 from tailforge.eval.neighbors import knn
 from tailforge.eval.results import tag_result
+from tailforge.eval.stats import encode_bits
 from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, DatasetError
@@ -112,6 +113,7 @@ def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train
         "median_ratio_d1_d2": float(ratio.double().median()),
         "d1": {"mean": float(nn2.d1.mean()), **_quantiles(nn2.d1)},
         "ratio_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "replicate": encode_bits(replicate),  # per generated image, in order: the ratio criterion holds
     }
     if generated_labels is not None:
         stats["nearest_train_same_class"] = float((nearest_label == generated_labels).double().mean())

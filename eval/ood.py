@@ -151,13 +151,26 @@ def auroc(id_scores: Tensor, ood_scores: Tensor) -> float:
     return float(roc_auc_score(y, np.r_[id_scores.numpy(), ood_scores.numpy()]))
 
 
-def fpr_at_tpr(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> float:
-    """FPR at the first ROC operating point whose TPR (ID kept) reaches `tpr` (scikit-learn's
-    roc_curve, as OpenOOD computes FPR@95)."""
+#: the two FPR@95 conventions: which class is "positive" when 95 % of it must be recognised
+FPR_CONVENTIONS = ("id", "ood")
+
+
+def fpr_at_tpr(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95, positive: str = "id") -> float:
+    """FPR at the first ROC operating point whose TPR reaches `tpr` (scikit-learn's roc_curve).
+
+    ``positive="id"`` is the classic figure (Hendrycks & Gimpel 2017; Liang et al. 2018): the
+    fraction of OOD images accepted as in-distribution when 95 % of ID images are kept.
+    ``positive="ood"`` is OpenOOD v1.5's (Zhang et al. 2023): OOD is the positive class, so it is
+    the fraction of ID images rejected when 95 % of OOD images are caught. The two differ whenever
+    the score distributions' tails differ; results report both, labelled."""
     from sklearn.metrics import roc_curve
 
-    y = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
-    fpr, tprs, _ = roc_curve(y, np.r_[id_scores.numpy(), ood_scores.numpy()])
+    if positive not in FPR_CONVENTIONS:
+        raise ConfigError(f"positive must be one of {FPR_CONVENTIONS}, got {positive!r}")
+    scores = np.r_[id_scores.numpy(), ood_scores.numpy()]
+    is_id = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    y, s = (is_id, scores) if positive == "id" else (1 - is_id, -scores)
+    fpr, tprs, _ = roc_curve(y, s)
     return float(fpr[np.searchsorted(tprs, tpr, side="left")])
 
 
@@ -279,10 +292,10 @@ def evaluate_ood(scorer: OODScorer, id_images: Tensor, ood_sets: dict[str, Tenso
         scores = scorer.scores(images)
         results[name] = {"num": int(len(images)), "scores": {
             s: {"auroc": auroc(id_scores[s], scores[s]), "fpr95": fpr_at_tpr(id_scores[s], scores[s]),
+                "fpr95_ood_positive": fpr_at_tpr(id_scores[s], scores[s], positive="ood"),
                 "roc": roc_points(id_scores[s], scores[s])} for s in scorer.names}}
-    summary = {s: {"auroc": float(np.mean([r["scores"][s]["auroc"] for r in results.values()])),
-                   "fpr95": float(np.mean([r["scores"][s]["fpr95"] for r in results.values()]))}
-               for s in scorer.names} if results else {}
+    summary = {s: {m: float(np.mean([r["scores"][s][m] for r in results.values()]))
+                   for m in ("auroc", "fpr95", "fpr95_ood_positive")} for s in scorer.names} if results else {}
     return tag_result("ood", {"scores_computed": list(scorer.names), "scores_not_applicable": scorer.not_applicable(),
                               "num_id": int(len(id_images)), "sets": results, "mean_over_sets": summary})
 

@@ -10,14 +10,14 @@ from typing import Any
 #: the current layout version of each kind of result; bump a kind's version when its layout
 #: changes in a way the report's reader for it must know about
 RESULT_VERSIONS: dict[str, int] = {
-    "accuracy": 1,  # tailforge eval accuracy --json
-    "corruptions": 1,  # tailforge eval corruptions: corruptions.json
-    "density": 1,  # tailforge eval density --json
+    "accuracy": 2,  # tailforge eval accuracy --json (2: per-item "correct")
+    "corruptions": 2,  # tailforge eval corruptions: corruptions.json (2: per-item "correct" per severity)
+    "density": 2,  # tailforge eval density --json (2: "per_sample" values)
     "emm": 1,  # tailforge eval emm: emm.json
     "emm_run": 1,  # one training-set size of an EMM study: runs/*/result.json, read through its emm.json
     "entropy": 1,  # tailforge eval entropy --json
     "fidelity": 1,  # tailforge eval fidelity: fidelity.json
-    "memorization": 1,  # tailforge eval memorization: memorization.json
+    "memorization": 2,  # tailforge eval memorization: memorization.json (2: per-sample "replicate")
     "ood": 1,  # tailforge eval ood: ood.json
 }
 

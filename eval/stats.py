@@ -49,6 +49,19 @@ class Interval:
         return f"{self.estimate:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
 
 
+def encode_bits(flags: Sequence[bool] | np.ndarray) -> str:
+    """Per-item 0/1 outcomes (correct, inside a manifold, a replicate) as a string of '0' and '1':
+    what result JSONs store so that every comparison can be bootstrapped over the same items later."""
+    return "".join("1" if f else "0" for f in np.asarray(flags, dtype=bool).reshape(-1))
+
+
+def decode_bits(text: str) -> np.ndarray:
+    """The float64 0/1 array of :func:`encode_bits`'s string."""
+    if set(text) - {"0", "1"}:
+        raise ConfigError("per-item outcomes must be a string of 0 and 1")
+    return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
+
+
 def _check_level(level: float) -> None:
     if not 0 < level < 1:
         raise ConfigError(f"confidence level must be in (0, 1), got {level}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tailforge.eval.accuracy import accuracy_report, expected_calibration_error, per_class_accuracy, top1_accuracy
+from tailforge.eval.stats import decode_bits
 
 
 def test_top1_and_per_class():
@@ -29,5 +30,9 @@ def test_ece_is_zero_when_calibrated():
 
 
 def test_report_fields():
-    report = accuracy_report(torch.randn(20, 4), torch.randint(4, (20,)), 4)
-    assert set(report) == {"n", "top1", "per_class", "ece"} and report["n"] == 20
+    logits, labels = torch.randn(20, 4), torch.randint(4, (20,))
+    report = accuracy_report(logits, labels, 4)
+    assert set(report) == {"n", "top1", "per_class", "ece", "correct"} and report["n"] == 20
+    # per-item correctness, in item order, agrees with top-1
+    assert decode_bits(report["correct"]).tolist() == (logits.argmax(1) == labels).float().tolist()
+    assert decode_bits(report["correct"]).mean() == pytest.approx(report["top1"])

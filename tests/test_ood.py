@@ -106,6 +106,23 @@ def test_auroc_and_fpr95_against_references():
     assert fpr_at_tpr(id_scores, ood_scores) == pytest.approx(float((ood_scores >= t).double().mean()))
     assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
     assert fpr_at_tpr(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    # OpenOOD v1.5's convention, OOD positive: the lowest threshold catching >= 95 % of OOD (scores
+    # at or below it), and the ID fraction it rejects with them
+    t = next(t for t in thresholds.flip(0) if (ood_scores <= t).double().mean() >= 0.95)
+    assert fpr_at_tpr(id_scores, ood_scores, positive="ood") == pytest.approx(float((id_scores <= t).double().mean()))
+    assert fpr_at_tpr(id_scores, ood_scores, positive="ood") != pytest.approx(fpr_at_tpr(id_scores, ood_scores))
+
+
+def test_the_two_fpr95_conventions_differ_when_the_tails_do():
+    # 15 % of the OOD images look like ID ones: keeping 95 % of ID admits most of those (about
+    # 0.14 of OOD), but catching 95 % of OOD must also reject two thirds of that near-ID group's
+    # look-alikes, and with them about two thirds of the ID images
+    gen = torch.Generator().manual_seed(3)
+    id_scores = 1.0 + 0.1 * torch.randn(4000, generator=gen)
+    far, near = -3.0 + 0.5 * torch.randn(3400, generator=gen), 1.0 + 0.1 * torch.randn(600, generator=gen)
+    classic, openood = fpr_at_tpr(id_scores, torch.cat([far, near])), fpr_at_tpr(id_scores, torch.cat([far, near]),
+                                                                                  positive="ood")
+    assert 0.1 < classic < 0.2 and 0.55 < openood < 0.75
 
 
 def test_scorer_on_a_classifier_and_on_log_probabilities():

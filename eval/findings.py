@@ -1,0 +1,128 @@
+"""The papers' findings a run can check, each decided from an interval, never from two point estimates.
+
+Every finding is a difference d between two systems measured on the same items (test images, or
+generated samples that share their seeds), with the direction the paper claims and the smallest
+effect that counts (:func:`tailforge.eval.stats.verdict`). Its interval is a paired bootstrap over
+those items (:func:`tailforge.eval.stats.paired_bootstrap`); the results it reads keep each item's
+outcome for exactly this ("correct" bits of accuracy and corruption results, "per_sample" values of
+density results, "replicate" bits of memorization results).
+
+The claims, by paper:
+
+* Sehwag et al. 2022 (Sec. 4.2, Fig. 4): alpha/beta-guided samples lie in lower-density regions
+  than baseline samples from the same seeds (higher hardness, AvgkNN, LOF in an independent
+  classifier's embedding), stay faithful to their class, keep their precision, and help a
+  classifier more than baseline samples do.
+* Yamaguchi & Fukuda 2023 (Fig. 5, Table 2): a classifier is more confident (lower output entropy,
+  Eq. 4) on reconstructions of test images than on the images; training on reconstructions does
+  not raise test accuracy.
+* Sastry et al. 2023: DiffAug keeps clean accuracy and raises accuracy under corruptions;
+  DiffAug-Ensemble adds to that robustness.
+* Gu et al. 2023 / Yoon et al. 2023: a model trained on the full training set generates new
+  images, not copies (memorization ratio near 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from tailforge.eval.stats import Interval, bootstrap, decode_bits, paired_bootstrap, verdict
+
+#: the effect below which a classifier comparison on accuracy does not count (half a point)
+ACCURACY_MARGIN = 0.005
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One finding as a paper states it, and what this run measures for it."""
+
+    paper: str  # author and year
+    finding: str  # the claim in words
+    difference: str  # what d is, in words
+    direction: str  # what the paper claims about d (eval.stats.DIRECTIONS)
+    min_effect: float  # the smallest |d| that counts (eval.stats.verdict)
+    measure: Callable[[dict[str, Any]], Interval]  # results -> the interval of d
+
+
+def _median(values: np.ndarray) -> np.ndarray:
+    return np.median(values, axis=-1)
+
+
+def _shift(interval: Interval, by: float) -> Interval:
+    """The interval of d - by (a claim against a fixed threshold)."""
+    return dataclasses.replace(interval, estimate=interval.estimate - by, low=interval.low - by,
+                               high=interval.high - by)
+
+
+def correct(results: dict[str, Any], name: str) -> np.ndarray:
+    """Per-test-image correctness of classifier `name` (clean test split)."""
+    return decode_bits(results["accuracy"][name]["correct"])
+
+
+def corrupted_correct(results: dict[str, Any], name: str) -> np.ndarray:
+    """Per-item correctness over every (corruption, severity, test image) that changes the images."""
+    rows = results["corruptions"][name]["corruptions"]
+    return np.concatenate([decode_bits(cell["correct"]) for corruption in sorted(rows) if rows[corruption]["effective"]
+                           for cell in rows[corruption]["severities"]])
+
+
+def per_sample(results: dict[str, Any], shard_set: str, metric: str) -> np.ndarray:
+    values = results["density"][shard_set]["samples"]["per_sample"][metric]
+    return decode_bits(values) if isinstance(values, str) else np.asarray(values, dtype=np.float64)
+
+
+def _density(metric: str) -> Callable[[dict[str, Any]], Interval]:
+    return lambda r: paired_bootstrap(per_sample(r, "baseline", metric), per_sample(r, "lowdensity", metric),
+                                      statistic=_median)
+
+
+CLAIMS: tuple[Claim, ...] = (
+    *(Claim("Sehwag et al. 2022", f"guided samples lie in lower-density regions than baseline samples from the same "
+            f"seeds: higher {label} in an independent classifier's embedding",
+            f"median {label}, guided - baseline (sample i of both shares its seed)", "greater", 0.0, _density(metric))
+      for metric, label in (("hardness", "hardness"), ("avg_knn", "AvgkNN"), ("lof", "LOF"))),
+    Claim("Sehwag et al. 2022", "guided samples stay faithful: an independent classifier assigns most (>= 60 %) to "
+          "their class", "class agreement of guided samples - 0.6", "greater", 0.0,
+          lambda r: _shift(bootstrap(per_sample(r, "lowdensity", "faithful")), 0.6)),
+    Claim("Sehwag et al. 2022", "guided samples keep their precision (at least half the baseline's)",
+          "precision guided - 0.5 x precision baseline", "greater", 0.0,
+          lambda r: paired_bootstrap(0.5 * per_sample(r, "baseline", "inside_real_manifold"),
+                                     per_sample(r, "lowdensity", "inside_real_manifold"))),
+    Claim("Sehwag et al. 2022", "adding low-density samples to real data helps the classifier more than adding "
+          "baseline samples", "test accuracy, real+lowdensity - real+baseline", "greater", 0.0,
+          lambda r: paired_bootstrap(correct(r, "real+baseline"), correct(r, "real+lowdensity"))),
+    Claim("Yamaguchi & Fukuda 2023", "a real-data classifier is more confident on reconstructions of test images "
+          "than on the images themselves (Fig. 5)", "mean output entropy, reconstructions - real test images",
+          "less", 0.0, lambda r: paired_bootstrap(np.asarray(r["entropy"]["test"]["real"]),
+                                                  np.asarray(r["entropy"]["test"]["reconstructed"]))),
+    Claim("Yamaguchi & Fukuda 2023", "training on reconstructed data does not raise test accuracy over real data "
+          "(Table 2)", "test accuracy, real+reconstructed - real", "not_greater", ACCURACY_MARGIN,
+          lambda r: paired_bootstrap(correct(r, "real"), correct(r, "real+reconstructed"))),
+    Claim("Sastry et al. 2023", "DiffAug keeps clean accuracy (loses less than 1 point)",
+          "test accuracy, real - real+diffaug (the loss)", "not_greater", 0.01,
+          lambda r: paired_bootstrap(correct(r, "real+diffaug"), correct(r, "real"))),
+    Claim("Sastry et al. 2023", "DiffAug raises accuracy on corrupted images",
+          "corruption accuracy, real+diffaug - real", "greater", 0.0,
+          lambda r: paired_bootstrap(corrupted_correct(r, "real"), corrupted_correct(r, "real+diffaug"))),
+    Claim("Sastry et al. 2023", "DiffAug-Ensemble adds to DiffAug's robustness",
+          "corruption accuracy, with - without DiffAug-Ensemble (DiffAug-trained classifier)", "greater", 0.0,
+          lambda r: paired_bootstrap(corrupted_correct(r, "real+diffaug"),
+                                     corrupted_correct(r, "real+diffaug + DiffAug-Ensemble"))),
+    Claim("Gu et al. 2023; Yoon et al. 2023", "a model trained on the full training set generates new images, not "
+          "copies (memorization ratio below 5 %)", "memorization ratio - 0.05", "less", 0.0,
+          lambda r: _shift(bootstrap(decode_bits(r["memorization"]["replicate"])), 0.05)),
+)
+
+
+def decide(results: dict[str, Any], claims: tuple[Claim, ...] = CLAIMS) -> list[dict[str, Any]]:
+    """One row per claim: the interval of its difference and the verdict the rule gives."""
+    rows = []
+    for claim in claims:
+        interval = claim.measure(results)
+        rows.append({"paper": claim.paper, "finding": claim.finding, "difference": claim.difference,
+                     "direction": claim.direction, "min_effect": claim.min_effect, **interval.as_dict(),
+                     "verdict": verdict(interval, claim.direction, claim.min_effect)})
+    return rows
