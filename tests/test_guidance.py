@@ -321,3 +321,33 @@ def test_gen_lowdensity_cli_keeps_the_paper_defaults_for_options_left_out(tmp_pa
     assert main([*common, "--beta", "-1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "alpha and beta must be >= 0" in err
+
+
+def test_guidance_scale_by_variance_is_the_guided_diffusion_codes_vp_variance():
+    """guided-diffusion adds variance * gradient to the VP-space mean; in sigma-space that shift is
+    divided by sqrt(alpha_bar_next). diffusers' DDPMScheduler gives the VP posterior variance."""
+    from diffusers import DDPMScheduler
+
+    from tailforge.gen.diffusion.samplers import ddpm_posterior_std
+    from tailforge.gen.diffusion.schedules import sigmas_from_alphas_cumprod
+    from tailforge.gen.methods.lowdensity import guidance_scale
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    alpha_bar = torch.cumprod(1 - scheduler.betas.double(), 0)  # float64 throughout
+    sigmas = sigmas_from_alphas_cumprod(alpha_bar)
+    ratios = []
+    for t in (999, 500, 100, 10, 1):
+        std = ddpm_posterior_std(sigmas[t], sigmas[t - 1])
+        # the DDPM posterior variance (Ho et al. 2020 Eq. 7) in float64, and diffusers' (float32)
+        beta = scheduler.betas.double()[t]
+        variance_vp = (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * beta
+        assert float(scheduler._get_variance(t)) == pytest.approx(float(variance_vp), rel=1e-3)
+        got = guidance_scale(std, sigmas[t - 1], "variance")
+        assert float(got) == pytest.approx(float(variance_vp / alpha_bar[t - 1].sqrt()), rel=1e-9)
+        assert guidance_scale(std, sigmas[t - 1], "std") is std
+        ratios.append(float(std / got))
+        assert ratios[-1] == pytest.approx(float(1 / variance_vp.sqrt()), rel=1e-9)  # the two differ by the VP std
+    # the variance reading pushes about 7x less at the first step and over 100x less at the last
+    assert ratios == sorted(ratios) and 7 < ratios[0] < 7.2 and ratios[-1] > 100
+    with pytest.raises(ConfigError, match="scale"):
+        guidance_scale(std, sigmas[0], "both")
