@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 import urllib.parse
 from pathlib import Path
@@ -42,6 +43,7 @@ from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.diffusion.samplers import SAMPLERS
 from tailforge.gen.models.unet import UNET_PRESETS
 
+BUDGETS = ("epochs", "steps")
 LABEL_MODES = ("true", "none", "random", "unique")
 
 
@@ -55,7 +57,12 @@ class EMMConfig:
     labels: Annotated[str, OneOf(LABEL_MODES)] = "true"
     random_classes: NonNegativeInt = 0  # C for random labels; 0 = the dataset's number of classes
     dummy: NonNegativeInt = 0  # Gaussian-mixture dummy images added as one extra class (Yoon et al. 2023 Hypothesis 2)
-    steps: PositiveInt = 2000  # diffusion training steps, the same for every size (same procedure T)
+    # epochs: every size trains for the same number of epochs, so each image is drawn equally often
+    # (Gu et al. 2023 App. B); steps: every size trains for the same number of optimizer steps
+    budget: Annotated[str, OneOf(BUDGETS)] = "epochs"
+    epochs: PositiveInt = 500  # passes over the training set (dummy images included) with budget=epochs (paper: 40k)
+    steps: PositiveInt = 2000  # optimizer steps with budget=steps
+    snapshots: PositiveInt = 4  # memorization measured at this many evenly spaced points of training
     batch_size: PositiveInt = 128  # training batch
     lr: PositiveFloat = 2e-3  # AdamW learning rate
     preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset (None: tiny up to 16 px, small above)
@@ -180,7 +187,21 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
 
 #: bumped when a run's result would change for the same settings (2: samples only for classes
 #: that have training images), so results written by older code are recomputed, not reused
-RESULT_VERSION = 2
+RESULT_VERSION = 3  # 3: the training budget in epochs or steps, and memorization at several snapshots
+
+
+def training_steps(config: EMMConfig, num_images: int) -> int:
+    """Optimizer steps of one size's run: the same epochs for every size (Gu et al. 2023 App. B), so
+    a size of N images trains for ceil(epochs * N / batch) steps, or the same steps for every size."""
+    if config.budget == "steps":
+        return config.steps
+    return max(1, math.ceil(config.epochs * num_images / config.batch_size))
+
+
+def snapshot_steps(total: int, snapshots: int) -> list[int]:
+    """The training steps at which memorization is measured: `snapshots` evenly spaced points ending
+    at `total` (Gu et al. 2023 reports the highest ratio over its training snapshots)."""
+    return sorted({max(1, math.ceil(total * k / snapshots)) for k in range(1, snapshots + 1)})
 
 
 def _run_settings(config_json: dict[str, Any]) -> dict[str, Any]:
@@ -208,38 +229,51 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     if saved is not None:
         return saved
     device = default_device(device)
-    started = time.perf_counter()
     real = load_dataset(subset_spec(config.dataset, size, config.subset_seed), "train")
     spec, model_classes, sample_classes = training_set(config, real, run)
-    train_config = DiffusionTrainConfig(dataset=spec, preset=config.preset, steps=config.steps,
+    num_images = len(real) + (config.dummy if config.labels == "true" else 0)
+    total = training_steps(config, num_images)
+    train_config = DiffusionTrainConfig(dataset=spec, preset=config.preset, steps=total,
                                         batch_size=config.batch_size, lr=config.lr, seed=config.seed,
                                         class_conditional=model_classes is not None, keep_checkpoints=1)
-    train_diffusion(train_config, run / "model", device=device, progress=False)
-    trained = time.perf_counter()
-
-    model = load_diffusion_model(run / "model", device)
     sampling = SamplingConfig(sampler=config.sampler, steps=config.sampling_steps)
-    images, labels = [], []
-    for first in range(0, config.num_samples, 500):
-        indices = list(range(first, min(first + 500, config.num_samples)))
-        batch_labels = (torch.tensor(sample_classes)[balanced_labels(indices, len(sample_classes))]
-                        if model_classes is not None else None)
-        images.append(generate_batch(model, sampling, config.seed, indices, batch_labels))
-        labels.append(batch_labels)
-    images = torch.cat(images)
-    sampled = time.perf_counter()
-
     # per-class figures only where generated labels are the dataset's own classes
-    true_labels = torch.cat(labels) if config.labels == "true" else None
-    stats, nn2 = memorization_stats(images, true_labels, real, device=device)
+    per_class = config.labels == "true"
+    snapshots, seconds = [], {"train": 0.0, "sample": 0.0, "measure": 0.0}
+    for step in snapshot_steps(total, config.snapshots):
+        # training to a later step resumes from the checkpoint of the earlier one (the learning
+        # rate is constant after warmup), so the snapshots cost no more training than one run
+        mark = time.perf_counter()
+        train_diffusion(dataclasses.replace(train_config, steps=step), run / "model", device=device, progress=False)
+        model = load_diffusion_model(run / "model", device)
+        trained = time.perf_counter()
+        images, labels = [], []
+        for first in range(0, config.num_samples, 500):
+            indices = list(range(first, min(first + 500, config.num_samples)))
+            batch_labels = (torch.tensor(sample_classes)[balanced_labels(indices, len(sample_classes))]
+                            if model_classes is not None else None)
+            images.append(generate_batch(model, sampling, config.seed, indices, batch_labels))
+            labels.append(batch_labels)
+        images = torch.cat(images)
+        sampled = time.perf_counter()
+        stats, nn2 = memorization_stats(images, torch.cat(labels) if per_class else None, real, device=device)
+        snapshots.append({"step": step, "epochs": round(step * config.batch_size / num_images, 2),
+                          "memorization_ratio": stats["memorization_ratio"], "memorization": stats})
+        seconds = {"train": seconds["train"] + trained - mark, "sample": seconds["sample"] + sampled - trained,
+                   "measure": seconds["measure"] + time.perf_counter() - sampled}
     save_png_atomic(nearest_pairs_grid(images, real.images, nn2), run / "nearest_pairs.png")
+    final = snapshots[-1]
     result = tag_result("emm_run", {
         "config": config_dict(config), "size": size, "result_version": RESULT_VERSION,
-        "sampled_classes": sample_classes, "num_train": len(real), "dataset": real.info.spec, "train_spec": spec,
-        "model_classes": model_classes, "memorization_ratio": stats["memorization_ratio"],
-        "memorization": stats, "nearest_pairs_png": "nearest_pairs.png", "device": device,
-        "seconds": {"train": round(trained - started, 2), "sample": round(sampled - trained, 2),
-                    "measure": round(time.perf_counter() - sampled, 2)}})
+        "sampled_classes": sample_classes, "num_train": len(real), "num_train_images": num_images,
+        "dataset": real.info.spec, "train_spec": spec, "model_classes": model_classes,
+        "training_steps": total, "training_epochs": round(total * config.batch_size / num_images, 2),
+        "memorization_ratio": final["memorization_ratio"],
+        "max_memorization_ratio": max(s["memorization_ratio"] for s in snapshots),
+        "memorization": final["memorization"],
+        "snapshots": [{k: v for k, v in s.items() if k != "memorization"} for s in snapshots],
+        "nearest_pairs_png": "nearest_pairs.png", "device": device,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     write_json_atomic(result_path, result)
     return result
 
@@ -278,12 +312,17 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
     bar.close()
     results.sort(key=lambda r: r["num_train"])
     points = [{"size": r["num_train"], "full": r["size"] == 0, "memorization_ratio": r["memorization_ratio"],
+               "max_memorization_ratio": r["max_memorization_ratio"], "training_steps": r["training_steps"],
+               "training_epochs": r["training_epochs"],
                "distinct_train_images_replicated": r["memorization"]["distinct_train_images_replicated"],
                "median_ratio_d1_d2": r["memorization"]["median_ratio_d1_d2"], "run": _run_name(r["size"]),
                "seconds": r["seconds"]} for r in results]
     report = tag_result("emm", {
         "config": config_dict(config), "points": points,
-        "emm": estimate_emm([p["size"] for p in points], [p["memorization_ratio"] for p in points], config.epsilon),
+        # Gu et al. 2023 report the highest ratio over training snapshots; the final one is kept too
+        "emm": estimate_emm([p["size"] for p in points], [p["max_memorization_ratio"] for p in points], config.epsilon),
+        "emm_final": estimate_emm([p["size"] for p in points], [p["memorization_ratio"] for p in points],
+                                  config.epsilon),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "note": "wall_seconds counts only the runs this invocation computed; reused runs cost nothing"})
     write_json_atomic(out / "emm.json", report)

@@ -13,8 +13,8 @@ RESULT_VERSIONS: dict[str, int] = {
     "accuracy": 2,  # tailforge eval accuracy --json (2: per-item "correct")
     "corruptions": 2,  # tailforge eval corruptions: corruptions.json (2: per-item "correct" per severity)
     "density": 2,  # tailforge eval density --json (2: "per_sample" values)
-    "emm": 1,  # tailforge eval emm: emm.json
-    "emm_run": 1,  # one training-set size of an EMM study: runs/*/result.json, read through its emm.json
+    "emm": 2,  # tailforge eval emm: emm.json (2: EMM over the snapshots' highest ratio, and emm_final)
+    "emm_run": 2,  # one training-set size of an EMM study: runs/*/result.json, read through its emm.json
     "entropy": 1,  # tailforge eval entropy --json
     "fidelity": 1,  # tailforge eval fidelity: fidelity.json
     "memorization": 2,  # tailforge eval memorization: memorization.json (2: per-sample "replicate")

@@ -8,7 +8,16 @@ import json
 import pytest
 import torch
 
-from tailforge.eval.emm import EMMConfig, estimate_emm, parse_sizes, run_emm, subset_spec, training_set
+from tailforge.eval.emm import (
+    EMMConfig,
+    estimate_emm,
+    parse_sizes,
+    run_emm,
+    snapshot_steps,
+    subset_spec,
+    training_set,
+    training_steps,
+)
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.data.datasets import load_dataset
 
@@ -81,11 +90,33 @@ def test_config_validation():
         EMMConfig(epsilon=1.5)
 
 
+@pytest.mark.parametrize("dummy", [0, 300])
+def test_every_size_trains_for_the_same_epochs(dummy):
+    """Gu et al. 2023 App. B: the same epochs for every size, so each image (real or dummy) is drawn
+    equally often; with budget=steps, the same steps instead. With dummy images, a real image is
+    seen as often as without them: the exposure-matched control of dummy injection."""
+    config = EMMConfig(epochs=40, batch_size=128, dummy=dummy)
+    sizes = (10, 50, 100, 400, 1437)
+    steps = [training_steps(config, n + dummy) for n in sizes]
+    epochs = [s * config.batch_size / (n + dummy) for s, n in zip(steps, sizes)]
+    assert all(40 <= e < 40 + config.batch_size / (n + dummy) for e, n in zip(epochs, sizes))
+    plain = [training_steps(dataclasses.replace(config, dummy=0), n) * 128 / n for n in sizes]
+    assert all(abs(a - b) < 128 / n for a, b, n in zip(epochs, plain, sizes))  # same exposure per real image
+    assert {training_steps(dataclasses.replace(config, budget="steps", steps=700), n + dummy) for n in sizes} == {700}
+    assert snapshot_steps(10, 4) == [3, 5, 8, 10] and snapshot_steps(2, 4) == [1, 2]
+
+
 def test_tiny_study_in_process_and_resumes(tmp_path):
-    config = EMMConfig(sizes=(12, 24), steps=1, batch_size=16, num_samples=12, sampling_steps=2)
+    config = EMMConfig(sizes=(12, 24), epochs=2, snapshots=2, batch_size=16, num_samples=12, sampling_steps=2)
     report = run_emm(config, tmp_path, in_process=True, progress=False)
     assert [p["size"] for p in report["points"]] == [12, 24]
-    assert all(0.0 <= p["memorization_ratio"] <= 1.0 for p in report["points"])
+    assert all(0.0 <= p["memorization_ratio"] <= p["max_memorization_ratio"] <= 1.0 for p in report["points"])
+    # fixed epochs: the larger set trains for more steps, so each image is drawn as often
+    assert [p["training_steps"] for p in report["points"]] == [2, 3]
+    run = json.loads((tmp_path / "runs" / "n24" / "result.json").read_text())
+    assert [s["step"] for s in run["snapshots"]] == [2, 3] and run["max_memorization_ratio"] == max(
+        s["memorization_ratio"] for s in run["snapshots"])
+    assert report["emm_final"]["threshold"] == report["emm"]["threshold"]
     saved = json.loads((tmp_path / "emm.json").read_text())
     assert saved["emm"] == report["emm"] and saved["config"]["sizes"] == [12, 24]
     result = tmp_path / "runs" / "n12" / "result.json"
