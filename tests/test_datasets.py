@@ -79,7 +79,7 @@ def test_imagefolder_with_splits(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [
     ("", "empty dataset spec"),
-    ("mnist", "unknown dataset 'mnist'"),
+    ("svhn", "unknown dataset 'svhn'"),
     ("cifar10", "needs a path"),
     ("digits:/tmp", "takes no path"),
     ("cifar10:/nonexistent/cifar", "dataset path not found: /nonexistent/cifar"),

@@ -76,3 +76,45 @@ def test_a_folder_missing_files_or_mismatched_counts_is_one_line(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((2, 4, 3))))
     with pytest.raises(DatasetError, match="expected N x H x H"):
         read_idx_split(tmp_path, "test")
+
+
+def test_idx_datasets_through_the_registry(tmp_path):
+    from tailforge.gen.data.datasets import load_dataset
+
+    rng = np.random.default_rng(1)
+    images = {"train": rng.integers(0, 256, (8, 6, 6)), "test": rng.integers(0, 256, (4, 6, 6))}
+    write_idx_folder(tmp_path, images, {"train": np.arange(8) % 10, "test": np.arange(4)}, gz=False)
+    data = load_dataset(f"mnist:{tmp_path}", "test")
+    assert data.images.shape == (4, 1, 6, 6) and data.info.class_names == tuple("01234567")  # labels 0..7
+    np.testing.assert_array_equal(data.images[:, 0].numpy(), images["test"])
+    # a resized copy is antialiased as PIL's bilinear reduction is (a triangle filter widened to the
+    # scale), within a level of rounding
+    from PIL import Image
+
+    small = load_dataset(f"mnist:{tmp_path}?size=3", "train")
+    assert small.images.shape == (8, 1, 3, 3) and small.info.image_size == 3
+    pil = np.stack([np.asarray(Image.fromarray(im.astype(np.uint8)).resize((3, 3), Image.BILINEAR))
+                    for im in images["train"]])
+    assert np.abs(small.images[:, 0].numpy().astype(int) - pil.astype(int)).max() <= 1
+    assert load_dataset(f"fashion-mnist:{tmp_path}?n=5").info.class_names[9] == "Ankle boot"
+
+
+def test_a_missing_fashion_mnist_folder_says_what_to_install(tmp_path):
+    from tailforge.gen.data.datasets import load_dataset
+
+    with pytest.raises(DatasetError) as err:
+        load_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
+    message = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "\n" not in message
+    assert all(stem in message for pair in IDX_FILES.values() for stem in pair)
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package():
+    from tailforge.gen.data.datasets import load_dataset
+
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist?size=16", "test")
+    assert train.images.shape == (60_000, 1, 28, 28) and len(test) == 10_000 and test.info.image_size == 16
+    assert np.bincount(train.labels.numpy()).tolist() == [6000] * 10
+    assert train.info.class_names[0] == "T-shirt/top"

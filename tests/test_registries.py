@@ -295,6 +295,15 @@ def _write_image_folder(root):
     return root
 
 
+def _idx_folder(root):
+    from test_idx import write_idx_folder
+
+    rng = np.random.default_rng(0)
+    write_idx_folder(root, {"train": rng.integers(0, 256, (6, 4, 4)), "test": rng.integers(0, 256, (3, 4, 4))},
+                     {"train": np.arange(6) % 3, "test": np.arange(3)}, gz=True)
+    return str(root)
+
+
 def _shard_set(root):
     from tailforge.train.streams import write_real_shards
 
@@ -310,7 +319,8 @@ def test_every_dataset_entry_loads_or_names_its_missing_path(name, tmp_path):
             load_dataset(f"{name}:{missing}")
         assert str(missing) in str(err.value) and "\n" not in str(err.value)
         tiny = {"imagefolder": lambda: str(_write_image_folder(tmp_path / "folder")),
-                "shards": lambda: _shard_set(tmp_path / "shards")}
+                "shards": lambda: _shard_set(tmp_path / "shards"),
+                "fashion-mnist": lambda: _idx_folder(tmp_path / "idx"), "mnist": lambda: _idx_folder(tmp_path / "idx")}
         if name not in tiny:  # a dataset on disk the tests do not have (cifar10)
             return
         spec = f"{name}:{tiny[name]()}"

@@ -9,6 +9,9 @@
     imagefolder:PATH             PATH/CLASS/*.png|jpg, or PATH/{train,test}/CLASS/*; option size
     shards:PATH                  WebDataset shards with a timm-style _info.json (ours or anyone's); options
                                  skip_bad_shards, verify
+    fashion-mnist[:PATH]         Fashion-MNIST's four idx files (default: Debian's dataset-fashion-mnist
+                                 folder); option size (an antialiased resized copy)
+    mnist:PATH                   any folder of MNIST-style idx files (MNIST, KMNIST, torchvision's raw/)
 
 Every dataset accepts ``n=N`` (and ``subset_seed=S``): keep N training images chosen by a seeded
 permutation, so ``n=100`` is a subset of ``n=300`` (nested subsets, as EMM needs; Gu et al. 2023 Sec. 3).
@@ -102,6 +105,7 @@ def parse_spec(spec: str) -> ParsedSpec:
     if query and not options:
         raise DatasetError(f"cannot parse options {query!r} in dataset spec {spec!r}; use ?key=value&key=value")
     loader = DATASETS[name]
+    path = path or loader.default_path
     if loader.needs_path and not path:
         raise DatasetError(f"dataset {name!r} needs a path: use {name}:PATH (spec was {spec!r})")
     if not loader.needs_path and sep:
@@ -297,6 +301,48 @@ class DatasetLoader:
     load: Callable[[ParsedSpec, str], LoadedDataset]  # (parsed spec, spec text) -> what it read
     needs_path: bool  # NAME:PATH (True) or NAME alone (False)
     options: tuple[str, ...] = ()  # the ?key=value options its loader reads, besides COMMON_OPTIONS
+    default_path: str | None = None  # the path NAME alone reads (a needs_path loader with a standard location)
+
+
+#: Fashion-MNIST's folder in Debian's dataset-fashion-mnist package (`dpkg -L dataset-fashion-mnist`)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: Fashion-MNIST's labels 0..9 (Xiao et al. 2017, Table 1)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """uint8 NCHW images resized to size x size with antialiasing (bilinear, the area each output
+    pixel covers averaged in), rounded back to uint8."""
+    import torch.nn.functional as F
+
+    if images.shape[-1] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _idx_loader(class_names: tuple[str, ...] | None, hint: str):
+    """A loader for a folder of the four MNIST-style idx files (gen/data/idx.py); option size."""
+    def load(parsed: ParsedSpec, spec: str) -> LoadedDataset:
+        from tailforge.gen.data.idx import IDX_FILES, read_idx_split
+
+        root = Path(parsed.path).expanduser()
+        if not root.is_dir():
+            files = ", ".join(f"{stem}[.gz]" for pair in IDX_FILES.values() for stem in pair)
+            raise DatasetError(f"dataset path not found: {root} (from spec {spec!r}). {hint} It must hold {files}.")
+        size = _int_option(parsed, spec, "size", 0, minimum=0) or None
+        splits = {}
+        for split in SPLITS:
+            images, labels = read_idx_split(root, split)
+            images = torch.from_numpy(images)
+            splits[split] = (resize_images(images, size) if size else images, torch.from_numpy(labels),
+                             _index_keys(f"{parsed.name}-{split}", len(labels)))
+        num_classes = int(max(int(t[1].max()) for t in splits.values()) + 1)
+        names = class_names if class_names and len(class_names) >= num_classes else tuple(map(str, range(num_classes)))
+        return LoadedDataset(splits, names, False)
+
+    return load
 
 
 _PROCEDURAL_OPTIONS = ("size", "channels", "train", "test", "seed")
@@ -310,6 +356,11 @@ DATASETS: dict[str, DatasetLoader] = {
     "cifar10": DatasetLoader(_load_cifar10, needs_path=True),
     "imagefolder": DatasetLoader(_load_imagefolder, needs_path=True, options=("size",)),
     "shards": DatasetLoader(_load_shards, needs_path=True, options=("skip_bad_shards", "verify")),
+    "fashion-mnist": DatasetLoader(_idx_loader(FASHION_MNIST_CLASSES, "Install Debian's dataset-fashion-mnist "
+                                               "(apt-get install dataset-fashion-mnist) or give fashion-mnist:PATH."),
+                                   needs_path=True, options=("size",), default_path=FASHION_MNIST_DIR),
+    "mnist": DatasetLoader(_idx_loader(None, "Give the folder of MNIST-style idx files (MNIST, KMNIST, or "
+                                             "torchvision's MNIST/raw)."), needs_path=True, options=("size",)),
 }
 
 

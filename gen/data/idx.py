@@ -95,4 +95,4 @@ def read_idx_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{labels_path}: dimension sizes {list(labels.shape)}; expected one label per image")
     if len(labels) != len(images):
         raise DatasetError(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}")
-    return np.ascontiguousarray(images[:, None]), labels.astype(np.int64)
+    return images[:, None].copy(), labels.astype(np.int64)  # copies: frombuffer arrays are read-only
