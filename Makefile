@@ -13,7 +13,18 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 install: $(STAMP)
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 $(STAMP): pyproject.toml
+	@# Fashion-MNIST (the fashion-mnist dataset) comes from Debian's package; nothing is downloaded at run time
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "could not install dataset-fashion-mnist; the fashion-mnist dataset will be unavailable"; \
+	  else \
+	    echo "note: the fashion-mnist dataset needs Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), or give fashion-mnist:PATH"; \
+	  fi; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e ".[dev]"
