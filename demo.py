@@ -223,8 +223,16 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
             folder_out = ev / "corruptions" / (name + ("-de" if wrapped else ""))
             results["corruptions"][label] = _reuse(folder_out / "corruptions.json", config_dict(suite),
                                                    lambda s=suite, o=folder_out: run_corruption_suite(s, o))
-    ood = OODConfig(dataset=config.dataset, classifier=str(classifiers["real"]))
-    results["ood"] = _reuse(ev / "ood" / "ood.json", config_dict(ood), lambda: run_ood(ood, ev / "ood"))
+    # OOD detection of the plain and the DiffAug-trained classifier, and of the latter with
+    # DiffAug-Ensemble (Sastry et al. 2023's OOD claim)
+    results["ood_by_classifier"] = {}
+    for label, name, wrapped, folder_out in (("real", "real", None, ev / "ood"),
+                                             ("real+diffaug", "real+diffaug", None, ev / "ood-diffaug"),
+                                             ("real+diffaug + DiffAug-Ensemble", "real+diffaug", uncond,
+                                              ev / "ood-diffaug-de")):
+        ood = OODConfig(dataset=config.dataset, classifier=str(classifiers[name]), diffaug_ensemble=wrapped)
+        results["ood_by_classifier"][label] = _reuse(folder_out / "ood.json", config_dict(ood),
+                                                     lambda c=ood, o=folder_out: run_ood(c, o))
     density = DensityConfig()
     for name in ("baseline", "lowdensity"):
         target = ev / "density" / f"{name}.json"

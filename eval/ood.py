@@ -285,11 +285,18 @@ def fit_scorer(classifier: nn.Module, fit: LabeledImages, *, knn_k: int = 50, re
 
 
 def evaluate_ood(scorer: OODScorer, id_images: Tensor, ood_sets: dict[str, Tensor]) -> dict[str, Any]:
-    """AUROC and FPR@95 of every score for every OOD set against the ID images (plus ROC curves)."""
+    """AUROC and FPR@95 of every score for every OOD set against the ID images (plus ROC curves),
+    and each item's score ("per_item_scores": "id" and one entry per set), so two classifiers'
+    AUROCs can be compared on the same items (eval/findings.py)."""
     id_scores = scorer.scores(id_images)
-    results = {}
+
+    def rounded(values: Tensor) -> list[float]:
+        return [round(float(v), 6) for v in values]
+
+    results, per_item = {}, {"id": {s: rounded(id_scores[s]) for s in scorer.names}}
     for name, images in ood_sets.items():
         scores = scorer.scores(images)
+        per_item[name] = {s: rounded(scores[s]) for s in scorer.names}
         results[name] = {"num": int(len(images)), "scores": {
             s: {"auroc": auroc(id_scores[s], scores[s]), "fpr95": fpr_at_tpr(id_scores[s], scores[s]),
                 "fpr95_ood_positive": fpr_at_tpr(id_scores[s], scores[s], positive="ood"),
@@ -297,7 +304,8 @@ def evaluate_ood(scorer: OODScorer, id_images: Tensor, ood_sets: dict[str, Tenso
     summary = {s: {m: float(np.mean([r["scores"][s][m] for r in results.values()]))
                    for m in ("auroc", "fpr95", "fpr95_ood_positive")} for s in scorer.names} if results else {}
     return tag_result("ood", {"scores_computed": list(scorer.names), "scores_not_applicable": scorer.not_applicable(),
-                              "num_id": int(len(id_images)), "sets": results, "mean_over_sets": summary})
+                              "num_id": int(len(id_images)), "sets": results, "mean_over_sets": summary,
+                              "per_item_scores": per_item})
 
 
 # --------------------------------------------------------------------------------------------

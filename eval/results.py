@@ -18,7 +18,7 @@ RESULT_VERSIONS: dict[str, int] = {
     "entropy": 1,  # tailforge eval entropy --json
     "fidelity": 1,  # tailforge eval fidelity: fidelity.json
     "memorization": 2,  # tailforge eval memorization: memorization.json (2: per-sample "replicate")
-    "ood": 1,  # tailforge eval ood: ood.json
+    "ood": 2,  # tailforge eval ood: ood.json (2: per-item scores)
 }
 
 

@@ -24,6 +24,15 @@ def results(paper_holds: bool, n: int = N, gap: int = 60) -> dict:
     rng = np.random.default_rng(0)
     hardness = rng.normal(0, 1, n)
 
+    def ood(shift: float) -> dict:
+        """Per-item OOD scores: ID scores shifted up by `shift` separate better from the OOD sets."""
+        far = rng.normal(-1.0, 1.0, n)
+        return {"per_item_scores": {"id": {s_: (rng.normal(0.0, 1.0, n) + shift).tolist() for s_ in scores},
+                                    "far": {s_: far.tolist() for s_ in scores},
+                                    "near": {s_: (far + 0.5).tolist() for s_ in scores}}}
+
+    scores = ("ash", "msp", "react", "scale")
+
     def accuracy(ones: int) -> dict:
         return {"correct": bits(ones, n)}
 
@@ -46,6 +55,8 @@ def results(paper_holds: bool, n: int = N, gap: int = 60) -> dict:
                 "inside_real_manifold": bits(int((0.4 + s * 0.3) * n), n)}}}},
         "entropy": {"test": {"real": [0.5] * n, "reconstructed": (0.5 - s * 0.1 + 0.01 * rng.random(n)).tolist()}},
         "memorization": {"replicate": bits(0 if paper_holds else n // 4, n)},
+        "ood_by_classifier": {name: ood(shift) for name, shift in (
+            ("real", 0.0), ("real+diffaug", s * 1.0), ("real+diffaug + DiffAug-Ensemble", s * 2.0))},
     }
 
 

@@ -95,3 +95,21 @@ def test_bad_arguments_are_one_line_errors():
         paired_bootstrap([1, 0], [1])
     with pytest.raises(ConfigError, match="level"):
         t_interval([1, 2], level=95)
+
+
+def test_auroc_difference_agrees_with_scikit_learn_and_pins_identical_detectors():
+    from sklearn.metrics import roc_auc_score
+
+    from tailforge.eval.stats import auroc_difference
+
+    rng = np.random.default_rng(2)
+    id_a, ood_a = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    id_b, ood_b = id_a + 0.5, ood_a  # b separates better
+    got = auroc_difference(id_a, ood_a, id_b, ood_b, resamples=500)
+    y = np.r_[np.ones(300), np.zeros(200)]
+    expected = roc_auc_score(y, np.r_[id_b, ood_b]) - roc_auc_score(y, np.r_[id_a, ood_a])
+    assert got.estimate == pytest.approx(expected) and 0 < got.low < expected < got.high
+    same = auroc_difference(id_a, ood_a, id_a, ood_a, resamples=200)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0) and same.items == 500
+    with pytest.raises(ConfigError, match="same ID and OOD items"):
+        auroc_difference(id_a, ood_a, id_b[:10], ood_b)
