@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from tailforge.gen.core.files import write_json_atomic
+
 Benchmark = Callable[[bool, Path], dict[str, Any]]
 BENCHMARKS: dict[str, tuple[Benchmark, str]] = {}
 
@@ -77,7 +79,7 @@ def run_benchmarks(names: list[str], *, quick: bool, out: Path) -> dict[str, Any
         results["results"][name] = result
         print_table(name, result)
     target = out / ("all.json" if len(names) > 1 else f"{names[0]}.json")
-    target.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(target, results)
     print(f"\nwrote {target}")
     return results
 

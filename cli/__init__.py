@@ -10,8 +10,9 @@
 A command (cli/commands.py) names the config dataclass its flags come from (cli/flags.py) and
 adds its other options; its parser is built only when it is used, so `tailforge --help` imports
 neither torch nor Ray. A command is a function taking the parsed arguments and returning an exit
-code. Errors in user input (TailforgeError) print one line and exit with status 2; anything else
-is a bug and keeps its traceback.
+code. Errors in user input (TailforgeError) print one line and exit with status 2, and so does an
+OSError (a full disk, read-only storage, no permission: ``PATH: what went wrong``; a job that knows
+what it kept says so itself, see gen/jobs/runner.py); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -62,10 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = " ".join(word for word in (args.command, getattr(args, "subcommand", None)) if word)
     try:
         return int(args.run(args) or 0)
     except TailforgeError as err:
-        print(f"tailforge {args.command}: error: {err}", file=sys.stderr)
+        print(f"tailforge {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from tailforge.gen.data.storage import os_error_message
+
+        print(f"tailforge {command}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from what was recorded", file=sys.stderr)

@@ -7,7 +7,7 @@ import argparse
 from tailforge.cli.commands import Command, add_ray_options
 from tailforge.cli.eval import CORRUPTION_NAMES
 from tailforge.cli.flags import Flag, config_from_args
-from tailforge.cli.gen import SAMPLING_FLAGS
+from tailforge.cli.gen import GUIDANCE_FLAGS, SAMPLING_FLAGS
 
 DEMO_EPILOG = """\
 The same study on CIFAR-10 on a GPU cluster
@@ -64,4 +64,4 @@ def run_demo(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "demo", "the embedded default: the whole pipeline on digits on this machine", run=run_demo,
     config="tailforge.demo:DemoConfig", options=demo_options, epilog=DEMO_EPILOG,
-    flags={**SAMPLING_FLAGS, "steps": Flag("sampling-steps"), "corruptions": CORRUPTION_NAMES})
+    flags={**SAMPLING_FLAGS, **GUIDANCE_FLAGS, "steps": Flag("sampling-steps"), "corruptions": CORRUPTION_NAMES})

@@ -50,12 +50,16 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
     from tailforge.eval.accuracy import accuracy_report
     from tailforge.eval.results import tag_result
+    from tailforge.gen.core.errors import ConfigError
     from tailforge.gen.data.datasets import load_dataset, with_option
     from tailforge.gen.models.classifiers import load_classifier, predict_logits
 
     model, config = load_classifier(args.classifier)
     spec = with_option(args.dataset, "skip_bad_shards", "1") if args.skip_bad_shards else args.dataset
     data = load_dataset(spec, args.split)
+    if len(data) and int(data.labels.max()) >= int(config["num_classes"]):  # would count as wrong, silently
+        raise ConfigError(f"--dataset {args.dataset}: label {int(data.labels.max())} is not below the classifier's "
+                          f"num_classes {config['num_classes']} ({args.classifier}); it was trained on other classes")
     report = tag_result("accuracy", {"classifier": args.classifier, "dataset": args.dataset, "split": args.split,
                                      **accuracy_report(predict_logits(model, data.images), data.labels,
                                                        int(config["num_classes"]))})

@@ -10,10 +10,15 @@ from tailforge.cli.flags import Flag, config_from_args
 
 #: SamplingConfig's spelling in every command that samples.
 SAMPLING_FLAGS = {"clip_denoised": Flag("no-clip")}
+#: low-density guidance's fields, where a bare name would not say what it belongs to
+GUIDANCE_FLAGS = {"scale_by": Flag("guidance-scale-by")}
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     add_out_option(parser, "output folder for shards, records and _info.json")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out that holds no job yet; the files already there are never "
+                             "deleted or overwritten (one with the name of a file the job writes is an error)")
     add_quiet_option(parser)
     add_ray_options(parser)
 
@@ -22,7 +27,7 @@ def run_job(args: argparse.Namespace, config, source) -> int:
     from tailforge.gen.jobs.runner import model_manifest, run_config_job
 
     records = run_config_job(args.out, config, source, config.num, actors=args.actors, address=args.address,
-                             manifest_extra=model_manifest(config.model), progress=not args.quiet)
+                             manifest_extra=model_manifest(config.model), progress=not args.quiet, force=args.force)
     print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
                 "seconds": round(sum(r.seconds for r in records), 2)})
     return 0
@@ -88,7 +93,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         config = config_from_args(ReconstructConfig, args, t_re=t_re, job=f"{args.job}_{name}")
         out = str(Path(args.out) / name)
         records = run_config_job(out, config, ReconstructSource, num, actors=args.actors, address=args.address,
-                                 progress=not args.quiet, manifest_extra={**extra, "t_re": t_re,
+                                 progress=not args.quiet, force=args.force, manifest_extra={**extra, "t_re": t_re,
                                                                           "source_dataset": args.dataset,
                                                                           "source_split": args.split})
         outputs[name] = {"out": out, "t_re": t_re, "samples": sum(r.count for r in records),
@@ -109,6 +114,7 @@ COMMANDS = [
         flags={**SAMPLING_FLAGS, "t_re": None}, options=reconstruct_options),
     Command(
         "lowdensity", "low-density sampling with alpha/beta guidance (Sehwag et al. 2022, Algorithm 1) into shards",
-        run=run_lowdensity, config="tailforge.gen.jobs.sources:LowDensityConfig", flags=SAMPLING_FLAGS,
+        run=run_lowdensity, config="tailforge.gen.jobs.sources:LowDensityConfig",
+        flags={**SAMPLING_FLAGS, **GUIDANCE_FLAGS},
         options=add_job_options),
 ]

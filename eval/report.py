@@ -13,6 +13,7 @@ produced it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import time
@@ -89,6 +90,22 @@ def _plt():
     return plt
 
 
+def _literal_text(draw: Callable[..., str]) -> Callable[..., str]:
+    """Draw with every text taken literally: titles, labels and legends carry names from result
+    files and shard sets, and matplotlib would read ``$...$`` in them as mathtext (a name like
+    ``$\\frac{1}{0}$`` fails to parse, others change what is shown) or hand them to LaTeX."""
+
+    @functools.wraps(draw)
+    def literal(*args, **kwargs) -> str:
+        _plt()
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return literal
+
+
 def _fig_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -101,6 +118,7 @@ def _require(points: int, what: str) -> None:
         raise ValueError(f"no data to plot for {what}")
 
 
+@_literal_text
 def histogram_figure(series: dict[str, np.ndarray], xlabel: str, title: str) -> str:
     plt = _plt()
     _require(sum(len(v) for v in series.values()), title)
@@ -115,6 +133,7 @@ def histogram_figure(series: dict[str, np.ndarray], xlabel: str, title: str) -> 
     return _fig_uri(fig)
 
 
+@_literal_text
 def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, *,
                 logx: bool = False, hline: tuple[float, str] | None = None,
                 markers: dict[str, tuple[float, float]] | None = None, ylim: tuple[float, float] | None = None) -> str:
@@ -137,6 +156,7 @@ def line_figure(series: dict[str, tuple[list[float], list[float]]], xlabel: str,
     return _fig_uri(fig)
 
 
+@_literal_text
 def bar_figure(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
                hlines: dict[str, float] | None = None) -> str:
     plt = _plt()
@@ -154,6 +174,7 @@ def bar_figure(groups: list[str], series: dict[str, list[float]], ylabel: str, t
     return _fig_uri(fig)
 
 
+@_literal_text
 def roc_figure(sets: dict[str, dict[str, Any]], title: str) -> str:
     plt = _plt()
     _require(len(sets), title)
@@ -179,20 +200,51 @@ def _fmt(value: Any, digits: int = 4) -> Any:
     return "-" if value is None else value
 
 
-def _image_uri(path: Path) -> str | None:
-    return data_uri(path.read_bytes()) if path.is_file() else None
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _embedded_png(section: Section, result: Path, name: Any) -> str | None:
+    """The data URI of the PNG that a result file names (relative to its own folder), or None when
+    it names none or the file is absent. Only a PNG inside the result's folder is read: a name that
+    is absolute, holds '..' or resolves (through a symlink) outside the folder, or a file that is not
+    a PNG, is not embedded and the section says so (a result JSON must not pull other files of
+    the machine into a report that is shared)."""
+    if name in (None, ""):
+        return None
+    folder = result.parent.resolve()
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        section.notes.append(f"{result}: image {str(name)[:200]!r} not embedded: not a file name inside the "
+                             "result's folder")
+        return None
+    target = (result.parent / name).resolve()
+    if folder not in target.parents:
+        section.notes.append(f"{result}: image {name!r} not embedded: it leads outside the result's folder "
+                             "(a symlink)")
+        return None
+    if not target.is_file():
+        return None
+    data = target.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        section.notes.append(f"{result}: image {name!r} not embedded: not a PNG file")
+        return None
+    return data_uri(data)
 
 
 def _unrecognised(path: Path, reason: str) -> dict[str, str]:
     return {"path": str(path), "reason": reason}
 
 
+def _not_json(constant: str) -> None:
+    """json.loads takes NaN and Infinity, which are not JSON (and report.json could not hold them)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def read_result(path: Path) -> tuple[str | None, dict[str, Any] | None, str | None]:
     """(kind, parsed JSON, None) for a result the report reads, else (None, None, why it does not)."""
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        return None, None, f"not readable JSON ({type(err).__name__})"
+        obj = json.loads(path.read_text(), parse_constant=_not_json)
+    except (ValueError, OSError, RecursionError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError, NaN
+        return None, None, f"not readable JSON ({type(err).__name__}: {str(err)[:120]})"
     kind = obj.get("kind") if isinstance(obj, dict) else None
     if not isinstance(kind, str) or kind not in RESULT_VERSIONS:
         return None, None, "no known result kind" if kind is None else f"unknown result kind {kind!r}"
@@ -211,7 +263,12 @@ def discover(paths: list[str]) -> tuple[dict[str, Results], list[dict[str, str]]
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*.json") if not p.name.startswith(("_", ".")))
+            folder = path.resolve()
+            for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(("_", "."))):
+                if folder in file.resolve().parents:
+                    files.append(file)
+                else:  # its content would end up in report.json
+                    unrecognised.append(_unrecognised(file, f"a symlink leading outside {raw}; not read"))
         elif path.is_file():
             files.append(path)
         else:
@@ -364,7 +421,7 @@ def corruption_section(section: Section, results: Results) -> None:
             sev, "severity", "mean accuracy over corruptions", "accuracy vs severity", ylim=(0, 1.02)),
             "mean over the benchmark corruptions included in the mean", configs))
     for path, obj in results:
-        examples = _image_uri(path.parent / obj.get("examples_png", ""))
+        examples = _embedded_png(section, path, obj.get("examples_png"))
         if examples:
             section.figures.append(Figure(f"examples {labels[str(path)]}", examples,
                                           "rows: " + ", ".join(obj.get("example_rows", [])) +
@@ -438,7 +495,7 @@ def memorization_section(section: Section, results: Results) -> None:
                      _fmt(obj["memorization_ratio"]), obj["distinct_train_images_replicated"],
                      _fmt(obj["median_ratio_d1_d2"]), _fmt((obj.get("feature_space") or {}).get("generated_over_heldout_mean"))])
         hist[label] = obj["ratio_histogram"]
-        grid = _image_uri(path.parent / obj.get("nearest_pairs_png", ""))
+        grid = _embedded_png(section, path, obj.get("nearest_pairs_png"))
         if grid:
             section.figures.append(Figure(f"closest pairs {label}", grid, "the generated images closest to the training "
                                           "set (top of each pair) above their nearest training image", cfg))
@@ -483,7 +540,7 @@ def emm_section(section: Section, results: Results) -> None:
         section.notes.append(note + f"; wall time {obj.get('wall_seconds')} s")
         section.data[str(path)] = {"points": obj["points"], "emm": emm, "config": cfg}
         for p in obj["points"]:
-            grid = _image_uri(path.parent / "runs" / p["run"] / "nearest_pairs.png")
+            grid = _embedded_png(section, path, f"runs/{p['run']}/nearest_pairs.png")
             if grid:
                 section.figures.append(Figure(f"closest pairs, n={p['size']} ({label})", grid,
                                               f"n={p['size']}: ratio {p['memorization_ratio']:.3f}; generated (top) above "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,185 @@ def test_bad_label_dropout_is_refused(tmp_path, fields, message):
 
     with pytest.raises(ConfigError, match=message):
         train_diffusion(DiffusionTrainConfig(dataset="digits?n=8", steps=1, **fields), tmp_path, progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt(*args, **kwargs):
+    raise Interrupt
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 6-step run every resumed one must equal."""
+    return _six_steps(tmp_path_factory.mktemp("straight"))
+
+
+def _six_steps(out, monkeypatch=None):
+    """A 6-step run with checkpoints at 3 and 6; with `monkeypatch`, the run stops before it
+    exports the model (a crash right after the last checkpoint)."""
+    config = DiffusionTrainConfig(dataset="digits?n=64", steps=6, batch_size=16, checkpoint_every=3, warmup_steps=2)
+    if monkeypatch is None:
+        return train_diffusion(config, out, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr("tailforge.train.diffusion.save_diffusion_model", _interrupt)
+        with pytest.raises(Interrupt):
+            train_diffusion(config, out, progress=False)
+
+
+def _same_tensors(a, b):
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "missing", "no_state"])
+def test_an_unreadable_newest_checkpoint_resumes_from_the_previous_one(straight, tmp_path, monkeypatch, caplog,
+                                                                       damage):
+    """A power cut can leave the newest step-N/ with an empty, truncated or missing file: resume
+    skips it with a warning naming it and continues from the one before, to the same weights."""
+    _six_steps(tmp_path / "cut", monkeypatch)
+    newest = tmp_path / "cut/checkpoints/step-0000006"
+    victim = newest / ("state.json" if damage == "no_state" else "ema.safetensors")
+    if damage == "empty":
+        victim.write_bytes(b"")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-7])
+    else:
+        victim.unlink()
+    with caplog.at_level("WARNING", logger="tailforge.train.run_folder"):
+        _six_steps(tmp_path / "cut")
+    assert any("step-0000006" in r.getMessage() for r in caplog.records), caplog.text
+    for name in ("unet/diffusion_pytorch_model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        assert _same_tensors(straight / "checkpoints/step-0000006" / name, newest / name), name
+    assert _same_tensors(straight / WEIGHTS, tmp_path / "cut" / WEIGHTS)
+    assert sorted(p.name for p in (tmp_path / "cut/checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+
+def test_no_readable_checkpoint_starts_over_with_a_warning(straight, tmp_path, monkeypatch, caplog):
+    _six_steps(tmp_path / "cut", monkeypatch)
+    for folder in (tmp_path / "cut/checkpoints").iterdir():
+        (folder / "optimizer.safetensors").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="tailforge.train.run_folder"):
+        _six_steps(tmp_path / "cut")
+    assert "no readable checkpoint" in caplog.text and "starts over" in caplog.text
+    assert _same_tensors(straight / WEIGHTS, tmp_path / "cut" / WEIGHTS)
+
+
+def test_checkpoint_files_then_folder_then_parent_are_fsynced(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    config = DiffusionTrainConfig(dataset="digits?n=16", steps=1, batch_size=8, checkpoint_every=1)
+    out = train_diffusion(config, tmp_path, progress=False).resolve()
+    checkpoints, folder = out / "checkpoints", out / "checkpoints/step-0000001"
+    staging = next(Path(p) for p in synced if Path(p).parent == checkpoints and Path(p).name.startswith(".tmp-"))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+
+    def last(path):
+        return len(synced) - 1 - synced[::-1].index(str(path))
+
+    file_syncs = [last(staging / p.relative_to(folder)) for p in files]
+    assert len(file_syncs) == len(files)  # every file ...
+    assert max(file_syncs) < last(staging) < last(checkpoints)  # ... then the folder, then after the rename its parent
+    # the exported model: every file of its version, then the version, then the run folder
+    version = (out / "unet").resolve().parent
+    assert all(str(p) in synced for p in version.rglob("*") if p.is_file())
+    assert last(version) < last(out)
+
+
+def _tiny_unet(seed):
+    from tailforge.gen.models.unet import build_unet
+
+    torch.manual_seed(seed)
+    return build_unet("tiny", image_size=8, channels=1, num_classes=10)
+
+
+def test_a_model_export_killed_midway_leaves_the_previous_model_intact(tiny_model_dir, tmp_path, monkeypatch):
+    """The model folder is published by one rename of a pointer: an export that dies while it
+    writes (here: on its metadata) leaves the previous weights and metadata, loadable together."""
+    from diffusers import DDPMScheduler
+
+    from tailforge.gen.core.files import write_json_atomic
+    from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+
+    folder = tmp_path / "model"
+    meta = ModelMeta(image_size=8, channels=1, num_classes=10, class_names=tuple("0123456789"), step=1)
+    save_diffusion_model(folder, _tiny_unet(0), DDPMScheduler(), meta)
+    (folder / "train_log.jsonl").write_text("{}\n")  # the run folder's other files stay as they are
+    before = load_diffusion_model(folder)
+    entries = sorted(p.name for p in folder.iterdir())
+
+    def write_then_die(path, obj):
+        if Path(path).name == "tailforge.json":
+            raise Interrupt
+        return write_json_atomic(path, obj)
+
+    monkeypatch.setattr("tailforge.gen.models.diffusion.write_json_atomic", write_then_die)
+    with pytest.raises(Interrupt):
+        save_diffusion_model(folder, _tiny_unet(1), DDPMScheduler(), dataclasses.replace(meta, step=2))
+    after = load_diffusion_model(folder)
+    assert (after.model_hash, after.meta) == (before.model_hash, before.meta)
+    assert sorted(p.name for p in folder.iterdir()) == entries
+    assert len(list((folder / ".versions").iterdir())) == 2  # the pointer and one version: nothing left over
+    monkeypatch.undo()
+    save_diffusion_model(folder, _tiny_unet(1), DDPMScheduler(), dataclasses.replace(meta, step=2))
+    assert load_diffusion_model(folder).meta.step == 2 and load_diffusion_model(folder).model_hash != before.model_hash
+    save_diffusion_model(folder, _tiny_unet(2), DDPMScheduler(), dataclasses.replace(meta, step=3))
+    # the pointer, the current version and the one before (a load that resolved it may still read it)
+    assert len(list((folder / ".versions").iterdir())) == 3
+
+
+def test_a_folder_written_before_versions_is_published_too(tiny_model_dir, tmp_path):
+    """A model folder with real entries (an older export, or a copy) becomes a versioned one."""
+    from diffusers import DDPMScheduler
+
+    from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns(".versions"))
+    assert not (folder / "unet").is_symlink()
+    save_diffusion_model(folder, _tiny_unet(1), DDPMScheduler(), ModelMeta(image_size=8, channels=1, num_classes=10, step=5))
+    assert (folder / "unet").is_symlink() and load_diffusion_model(folder).meta.step == 5
+
+
+def test_a_classifier_export_killed_midway_leaves_the_previous_classifier_intact(tmp_path, monkeypatch):
+    from tailforge.gen.core.files import save_module
+
+    config = {"model": "tinycnn", "num_classes": 10, "in_chans": 1}
+    torch.manual_seed(0)
+    first = create_classifier("tinycnn", num_classes=10, in_chans=1).eval()
+    save_classifier(tmp_path / "clf", first, {**config, "test_accuracy": 0.5})
+
+    def weights_then_die(*args, **kwargs):
+        save_module(*args, **kwargs)
+        raise Interrupt
+
+    monkeypatch.setattr("tailforge.gen.models.classifiers.save_module", weights_then_die)
+    with pytest.raises(Interrupt):
+        save_classifier(tmp_path / "clf", create_classifier("tinycnn", num_classes=10, in_chans=1),
+                        {**config, "test_accuracy": 0.9})
+    loaded, saved = load_classifier(tmp_path / "clf")
+    x = torch.randn(2, 1, 8, 8)
+    assert saved["test_accuracy"] == 0.5 and torch.equal(loaded(x), first(x))
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from tailforge.train.run_folder import open_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    with caplog.at_level("WARNING", logger="tailforge.train.run_folder"):
+        open_log(log, lambda entry: entry["epoch"] <= 1).close()
+    assert log.read_text() == '{"epoch": 1}\n' and "torn last line" in caplog.text and str(log) in caplog.text
+    log.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(CheckpointError, match="line 2 is not JSON"):
+        open_log(log)

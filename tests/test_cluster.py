@@ -1,9 +1,11 @@
-"""cluster.yaml against Ray's own launcher schema, and a real `ray job submit` of a generation job
-to a head started with `ray start --head` (the cluster way), checked shard by shard."""
+"""cluster.yaml against Ray's own launcher schema, a real `ray job submit` of a generation job
+to a head started with `ray start --head` (the cluster way), checked shard by shard, and the loss
+of a worker node of a real multi-node cluster in the middle of generation and of DiffAug training."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -81,3 +83,22 @@ def test_ray_job_submit_runs_generation_on_the_cluster(ray_head, tiny_model_dir,
     assert keys == [f"baseline-{i:09d}" for i in range(10)]
     workers = {r.worker for r in load_records(out).values()}
     assert len(workers) == 2  # two actors (two processes) wrote them: shards 0, 1 on one, 2 on the other
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_loses_no_sample_and_changes_no_byte(tiny_model_dir, tmp_path):
+    """A head and a worker node of Ray's own multi-node test cluster (tests/node_loss.py, in a
+    subprocess: the cluster cannot share a process with the suite's local Ray instance). The
+    worker node, running one of the two actors, is removed in the middle of a generation job and
+    of a DiffAug-served training run: Ray restarts the lost actor on the head and retries its
+    tasks, and both runs end with exactly the bytes of the same runs without Ray."""
+    script = Path(__file__).with_name("node_loss.py")
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    # one actor per node when the node went (no CPU free), then the node was gone
+    assert found["events"] == ["gen: 0 CPUs free before the worker node is removed", "gen: worker node removed",
+                               "train: 0 CPUs free before the worker node is removed", "train: worker node removed"]
+    assert len(found["shards"]) == 6 and found["shards"] == found["reference_shards"]  # sha256 of every shard
+    assert found["weights"] == found["reference_weights"]  # the classifier's final weights, bit for bit

@@ -17,9 +17,13 @@ from tailforge.gen.core.images import decode_image, encode_png
 
 
 def pil_reference(data: bytes) -> np.ndarray:
-    """uint8 CHW as PIL converts the image: 1-bit / gray / 16-bit to "L", everything else to "RGB"."""
+    """uint8 CHW as PIL converts the image: 1-bit / gray to "L", everything else to "RGB"; 16-bit gray
+    by its high byte (PIL's convert would clip it at 255)."""
     with Image.open(io.BytesIO(data)) as img:
-        array = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB"))
+        if img.mode in ("I", "I;16"):
+            array = (np.asarray(img).astype(np.int64) >> 8).astype(np.uint8)
+        else:
+            array = np.asarray(img.convert("L" if img.mode in ("1", "L") else "RGB"))
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

@@ -131,3 +131,19 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     assert rendered and set(rendered) == {"yes"} and len(rendered) == dom.count("<figure>")
     assert all(int(w) > 0 and int(h) > 0 for w, h in sizes)
     shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_names_from_data_are_drawn_as_text_not_mathtext(monkeypatch):
+    """A set named ``$\\frac{1}{0}$`` is shown as those characters (matplotlib would typeset it,
+    and raise on ``$x^$``), in titles, axis labels and legends alike."""
+    import matplotlib.text
+
+    from tailforge.eval.report import line_figure
+
+    drawn = []
+    preprocess = matplotlib.text.Text._preprocess_math
+    monkeypatch.setattr(matplotlib.text.Text, "_preprocess_math",
+                        lambda self, text: drawn.append(preprocess(self, text)) or drawn[-1])
+    line_figure({"$\\frac{1}{0}$": ([0, 1], [0, 1]), "a $x^$ b": ([0, 1], [1, 0])}, "$x$ label", "y", "$t$ title")
+    texts = {text: math for text, math in drawn}
+    assert all(texts[t] is False for t in ("$\\frac{1}{0}$", "a $x^$ b", "$x$ label", "$t$ title")), texts

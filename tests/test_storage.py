@@ -138,3 +138,13 @@ def test_file_url_is_the_same_shard_set(tiny_model_dir, local_run, tmp_path):
 def test_unknown_protocol_is_a_one_line_error():
     with pytest.raises(StorageError, match="nosuchproto://bucket/x"):
         Storage("nosuchproto://bucket/x")
+
+
+def test_s3_prefix_is_owned_and_never_locked(s3, tiny_model_dir):
+    url = f"s3://{BUCKET}/owned"
+    s3.pipe_file(f"{BUCKET}/owned/notes.txt", b"a user's object")
+    with pytest.raises(ShardError, match=rf"s3://{BUCKET}/owned is not empty and holds no _job\.json \(notes\.txt\)"):
+        run(tiny_model_dir, url)
+    assert s3.ls(f"{BUCKET}/owned") == [f"{BUCKET}/owned/notes.txt"]
+    with Storage(url).lock():  # object stores have no lock: nothing is created
+        assert s3.ls(f"{BUCKET}/owned") == [f"{BUCKET}/owned/notes.txt"]

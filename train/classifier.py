@@ -45,8 +45,9 @@ from tailforge.gen.models.classifiers import (
     load_classifier,
     predict_logits,
     save_classifier,
+    write_classifier,
 )
-from tailforge.train.run_folder import CheckpointFolders, load_optimizer, save_optimizer
+from tailforge.train.run_folder import CheckpointFolders, load_optimizer, open_log, save_optimizer
 from tailforge.train.streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -190,7 +191,7 @@ class Checkpoints:
 
     def save(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         def write(folder: Path) -> None:
-            save_classifier(folder, model, self.model_config)
+            write_classifier(folder, model, self.model_config)
             save_optimizer(optimizer, folder)
 
         self.folders.save(epoch, write, scaler=scaler.state_dict())
@@ -206,16 +207,6 @@ class Checkpoints:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
-
-
-def _truncate_log(path: Path, epochs_done: int) -> None:
-    """Drop log entries of epochs after the checkpoint a run resumes from (they are redone)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("epoch", 0) <= epochs_done]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
 
 
 def _all_reduce(values: Tensor, ctx: RankContext) -> Tensor:
@@ -247,8 +238,6 @@ def run_training(config: ClassifierTrainConfig, model: nn.Module, make_batches: 
     use_amp = config.amp and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp)
     start = checkpoints.resume(model, optimizer, scaler) if checkpoints else 0
-    if log_path and ctx.is_chief:
-        _truncate_log(log_path, start)
     trained = ctx.wrap(model)
     total_steps = config.epochs * steps_per_epoch
     batches = _stage_inputs(make_batches(start), config.seed, ctx)
@@ -257,7 +246,8 @@ def run_training(config: ClassifierTrainConfig, model: nn.Module, make_batches: 
     batches = iter(batches)
     bar = tqdm(total=total_steps, initial=start * steps_per_epoch, unit="step", desc=f"train {config.model}",
                disable=not (progress and ctx.is_chief))
-    log = log_path.open("a") if log_path and ctx.is_chief else None
+    # entries of epochs after the checkpoint resumed from are dropped: they are redone
+    log = open_log(log_path, lambda entry: entry.get("epoch", 0) <= start) if log_path and ctx.is_chief else None
     started = time.perf_counter()
     try:
         for epoch in range(start, config.epochs):

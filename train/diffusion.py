@@ -31,7 +31,7 @@ from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.diffusion.schedules import BETA_SCHEDULES
 from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
 from tailforge.gen.models.unet import UNET_PRESETS, build_unet, default_preset
-from tailforge.train.run_folder import CheckpointFolders, load_optimizer, save_optimizer
+from tailforge.train.run_folder import CheckpointFolders, load_optimizer, open_log, save_optimizer
 
 CHECKPOINTS = "checkpoints"
 
@@ -164,7 +164,7 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     images = data.float_images()
     hflip = info.flip_augment if config.hflip is None else config.hflip
     labels_on = config.class_conditional
-    log = (out / "train_log.jsonl").open("a")
+    log = open_log(out / "train_log.jsonl")
     bar = tqdm(total=config.steps, initial=start, desc="train diffusion", unit="step", disable=not progress)
     window, started = [], time.perf_counter()
     unet.train()

@@ -3,14 +3,17 @@
 Diffusion and classifier training (train/diffusion.py, train/classifier.py) keep their checkpoints
 the same way (:class:`CheckpointFolders`): ``OUT/checkpoints/<unit>-NNNN/`` holds what the trainer
 writes plus ``state.json`` (the counter, the run's config and the trainer's extra state), written
-into a temporary folder that is renamed into place, so a checkpoint folder is complete or absent.
-A re-run resumes from the newest one when its config equals the run's, except for the fields the
-trainer declares resumable (they do not change what is trained).
+into a temporary folder that is fsynced and renamed into place. state.json records the size and
+sha256 of every file, so a checkpoint a power cut left incomplete is recognised and skipped. A
+re-run resumes from the newest readable one when its config equals the run's, except for the
+fields the trainer declares resumable (they do not change what is trained).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,12 +25,17 @@ from safetensors.torch import save_file
 
 from tailforge.gen.core.errors import CheckpointError
 from tailforge.gen.core.files import (
+    file_sha256,
+    fsync_dir,
     load_safetensors,
     read_json,
     write_json_atomic,
 )
+from tailforge.gen.models.folders import fsync_tree
 
 STATE_FILE = "state.json"
+STAGING_PREFIX = ".tmp-"  # checkpoints being written (a crash may leave one; dirs() never lists it)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,31 +57,75 @@ class CheckpointFolders:
 
     def save(self, counter: int, write: Callable[[Path], None], **state: Any) -> None:
         """Checkpoint `counter`: ``write(folder)`` writes the trainer's files, state.json gets the
-        counter, the config and `state`; then the folder is renamed into place and old ones pruned."""
+        counter, the config, `state` and the size and sha256 of every file; the folder is fsynced
+        (files, then the folder), renamed into place (replacing an unreadable one of the same
+        counter), the parent fsynced, and old checkpoints pruned."""
+        created = not self.folder.is_dir()
         self.folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=".tmp-"))
+        if created:
+            fsync_dir(self.folder.parent)
+        staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=STAGING_PREFIX))
+        target = self.folder / f"{self.unit}-{counter:0{self.digits}d}"
+        replaced = staging.with_name(f"{staging.name}-replaced")
         try:
             write(staging)
-            write_json_atomic(staging / STATE_FILE, {self.unit: counter, "config": self.config_json, **state})
-            staging.rename(self.folder / f"{self.unit}-{counter:0{self.digits}d}")
+            files = {str(p.relative_to(staging)): [p.stat().st_size, file_sha256(p)]
+                     for p in sorted(staging.rglob("*")) if p.is_file()}
+            write_json_atomic(staging / STATE_FILE, {self.unit: counter, "config": self.config_json,
+                                                     "files": files, **state})
+            fsync_tree(staging)
+            if target.exists():  # an unreadable checkpoint that latest() skipped: this one replaces it
+                target.rename(replaced)
+            staging.rename(target)
+            fsync_dir(self.folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in self.dirs()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """(folder, state.json) of the newest checkpoint, None if there is none; CheckpointError if
-        it was written with another config (resumable fields aside)."""
+        """(folder, state.json) of the newest readable checkpoint, None if there is none.
+
+        A checkpoint a power cut left incomplete (state.json missing or not JSON, a file missing,
+        or of another size or sha256 than state.json records) is skipped with a warning naming it,
+        and the one before it is used. CheckpointError if the one used was written with another
+        config (resumable fields aside)."""
         found = self.dirs()
-        if not found:
-            return None
-        state = read_json(found[-1] / STATE_FILE, "checkpoint state")
-        theirs, ours = (_without(config, self.resumable) for config in (state.get("config") or {}, self.config_json))
-        if theirs != ours:
-            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise CheckpointError(f"{found[-1]} was written by a run with a different config ({', '.join(changed)}); "
-                                  "use a new --out folder, or the same settings to resume")
-        return found[-1], state
+        for folder in reversed(found):
+            problem, state = _unreadable(folder, self.unit)
+            if problem:
+                log.warning("skipping checkpoint %s: %s", folder, problem)
+                continue
+            theirs, ours = (_without(config, self.resumable) for config in (state.get("config") or {}, self.config_json))
+            if theirs != ours:
+                changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                raise CheckpointError(f"{folder} was written by a run with a different config ({', '.join(changed)}); "
+                                      "use a new --out folder, or the same settings to resume")
+            return folder, state
+        if found:
+            log.warning("no readable checkpoint in %s: training starts over", self.folder)
+        return None
+
+
+def _unreadable(folder: Path, unit: str) -> tuple[str, dict[str, Any]]:
+    """(what is wrong with a checkpoint folder, "" if nothing; its state.json)."""
+    try:
+        state = read_json(folder / STATE_FILE, "checkpoint state")
+    except CheckpointError as err:
+        return str(err), {}
+    if not isinstance(state, dict) or not isinstance(state.get(unit), int):
+        return f"{folder / STATE_FILE} has no {unit!r} counter", {}
+    files = state.get("files", {})  # absent in checkpoints written before files were recorded
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        return f"{folder / STATE_FILE} has a malformed file list", state
+    for name, (size, sha256) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing", state
+        if path.stat().st_size != size or file_sha256(path) != sha256:
+            return f"{name} is not the file that was written (empty, truncated or changed)", state
+    return "", state
 
 
 def _without(config_json: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -109,3 +161,25 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: str | os.PathLike) 
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"optimizer state in {folder} does not match the model: {err}") from err
+
+
+def open_log(path: Path, keep: Callable[[dict[str, Any]], bool] = lambda entry: True):
+    """Open a JSONL training log for appending, after dropping the entries `keep` rejects (those
+    a resumed run redoes). A torn last line (a crash mid-write) is dropped with a warning; a
+    malformed line elsewhere is a CheckpointError naming the file and line."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        entries = []
+        for number, line in enumerate(lines, 1):
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise CheckpointError(f"{path} line {number} is not JSON ({err}); repair or remove the log") from None
+                log.warning("dropping the torn last line of %s (line %d)", path, number)
+        kept = [entry for entry in entries if keep(entry)]
+        if len(kept) != len(lines) or not path.read_text().endswith("\n"):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+            tmp.replace(path)
+    return path.open("a")

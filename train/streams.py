@@ -51,18 +51,24 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
 from tailforge.gen.core.errors import ConfigError, ShardError, TailforgeError
-from tailforge.gen.core.images import decode_image
 from tailforge.gen.core.noise import derive_seed
 from tailforge.gen.data.datasets import LabeledImages, load_dataset, parse_spec
 from tailforge.gen.data.shards.format import (
-    IMAGE_EXTENSIONS,
     RECORDS_DIR,
     ShardSpec,
     encode_sample,
     plan_shards,
     sample_key,
 )
-from tailforge.gen.data.shards.read import read_shard_bytes, shard_entries
+from tailforge.gen.data.shards.read import (
+    decode_sample_image,
+    is_count,
+    is_safe_shard_name,
+    parse_label,
+    read_shard_bytes,
+    sample_location,
+    shard_entries,
+)
 from tailforge.gen.data.shards.tar import tar_samples
 from tailforge.gen.data.storage import Storage
 
@@ -130,7 +136,7 @@ class ShardSet:
         if self.follow:
             storage = Storage(self.root)
             records = [_record(self.root, name) for name in storage.list(RECORDS_DIR, suffix=".json")]
-            return [(storage.url(r["name"]), int(r["count"])) for r in sorted(records, key=lambda r: r["index"])]
+            return [(storage.url(r["name"]), r["count"]) for r in sorted(records, key=lambda r: r["index"])]
         return [(e.url, e.count if e.count is not None else count_tar_samples(e.url))
                 for e in shard_entries(self.root, "train")]
 
@@ -138,8 +144,15 @@ class ShardSet:
 @functools.lru_cache(maxsize=65536)
 def _record(root: str, name: str) -> dict[str, Any]:
     """A shard record, parsed once per process: records are immutable once written, and a record
-    exists only after its shard is complete (gen/data/shards/)."""
-    return Storage(root).read_json(f"{RECORDS_DIR}/{name}", "shard record")
+    exists only after its shard is complete (gen/data/shards/). Its name must stay inside the set
+    and its index and count be integers >= 0, as the manifest reader requires of a manifest."""
+    storage = Storage(root)
+    record = storage.read_json(f"{RECORDS_DIR}/{name}", "shard record")
+    fields = record if isinstance(record, dict) else {}
+    if not (is_safe_shard_name(fields.get("name")) and is_count(fields.get("index")) and is_count(fields.get("count"))):
+        raise ShardError(f"{storage.url(f'{RECORDS_DIR}/{name}')}: not a shard record (needs a file name inside "
+                         f"the set and integer index and count >= 0): {str(record)[:120]}")
+    return record
 
 
 def count_tar_samples(url: str) -> int:
@@ -248,14 +261,6 @@ def write_real_shards(spec: str, root: str | Path, *, shard_size: int = 256, pro
 
 # ------------------------------------------------------------------------------------------------
 # The stream
-
-
-def _image_key(sample: dict[str, Any]) -> str:
-    for key in IMAGE_EXTENSIONS:
-        if key in sample:
-            return key
-    raise ShardError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image "
-                     f"({'/'.join(IMAGE_EXTENSIONS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,23 +418,18 @@ class MixedStream(IterableDataset):
 
     def _collate(self, group: list[dict[str, Any]]) -> dict[str, Any]:
         """Decode and check one batch: images uint8 NCHW, labels, source indices, keys."""
-        images = []
-        for sample in group:
-            where = f"sample {sample['__key__']} in {sample['__url__']}"
-            try:
-                image = decode_image(sample[_image_key(sample)])
-            except ShardError as err:
-                raise ShardError(f"{where}: cannot decode its image: {err}") from None
+        images, labels = [], []
+        for sample in group:  # the checks of every shard reader (gen/data/shards/read.py), pixel cap included
+            url = sample["__url__"]
+            image = decode_sample_image(url, sample)
             if image.shape != self.image_shape:
-                raise ShardError(f"{where} has shape {tuple(image.shape)}; the training data is {self.image_shape}")
+                raise ShardError(f"{sample_location(url, sample)} has shape {tuple(image.shape)}; the training data "
+                                 f"is {self.image_shape}")
             images.append(image)
-        labels = torch.tensor([int(sample["cls"]) for sample in group], dtype=torch.long)
-        bad = ((labels < 0) | (labels >= self.num_classes)).nonzero()
-        if len(bad):
-            sample = group[int(bad[0])]
-            raise ShardError(f"sample {sample['__key__']} in {sample['__url__']} has label {int(labels[bad[0]])}; "
-                             f"the training data has {self.num_classes} classes")
-        return {"images": torch.stack(images), "labels": labels,
+            if "cls" not in sample:
+                raise ShardError(f"{sample_location(url, sample)} lacks ['cls']")
+            labels.append(parse_label(url, sample, self.num_classes))
+        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
                 "source": torch.tensor([sample["__source__"] for sample in group], dtype=torch.long),
                 "keys": [sample["__key__"] for sample in group]}
 

@@ -81,14 +81,20 @@ def field_types(config_class: type) -> dict[str, FieldType]:
     return {field.name: field_type(hints[field.name]) for field in dataclasses.fields(config_class)}
 
 
+#: what every float field must be, whatever its annotation adds (NaN and Inf are never a setting)
+FINITE = Check(lambda v: math.isfinite(v), "a finite number")
+
+
 def check_fields(config: Any) -> None:
     """Raise ConfigError for the first field whose value breaks its annotation's condition
-    (a tuple: each element; None passes an optional field)."""
+    (a tuple: each element; None passes an optional field); a float field must be finite
+    whether or not its annotation says more."""
     for name, kind in field_types(type(config)).items():
         value = getattr(config, name)
-        if kind.rule is None or value is None:
+        rules = [rule for rule in (FINITE if kind.base is float else None, kind.rule) if rule is not None]
+        if not rules or value is None:
             continue
         for item in value if kind.many else (value,):
-            problem = failure(kind.rule, item)
+            problem = next((p for p in (failure(rule, item) for rule in rules) if p), None)
             if problem:
                 raise ConfigError(f"{name}: {problem}")

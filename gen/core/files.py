@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tailforge.gen.core.errors import CheckpointError
+from tailforge.gen.core.errors import CheckpointError, NonFiniteError, TailforgeError
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -26,31 +27,71 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _non_finite_fields(obj: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    """(field path such as ``sampling.eta`` or ``losses[3]``, value) of every NaN or Inf in `obj`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        yield where or "the value", obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _non_finite_fields(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _non_finite_fields(value, f"{where}[{i}]")
+
+
+def json_text(obj: Any, what: str = "JSON") -> str:
+    """`obj` as indented, key-sorted JSON text. NaN and Inf are refused (a bare ``NaN`` is not
+    JSON, and no reader of ours or of anyone else's accepts it): a NonFiniteError naming the field."""
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError:
+        found = next(_non_finite_fields(obj), None)
+        if found is None:  # not a NaN (a circular reference): a bug, keep its traceback
+            raise
+        raise NonFiniteError(f"{what}: field {found[0]} is {found[1]}, which JSON cannot hold; nothing was written") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder (created if missing), fsync, then rename over `path`."""
+    """Write JSON (NaN and Inf refused, see :func:`json_text`) to a temporary file in the same
+    folder (created if missing), fsync it, rename it over `path` and fsync the folder."""
     path = Path(path)
+    text = json_text(obj, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a folder's entries (creations, renames, removals) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_json(data: bytes | str, what: str, error: type[TailforgeError] = CheckpointError) -> Any:
+    """JSON text read from `what` (a description naming the file); malformed text is an `error`."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{what} is not valid JSON: {err}") from None
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from err
+    return parse_json(path.read_bytes(), f"{what} {path}")
 
 
 def saved_result(path: str | os.PathLike, config: dict[str, Any], what: str = "saved result", *,

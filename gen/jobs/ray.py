@@ -125,8 +125,8 @@ def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequenc
 
     A task that fails because its actor died for good (Ray's restarts or retries used up) puts
     its shard back in the queue and the actor is replaced, at most ``2 * count + 2`` times per job.
-    An error raised by the source itself (a TailforgeError such as NonFiniteError) stops the job
-    with that error."""
+    An error raised by the source itself (a TailforgeError such as NonFiniteError) or by its
+    writes (an OSError such as a full disk) stops the job with that error."""
     queue = list(reversed(pending))
     pool = [new_actor() for _ in range(count)]
     in_flight: dict[Any, tuple[Any, ShardSpec]] = {}
@@ -145,7 +145,7 @@ def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequenc
         try:
             record = ray.get(done[0])
         except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, TailforgeError):
+            if isinstance(err.cause, (TailforgeError, OSError)):
                 raise err.cause from None
             raise
         except ray.exceptions.RayActorError as err:

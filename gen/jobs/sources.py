@@ -95,6 +95,12 @@ class ShardJobConfig:
     def __post_init__(self):
         check_fields(self)
 
+    def pins(self) -> dict[str, str]:
+        """Content hashes of the folders the job reads, by config field: the model's weights
+        hash (every subclass has a ``model`` field; the hash every sample records as
+        ``model_hash``). The job folder pins them, so a resume with other weights is refused."""
+        return {"model": load_diffusion_model(self.model).model_hash}
+
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig(ShardJobConfig):
@@ -139,10 +145,16 @@ class LowDensityConfig(ShardJobConfig):
     sampling: SamplingConfig = SamplingConfig()  # sampler (ddpm or ddim) and steps; paper: 250 DDPM steps
     guide: GuidanceConfig = GuidanceConfig()  # alpha, beta, tau, loss variant
 
+    def pins(self) -> dict[str, str]:
+        """The model's hash and the guidance folder's (its guidance.json ``guidance_hash``, the
+        hash of its classifier, discriminator and class Gaussians, which every sample records)."""
+        return {**super().pins(), "guidance": load_guidance(self.guidance).info.get("guidance_hash")}
+
 
 def guidance_meta(guidance: GuidanceModels, guide: GuidanceConfig, path: str) -> dict[str, Any]:
     """What every low-density sample records about its guidance (json fields)."""
     return {"alpha": guide.alpha, "beta": guide.beta, "tau": guide.tau, "guidance_loss": guide.loss,
+            "guidance_scale_by": guide.scale_by,
             "guidance_input": guidance.input, "guidance": path, "guidance_hash": guidance.info.get("guidance_hash"),
             "guidance_classifier_sha256": guidance.info.get("classifier_sha256")}
 

@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from tailforge.gen.core.errors import CheckpointError, ConfigError
 from tailforge.gen.core.files import load_module_state, read_json, save_module
 from tailforge.gen.core.images import uint8_to_float
+from tailforge.gen.models.folders import publish_folder, read_published
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+# a classifier folder's own entries (gen/models/folders.py)
+CLASSIFIER_ENTRIES = (CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG)
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -118,13 +121,23 @@ def create_classifier(name: str, *, num_classes: int, in_chans: int, **kwargs: A
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-def save_classifier(folder: str | os.PathLike, model: nn.Module, config: dict[str, Any]) -> None:
+def write_classifier(folder: str | os.PathLike, model: nn.Module, config: dict[str, Any]) -> None:
     """Weights as safetensors plus a JSON config that must hold the model name, num_classes and
-    in_chans (so the loader can rebuild the network), and whatever else describes the run."""
+    in_chans (so the loader can rebuild the network), and whatever else describes the run; plain
+    files, for folders that are published whole (checkpoints, guidance folders)."""
     missing = [k for k in ("model", "num_classes", "in_chans") if k not in config]
     if missing:
         raise ConfigError(f"classifier config lacks {missing}")
     save_module(model, folder, config, weights_name=CLASSIFIER_WEIGHTS, config_name=CLASSIFIER_CONFIG)
+
+
+def save_classifier(folder: str | os.PathLike, model: nn.Module, config: dict[str, Any]) -> None:
+    """:func:`write_classifier` published as one version (gen/models/folders.py): the folder is
+    also the training run's folder (checkpoints/, train_log.jsonl), so it cannot be swapped by
+    one rename; weights and config are written and fsynced into a new version folder that one
+    rename of the pointer makes current, so they never disagree and a crash midway leaves the
+    previous classifier loadable."""
+    publish_folder(folder, CLASSIFIER_ENTRIES, lambda version: write_classifier(version, model, config))
 
 
 def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -132,6 +145,10 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"classifier folder does not exist: {folder}")
+    return read_published(folder, CLASSIFIER_ENTRIES[0], lambda version: _load_version(version, device))
+
+
+def _load_version(folder: Path, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
     config = read_json(folder / CLASSIFIER_CONFIG, "classifier config")
     try:
         model = create_classifier(config["model"], num_classes=int(config["num_classes"]),

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +25,14 @@ from tailforge.gen.core.files import (
     write_json_atomic,
 )
 from tailforge.gen.diffusion.denoiser import EpsDenoiser, UNetEpsModel
+from tailforge.gen.models.folders import publish_folder, read_published
 
 MODEL_META = "tailforge.json"
 
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+# a model folder's own entries; the loader needs unet/ first (gen/models/folders.py)
+MODEL_ENTRIES = ("unet", "scheduler", "model_index.json", MODEL_META)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +73,21 @@ class DiffusionModel:
 
 def save_diffusion_model(folder: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler,
                          meta: ModelMeta) -> None:
-    """Write a model folder; files are written into a temporary sibling first and swapped in so a
-    crash never leaves a folder whose weights and metadata disagree."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-        scheduler.save_pretrained(staging / "scheduler")
-        write_json_atomic(staging / "model_index.json", {
+    """Write a model folder, published as one version (gen/models/folders.py): the folder is also
+    the training run's folder (checkpoints/, train_log.jsonl), so it cannot be swapped by one
+    rename; instead the U-Net, scheduler and metadata are written and fsynced into a new version
+    folder that one rename of the pointer makes current, so weights and metadata never disagree
+    and a crash midway leaves the previous model loadable."""
+
+    def write(version: Path) -> None:
+        unet.save_pretrained(version / "unet", safe_serialization=True)
+        scheduler.save_pretrained(version / "scheduler")
+        write_json_atomic(version / "model_index.json", {
             "_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]})
-        write_json_atomic(staging / MODEL_META, dataclasses.asdict(meta))
-        folder.mkdir(exist_ok=True)
-        for name in ("unet", "scheduler", "model_index.json", MODEL_META):
-            target = folder / name
-            if target.is_dir():
-                retired = folder / f".{name}.old"
-                shutil.rmtree(retired, ignore_errors=True)
-                target.rename(retired)
-                (staging / name).rename(target)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(version / MODEL_META, dataclasses.asdict(meta))
+
+    publish_folder(folder, MODEL_ENTRIES, write)
 
 
 def _meta_from_diffusers(folder: Path, unet: UNet2DModel) -> ModelMeta:
@@ -112,9 +103,14 @@ def load_diffusion_model(path: str | os.PathLike, device: str | torch.device = "
     Only safetensors weights are read (``use_safetensors=True``): a folder holding only pickled
     ``.bin`` weights is refused rather than unpickled.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder does not exist: {folder}")
+    shown = Path(path)
+    if not shown.is_dir():
+        raise CheckpointError(f"model folder does not exist: {shown}")
+    return read_published(shown, MODEL_ENTRIES[0], lambda version: _load_version(shown, version, device))
+
+
+def _load_version(shown: Path, folder: Path, device: str | torch.device) -> DiffusionModel:
+    """The model in `folder` (the current version of the model folder `shown`, or `shown` itself)."""
     if not (folder / "unet" / "config.json").is_file():
         raise CheckpointError(
             f"{folder} is not a diffusion model folder: expected unet/config.json and "
@@ -137,7 +133,10 @@ def load_diffusion_model(path: str | os.PathLike, device: str | torch.device = "
             meta = ModelMeta(**{**raw, "class_names": tuple(raw.get("class_names", ()))})
         except TypeError as err:
             raise CheckpointError(f"{folder / MODEL_META} has unexpected fields: {err}") from err
+    elif folder != shown:
+        raise CheckpointError(f"{shown} is a tailforge model folder without {MODEL_META} in its current version "
+                              f"({folder}): it was changed by hand; export the model again")
     else:
-        meta = _meta_from_diffusers(folder, unet)
+        meta = _meta_from_diffusers(shown, unet)
     denoiser = EpsDenoiser(UNetEpsModel(unet.eval(), meta.null_class), scheduler.alphas_cumprod).to(device)
-    return DiffusionModel(denoiser=denoiser, meta=meta, model_hash=file_sha256(weights)[:16], path=str(folder))
+    return DiffusionModel(denoiser=denoiser, meta=meta, model_hash=file_sha256(weights)[:16], path=str(shown))

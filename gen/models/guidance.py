@@ -6,7 +6,7 @@
     DIR/discriminator/          the real-vs-synthetic discriminator (same format)
     DIR/gaussians.safetensors   class Gaussians of both, per noise level
 
-guidance.json is written last, so a folder without it is incomplete and is not loaded.
+The folder's entries are published as one version (gen/models/folders.py), so they always belong together.
 """
 
 from __future__ import annotations
@@ -27,34 +27,39 @@ from tailforge.gen.methods.lowdensity import (
     GuidanceModels,
     GuidanceNet,
 )
-from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, load_classifier, save_classifier
+from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, load_classifier, write_classifier
+from tailforge.gen.models.folders import publish_folder, read_published
 
 GUIDANCE_FILE = "guidance.json"
 
 
 GAUSSIANS_FILE = "gaussians.safetensors"
+# a guidance folder's own entries; the loader needs guidance.json first (gen/models/folders.py)
+GUIDANCE_ENTRIES = (GUIDANCE_FILE, "classifier", "discriminator", GAUSSIANS_FILE)
 
 
 def save_guidance(folder: str | os.PathLike, classifier: GuidanceNet, classifier_config: dict[str, Any],
                   discriminator: GuidanceNet, discriminator_config: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """Write a guidance folder; returns the guidance.json written (info plus input, levels, hashes)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / GUIDANCE_FILE).unlink(missing_ok=True)
-    state = {"level_sigmas": classifier.level_sigmas.cpu()}
-    for name, net, config in (("classifier", classifier, classifier_config),
-                              ("discriminator", discriminator, discriminator_config)):
-        save_classifier(folder / name, net.net, {**config, "guidance_input": net.input})
-        for level, g in enumerate(net.gaussians):
-            state.update(g.state(f"{name}.level{level}"))
-    tmp = folder / f".{GAUSSIANS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / GAUSSIANS_FILE)
-    full = {**info, "input": classifier.input, "level_sigmas": classifier.level_sigmas.tolist(),
-            "classifier_sha256": file_sha256(folder / "classifier" / CLASSIFIER_WEIGHTS),
-            "guidance_hash": _guidance_hash(folder)}
-    write_json_atomic(folder / GUIDANCE_FILE, full)
-    return full
+    """Write a guidance folder, published as one version (gen/models/folders.py: written and
+    fsynced, then made current by one rename, so a crash midway leaves the previous guidance
+    folder loadable); returns the guidance.json written (info plus input, levels, hashes)."""
+    written = {}
+
+    def write(version: Path) -> None:
+        state = {"level_sigmas": classifier.level_sigmas.cpu()}
+        for name, net, config in (("classifier", classifier, classifier_config),
+                                  ("discriminator", discriminator, discriminator_config)):
+            write_classifier(version / name, net.net, {**config, "guidance_input": net.input})
+            for level, g in enumerate(net.gaussians):
+                state.update(g.state(f"{name}.level{level}"))
+        save_file(state, str(version / GAUSSIANS_FILE))
+        written.update({**info, "input": classifier.input, "level_sigmas": classifier.level_sigmas.tolist(),
+                        "classifier_sha256": file_sha256(version / "classifier" / CLASSIFIER_WEIGHTS),
+                        "guidance_hash": _guidance_hash(version)})
+        write_json_atomic(version / GUIDANCE_FILE, written)
+
+    publish_folder(folder, GUIDANCE_ENTRIES, write)
+    return written
 
 
 def _guidance_hash(folder: Path) -> str:
@@ -69,7 +74,11 @@ def load_guidance(folder: str | os.PathLike, device: str | torch.device = "cpu")
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"guidance folder does not exist: {folder}")
-    info = read_json(folder / GUIDANCE_FILE, "guidance description (written last by `tailforge train guidance`)")
+    return read_published(folder, GUIDANCE_ENTRIES[0], lambda version: _load_version(version, device))
+
+
+def _load_version(folder: Path, device: str | torch.device) -> GuidanceModels:
+    info = read_json(folder / GUIDANCE_FILE, "guidance description (written by `tailforge train guidance`)")
     state = load_safetensors(folder / GAUSSIANS_FILE)
     if "level_sigmas" not in state or info.get("input") not in GUIDANCE_INPUTS:
         raise CheckpointError(f"{folder} is not a complete guidance folder (level_sigmas / input missing)")

@@ -20,10 +20,14 @@ sample is
     cls      the class label as ASCII digits
     json     provenance: sampler settings, sigma/t, seed, model hash, scores (per job kind)
 
-Readers (:func:`shard_pipeline`, :func:`iter_samples`, :func:`read_shard`) read a shard whole and
-check it before yielding any of its samples: tar structure, member names (absolute paths, ``..``
-and links are refused), the end-of-archive marker, the sample count against the manifest and,
-when asked (``verify=True``), the sha256 against the manifest/record. A bad shard raises a
+Readers (:func:`shard_pipeline`, :func:`iter_samples`, :func:`read_shard`, the training stream and
+``shards verify``) share one validating reader (gen/data/shards/read.py): every manifest field is
+checked (counts non-negative integers summing to ``num_samples``, one per shard, no shard listed
+twice, file names inside the folder); a shard is read whole and checked before any of its samples
+is yielded: tar structure (gen/data/shards/tar.py), member names (absolute paths, ``..`` and links
+are refused), the end-of-archive marker, images (decoded under a pixel cap,
+gen/core/images.py), labels (decimal integers below ``num_classes``), the sample count against the
+manifest and, when asked (``verify=True``), the sha256 against the manifest/record. A bad shard raises a
 ShardError naming the shard and the byte offset, or with ``skip_bad_shards=True`` is skipped
 whole, logged and counted in a :class:`ShardReadStats`.
 """

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import fsspec
 import webdataset as wds
+from torch import Tensor
 
 from tailforge.gen.core.errors import ShardError, StorageError
 from tailforge.gen.core.images import decode_image
@@ -32,28 +33,85 @@ log = logging.getLogger(__name__)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The shard set's timm-style manifest, every field checked (see :func:`_check_split`): a
+    malformed one is a ShardError naming the manifest, the split, the field and its value."""
     storage = Storage(root)
     where = storage.url(INFO_FILE)
     info = _read_json(storage, INFO_FILE, "shard manifest")
     splits = info.get("splits") if isinstance(info, dict) else None
     if not isinstance(splits, dict) or not splits:
         raise ShardError(f"{where} has no 'splits' (expected timm's layout: splits -> name, num_samples, filenames, shard_lengths)")
+    num_classes = info.get("num_classes")
+    if num_classes is not None and not (is_count(num_classes) and num_classes >= 1):
+        raise ShardError(f"{where}: 'num_classes' is {num_classes!r}; expected an integer >= 1")
+    class_names = info.get("class_names")
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)
+                                        and (num_classes is None or len(class_names) == num_classes)):
+        raise ShardError(f"{where}: 'class_names' is {str(class_names)[:80]}; expected a list of {num_classes} names")
+    listed: dict[str, str] = {}  # shard file -> the split that lists it
     for name, split in splits.items():
-        if not isinstance(split, dict):
-            raise ShardError(f"{where}: split {name!r} is not an object")
-        missing = [k for k in ("num_samples", "filenames") if k not in split]
-        if missing:
-            raise ShardError(f"{where}: split {name!r} lacks {missing}")
-        filenames = split["filenames"]
-        if not isinstance(filenames, list) or not all(isinstance(f, str) and f for f in filenames):
-            raise ShardError(f"{where}: split {name!r}: 'filenames' must be a list of file names")
-        for key in ("shard_lengths", "shard_sha256"):
-            if key in split and (not isinstance(split[key], list) or len(split[key]) != len(filenames)):
-                raise ShardError(f"{where}: split {name!r}: {key!r} must list one entry per file name "
-                                 f"({len(filenames)})")
-        if any(f.startswith("/") or ".." in posixpath.normpath(f).split("/") for f in filenames):
-            raise ShardError(f"{where}: split {name!r} names a shard outside the folder (absolute or '..')")
+        _check_split(where, name, split)
+        for filename in split["filenames"]:
+            if filename in listed:
+                raise ShardError(f"{where}: shard {filename!r} is listed twice (in split {listed[filename]!r} and "
+                                 f"{name!r}); its samples would be read twice")
+            listed[filename] = name
     return info
+
+
+def is_count(value: Any) -> bool:
+    """Whether a manifest or record field is a count: an integer >= 0 (JSON true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_safe_shard_name(name: Any) -> bool:
+    """Whether a shard file name from a manifest or record stays inside the set's folder: a
+    relative path with no '..', no URL, backslash or NUL."""
+    return (isinstance(name, str) and bool(name) and not name.startswith("/") and name[1:2] != ":"
+            and "://" not in name and "\\" not in name and "\0" not in name
+            and ".." not in posixpath.normpath(name).split("/"))
+
+
+def _check_split(where: str, name: str, split: Any) -> None:
+    """One split of a manifest: ``num_samples`` an integer >= 0, ``filenames`` a list of shard file
+    names relative to the set's folder (no absolute path or URL, no '..', backslash or NUL: a manifest
+    must not point readers at files outside its folder), ``shard_lengths`` (optional) one integer
+    >= 0 per file summing to ``num_samples``, ``shard_sha256`` (optional) one hex digest or null
+    per file."""
+    if not isinstance(split, dict):
+        raise ShardError(f"{where}: split {name!r} is not an object")
+    missing = [k for k in ("num_samples", "filenames") if k not in split]
+    if missing:
+        raise ShardError(f"{where}: split {name!r} lacks {missing}")
+    num_samples, filenames = split["num_samples"], split["filenames"]
+    if not is_count(num_samples):
+        raise ShardError(f"{where}: split {name!r}: 'num_samples' is {num_samples!r}; expected an integer >= 0")
+    if not isinstance(filenames, list):
+        raise ShardError(f"{where}: split {name!r}: 'filenames' is {str(filenames)[:80]}; expected a list of file names")
+    for i, filename in enumerate(filenames):
+        if not isinstance(filename, str) or not filename:
+            raise ShardError(f"{where}: split {name!r}: 'filenames' entry {i} is {filename!r}; expected a file name")
+        if not is_safe_shard_name(filename):
+            raise ShardError(f"{where}: split {name!r} names a shard outside the folder: 'filenames' entry {i} is "
+                             f"{filename!r} (absolute, a URL, '..', backslash or NUL)")
+    for key in ("shard_lengths", "shard_sha256"):
+        if key in split and (not isinstance(split[key], list) or len(split[key]) != len(filenames)):
+            raise ShardError(f"{where}: split {name!r}: {key!r} must list one entry per file name "
+                             f"({len(filenames)}), got {str(split[key])[:80]}")
+    lengths = split.get("shard_lengths")
+    if lengths is not None:
+        for filename, length in zip(filenames, lengths):
+            if not is_count(length):
+                raise ShardError(f"{where}: split {name!r}: 'shard_lengths' of {filename!r} is {length!r}; "
+                                 "expected an integer >= 0")
+        if sum(lengths) != num_samples:
+            raise ShardError(f"{where}: split {name!r}: 'num_samples' is {num_samples} but 'shard_lengths' sum to "
+                             f"{sum(lengths)}")
+    for filename, digest in zip(filenames, split.get("shard_sha256") or ()):
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            raise ShardError(f"{where}: split {name!r}: 'shard_sha256' of {filename!r} is {str(digest)[:80]!r}; "
+                             "expected 64 lowercase hex digits or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +121,7 @@ class ShardEntry:
     url: str  # path or URL of the tar file
     count: int | None  # samples per the manifest's shard_lengths (None when it has none)
     sha256: str | None  # digest per the manifest (or the shard's record), None when unknown
+    num_classes: int | None = None  # labels must lie in [0, num_classes) (the manifest's; None: any integer >= 0)
 
 
 def shard_entries(root: str | os.PathLike, split: str = "train") -> list[ShardEntry]:
@@ -79,7 +138,7 @@ def shard_entries(root: str | os.PathLike, split: str = "train") -> list[ShardEn
     if digests is None:
         by_name = {r.name: r.sha256 for r in load_records(root).values()}
         digests = [by_name.get(n) for n in names]
-    return [ShardEntry(storage.url(n), None if c is None else int(c), d) for n, c, d in zip(names, counts, digests)]
+    return [ShardEntry(storage.url(n), c, d, info.get("num_classes")) for n, c, d in zip(names, counts, digests)]
 
 
 @dataclasses.dataclass
@@ -116,37 +175,63 @@ def _open(url: str):
         raise StorageError(f"cannot open {url}: {err}") from None
 
 
-def decode_sample(url: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """A raw sample to the reader's dict: key, image (uint8 CHW), label, meta."""
-    key, offset = raw["__key__"], raw.get("__offset__", "?")
-    where = f"shard {url}: sample {key!r} at byte offset {offset}"
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    if image_ext is None or "cls" not in raw:
-        missing = [m for m, ok in (("png|jpg", image_ext), ("cls", "cls" in raw)) if not ok]
-        raise ShardError(f"{where} lacks {missing} (it has {sorted(k for k in raw if not k.startswith('__'))})")
+def sample_location(url: str, raw: dict[str, Any]) -> str:
+    """Where a raw sample (from :func:`tar_samples`) is, for error messages."""
+    return f"shard {url}: sample {raw['__key__']!r} at byte offset {raw.get('__offset__', '?')}"
+
+
+def parse_label(url: str, raw: dict[str, Any], num_classes: int | None) -> int:
+    """A raw sample's ``cls`` member as its class: ASCII decimal digits only (``int()`` would also
+    take ``-1``, `` 3``, ``3_0`` and non-ASCII digits) and below ``num_classes`` when that is known.
+    The one label check of every reader: decode_sample, ``shards verify`` and the training stream."""
+    data = raw["cls"]
+    if not data.isdigit() or len(data) > 18:  # bytes.isdigit: ASCII 0-9 only, empty is False; 18 digits fit int64
+        raise ShardError(f"{sample_location(url, raw)}: label {data[:20]!r} is not an integer "
+                         "(up to 18 decimal digits only)")
+    label = int(data)
+    if num_classes is not None and label >= num_classes:
+        raise ShardError(f"{sample_location(url, raw)}: label {label} is not below num_classes {num_classes}")
+    return label
+
+
+def decode_sample_image(url: str, raw: dict[str, Any]) -> Tensor:
+    """A raw sample's image as uint8 CHW, through the one capped decoder (gen.core.images.decode_image)."""
+    image_ext = "png" if "png" in raw else next((e for e in IMAGE_EXTENSIONS if e in raw), None)  # png: what we write
+    if image_ext is None:
+        raise ShardError(f"{sample_location(url, raw)} lacks ['png|jpg'] (it has "
+                         f"{sorted(k for k in raw if not k.startswith('__'))})")
     try:
-        image = decode_image(raw[image_ext]).numpy()
+        return decode_image(raw[image_ext])
     except ShardError as err:
-        raise ShardError(f"{where}: cannot decode its {image_ext}: {err}") from None
-    try:
-        label = int(raw["cls"])
-    except ValueError:
-        raise ShardError(f"{where}: label {raw['cls'][:20]!r} is not an integer") from None
+        raise ShardError(f"{sample_location(url, raw)}: cannot decode its {image_ext}: {err}") from None
+
+
+def decode_sample(url: str, raw: dict[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """A raw sample to the reader's dict: key, image (uint8 CHW), label (checked against
+    `num_classes` when given), meta."""
+    if not any(e in raw for e in IMAGE_EXTENSIONS) or "cls" not in raw:
+        missing = [m for m, ok in (("png|jpg", any(e in raw for e in IMAGE_EXTENSIONS)), ("cls", "cls" in raw)) if not ok]
+        raise ShardError(f"{sample_location(url, raw)} lacks {missing} (it has "
+                         f"{sorted(k for k in raw if not k.startswith('__'))})")
+    image = decode_sample_image(url, raw).numpy()
+    label = parse_label(url, raw, num_classes)
     try:
         meta = json.loads(raw["json"]) if "json" in raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{where}: its json is not valid: {err}") from None
-    return {"key": key, "image": image, "label": label, "meta": meta}
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ShardError(f"{sample_location(url, raw)}: its json is not valid: {type(err).__name__}: "
+                         f"{str(err)[:80]}") from None
+    return {"key": raw["__key__"], "image": image, "label": label, "meta": meta}
 
 
-def read_shard(url: str, *, count: int | None = None, sha256: str | None = None) -> list[dict[str, Any]]:
+def read_shard(url: str, *, count: int | None = None, sha256: str | None = None,
+               num_classes: int | None = None) -> list[dict[str, Any]]:
     """Read and check one whole shard; returns its decoded samples (key, image, label, meta).
 
     Raises ShardError naming the shard and byte offset if the tar is damaged, holds other than
-    `count` samples (when given), a sample cannot be decoded, or its sha256 differs from `sha256`
-    (when given)."""
+    `count` samples (when given), a sample cannot be decoded or has a label that is not a decimal
+    integer below `num_classes`, or its sha256 differs from `sha256` (when given)."""
     data = read_shard_bytes(url)
-    samples = [decode_sample(url, raw) for raw in tar_samples(url, data)]
+    samples = [decode_sample(url, raw, num_classes) for raw in tar_samples(url, data)]
     if count is not None and len(samples) != count:
         raise ShardError(f"shard {url}: holds {len(samples)} samples, the manifest says {count} "
                          f"(file ends at byte offset {len(data)})")
@@ -167,7 +252,8 @@ def _checked_samples(source: Iterator[dict[str, Any]], entries: dict[str, ShardE
             raise ShardError(f"shard {entry.url}: verify was asked but neither the manifest nor a record "
                              "gives its sha256")
         try:
-            samples = read_shard(entry.url, count=entry.count, sha256=entry.sha256 if verify else None)
+            samples = read_shard(entry.url, count=entry.count, sha256=entry.sha256 if verify else None,
+                                 num_classes=entry.num_classes)
         except ShardError as err:
             if not skip_bad_shards:
                 raise

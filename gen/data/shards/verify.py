@@ -1,7 +1,8 @@
 """`tailforge shards verify DIR`: check a shard set end to end.
 
 For every shard the manifest lists: the file is read whole and parsed with the same checks every
-reader applies (tar structure, member names, end-of-archive marker, decodable samples), its sample
+reader applies (the manifest's fields, tar structure, member names, end-of-archive marker, decodable
+images under the pixel cap, labels that are decimal integers below num_classes), its sample
 count is compared with the manifest, and its sha256 with the manifest and with its record (the
 record's size too). Across the set: every key is unique, a recorded shard holds exactly the keys
 ``{job}-{index:09d}`` of its planned range, the manifest's totals match the samples found and the
@@ -32,6 +33,7 @@ def verify_shard_set(root: str | os.PathLike) -> dict[str, Any]:
     empty when the set is whole; each problem names the shard (and byte offset where it applies)."""
     storage = Storage(root)
     info = read_manifest(root)
+    num_classes = info.get("num_classes")
     records = {r.name: r for r in load_records(root).values()}
     problems: list[str] = []
     warnings: list[str] = []
@@ -49,7 +51,7 @@ def verify_shard_set(root: str | os.PathLike) -> dict[str, Any]:
             record = records.get(name)
             try:
                 data = read_shard_bytes(url)
-                samples = [decode_sample(url, raw) for raw in tar_samples(url, data)]
+                samples = [decode_sample(url, raw, num_classes) for raw in tar_samples(url, data)]
             except ShardError as err:
                 problems.append(str(err))
                 continue

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import webdataset as wds
 
 from tailforge.gen.core.errors import ShardError, StorageError
+from tailforge.gen.core.files import json_text
 from tailforge.gen.data.shards.format import (
     INFO_FILE,
     JOB_FILE,
@@ -17,7 +18,7 @@ from tailforge.gen.data.shards.format import (
     ShardRecord,
     ShardSpec,
 )
-from tailforge.gen.data.storage import Storage, is_url
+from tailforge.gen.data.storage import LOCK_FILE, Storage, is_url
 
 
 def write_shard(root: str | os.PathLike, spec: ShardSpec, samples: Iterable[dict[str, Any]]) -> tuple[str, int]:
@@ -45,7 +46,7 @@ def write_shard(root: str | os.PathLike, spec: ShardSpec, samples: Iterable[dict
 
 def save_record(root: str | os.PathLike, record: ShardRecord) -> None:
     """Publish a shard's record (atomically); from now on the shard counts as done."""
-    Storage(root).write_json(f"{RECORDS_DIR}/{Path(record.name).stem}.json", dataclasses.asdict(record))
+    Storage(root).write_json(record_name(record.name), dataclasses.asdict(record))
 
 
 def load_records(root: str | os.PathLike) -> dict[int, ShardRecord]:
@@ -69,23 +70,82 @@ def _read_json(storage: Storage, name: str, what: str) -> Any:
         raise ShardError(str(err)) from None
 
 
-def prepare_job_folder(root: str | os.PathLike, job_config: dict[str, Any]) -> str | Path:
-    """Create the output folder and pin the job config; refuse to mix two different jobs in one folder.
-    Returns the folder (a Path for local folders, the URL string otherwise)."""
+def job_files(specs: Iterable[ShardSpec]) -> list[str]:
+    """Every file a job with these planned shards writes (names relative to its folder): its
+    shards, their records, the job file and the manifest. The job deletes nothing else, and only
+    the publish temporaries of these names."""
+    names = [JOB_FILE, INFO_FILE]
+    for spec in specs:
+        names += [spec.name, record_name(spec.name)]
+    return names
+
+
+def record_name(shard: str) -> str:
+    """Where the record of shard `shard` lives."""
+    return f"{RECORDS_DIR}/{Path(shard).stem}.json"
+
+
+def check_job_folder(root: str | os.PathLike, job_config: dict[str, Any], planned: Iterable[str], *,
+                     force: bool = False) -> bool:
+    """Refuse an output folder that is not this job's own; True when it is (its `_job.json` is
+    this job's), False for a folder the job may take: missing, empty, or (``force``) one whose
+    files the job will leave alone. Reads only, so a refused folder is left exactly as it was.
+
+    Refused: another job's `_job.json` (even with ``force``: its shards are not this job's to
+    complete or replace), a job whose pinned inputs changed (``job_config["pins"]``: content
+    hashes by config field), a non-empty folder without `_job.json` unless ``force``, and (with
+    ``force``) any file the job would write that exists already (a user's file with a shard's
+    name)."""
     storage = Storage(root)
-    try:
-        storage.makedirs()
-    except (StorageError, OSError) as err:
-        raise ShardError(f"cannot use {root} as an output folder: {err}") from None
+    if storage.is_file(""):
+        raise ShardError(f"cannot use {storage.url()} as an output folder: it exists and is not a folder")
     if storage.exists(JOB_FILE):
         existing = _read_json(storage, JOB_FILE, "job file")
-        if existing != job_config:
-            changed = sorted(k for k in set(existing) | set(job_config) if existing.get(k) != job_config.get(k))
+        if existing == job_config:
+            return True
+        if not isinstance(existing, dict):
+            raise ShardError(f"{storage.url(JOB_FILE)} is not a job file (a JSON object); use a new --out folder")
+        _refuse_changed_pins(storage, existing, job_config)
+        changed = sorted(k for k in set(existing) | set(job_config) if existing.get(k) != job_config.get(k))
+        raise ShardError(
+            f"{root} already holds a different job (fields that differ: {', '.join(changed)}); "
+            "use a new --out folder, or the same settings to resume")
+    present = [name for name in storage.entries() if name != LOCK_FILE]
+    if present and not force:
+        raise ShardError(f"{storage.url()} is not empty and holds no {JOB_FILE} ({', '.join(present[:3])}"
+                         f"{' ...' if len(present) > 3 else ''}): it is not this job's folder; use a new or empty "
+                         "--out, or --force to write the job's files next to these (none of them is touched)")
+    taken = [name for name in planned if storage.exists(name)] if present else []
+    if taken:
+        raise ShardError(f"{storage.url(taken[0])} exists and is not this job's: the job would write a file of that "
+                         "name; move it away or use another --out")
+    return False
+
+
+def _refuse_changed_pins(storage: Storage, existing: dict[str, Any], job_config: dict[str, Any]) -> None:
+    """A resume whose pinned input (a model or guidance folder, by content hash) changed would mix
+    two inputs in one shard set."""
+    before, now = existing.get("pins") or {}, job_config.get("pins") or {}
+    for field in sorted(now):
+        if field in before and before[field] != now[field]:
             raise ShardError(
-                f"{root} already holds a different job (fields that differ: {', '.join(changed)}); "
-                "use a new --out folder, or the same settings to resume")
-    else:
-        storage.write_json(JOB_FILE, job_config)
+                f"the {field} {job_config.get(field)} changed since the job in {storage.url()} started (content hash "
+                f"{before[field]} then, {now[field]} now): its shards would come from two {field}s; use a new --out "
+                f"for the new {field}, or restore the original {field} to resume")
+
+
+def pin_job(root: str | os.PathLike, job_config: dict[str, Any]) -> str | Path:
+    """Pin the job config in `_job.json`: created exclusively and never replaced (a driver that
+    lost the race to create it must find it equal). Call it after :func:`check_job_folder`, under
+    the folder's lock. Returns the folder (a Path for local folders, the URL string otherwise)."""
+    storage = Storage(root)
+    if not storage.exists(JOB_FILE):
+        try:
+            storage.write_json(JOB_FILE, job_config, replace=False)
+        except FileExistsError:
+            pass
+    if _read_json(storage, JOB_FILE, "job file") != job_config:
+        raise ShardError(f"{storage.url(JOB_FILE)} was written by another driver at the same time; use a new --out")
     return root if is_url(str(root)) else Path(root)
 
 
@@ -103,5 +163,8 @@ def write_manifest(root: str | os.PathLike, records: Iterable[ShardRecord], *, s
         "shard_lengths": [r.count for r in ordered],
         "shard_sha256": [r.sha256 for r in ordered],
     }}
-    Storage(root).write_json(INFO_FILE, info)
+    storage = Storage(root)
+    # a finished job re-run writes nothing (it works on read-only storage)
+    if not storage.is_file(INFO_FILE) or storage.read_bytes(INFO_FILE) != json_text(info, INFO_FILE).encode("utf-8"):
+        storage.write_json(INFO_FILE, info)
     return info
