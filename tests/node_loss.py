@@ -15,7 +15,8 @@ sha256) next to the same runs without Ray (generation with actors=0, in-process 
 Placement: every actor asks for CPU // actors = 1 CPU. While the job's actors start, a blocker
 actor pinned to the head holds one of its CPUs, so one actor lands on each node; the blocker is
 released right before the worker node goes, so the survivor has room for Ray to restart the lost
-actor there (as an autoscaler's replacement node would give it).
+actor there (as an autoscaler's replacement node would give it). A third run keeps the blocker:
+the lost actor cannot be restarted, and the job finishes on the survivor's backup tasks.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def hold_a_head_cpu(head_id: str):
     return blocker
 
 
-def lose_the_worker(cluster: Cluster, worker, blocker, events: list[str], what: str) -> None:
-    # every CPU of both nodes is taken (the blocker and one actor per node) before the node goes
+def lose_the_worker(cluster: Cluster, worker, blocker, events: list[str], what: str, *, release: bool = True) -> None:
+    # every CPU of both nodes is taken (the blocker and one actor per node) before the node goes;
+    # release=False keeps the blocker, so the lost actor cannot be restarted anywhere
     events.append(f"{what}: {ray.available_resources().get('CPU', 0):g} CPUs free before the worker node is removed")
-    ray.kill(blocker)
+    if release:
+        ray.kill(blocker)
     cluster.remove_node(worker)
     events.append(f"{what}: worker node removed")
 
@@ -105,7 +108,21 @@ def main(model_dir: str, work: Path) -> None:
 
         runner.save_record = save_then_lose_the_worker
         result["shards"] = generate(model_dir, work / "gen", actors=2)
+
+        # (a') the same, but no CPU is left for Ray to restart the lost actor on: the survivor
+        # takes backup copies of the stranded shards (gen/jobs/ray.py `_drain`)
+        worker = add_worker(cluster)
+        blocker = hold_a_head_cpu(head_id)
+
+        def save_then_strand_an_actor(root, record):
+            save_record(root, record)
+            if "gen-stranded: worker node removed" not in events:
+                lose_the_worker(cluster, worker, blocker, events, "gen-stranded", release=False)
+
+        runner.save_record = save_then_strand_an_actor
+        result["stranded_shards"] = generate(model_dir, work / "gen-stranded", actors=2)
         runner.save_record = save_record
+        ray.kill(blocker)
 
         worker = add_worker(cluster)
         blocker = hold_a_head_cpu(head_id)

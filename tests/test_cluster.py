@@ -99,6 +99,10 @@ def test_losing_a_worker_node_loses_no_sample_and_changes_no_byte(tiny_model_dir
     found = json.loads(result.stdout.strip().splitlines()[-1])
     # one actor per node when the node went (no CPU free), then the node was gone
     assert found["events"] == ["gen: 0 CPUs free before the worker node is removed", "gen: worker node removed",
+                               "gen-stranded: 0 CPUs free before the worker node is removed",
+                               "gen-stranded: worker node removed",
                                "train: 0 CPUs free before the worker node is removed", "train: worker node removed"]
     assert len(found["shards"]) == 6 and found["shards"] == found["reference_shards"]  # sha256 of every shard
+    # no CPU left to restart the lost actor on: the survivor's backup copies finish the job, same bytes
+    assert found["stranded_shards"] == found["reference_shards"]
     assert found["weights"] == found["reference_weights"]  # the classifier's final weights, bit for bit

@@ -118,38 +118,72 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], *, address: str | 
         yield ray.get(done[0])
 
 
+#: seconds without a finished shard after which an idle actor takes a backup copy of another's
+BACKUP_AFTER_S = 10.0
+
+
 def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequence[ShardSpec],
-           finish: Callable[[ShardRecord], None]) -> None:
+           finish: Callable[[ShardRecord], None], *, backup_after: float = BACKUP_AFTER_S) -> None:
     """Keep two shards in flight per actor (one running, one queued, so an actor never idles
     between shards) and record each as it completes, in completion order.
 
     A task that fails because its actor died for good (Ray's restarts or retries used up) puts
     its shard back in the queue and the actor is replaced, at most ``2 * count + 2`` times per job.
     An error raised by the source itself (a TailforgeError such as NonFiniteError) or by its
-    writes (an OSError such as a full disk) stops the job with that error."""
+    writes (an OSError such as a full disk) stops the job with that error.
+
+    Stragglers get backup tasks (as MapReduce does, Dean & Ghemawat 2004): when no shard has
+    finished for `backup_after` seconds and the queue is empty, every idle actor is given a copy
+    of a shard another actor still holds. That is what lets a job finish when a restarted actor
+    cannot be placed (its node is gone and no other node has a free CPU): the survivors redo its
+    shards. A shard's bytes depend only on its spec and publishing is atomic, so a copy that also
+    finishes writes the same file; only the first record counts."""
     queue = list(reversed(pending))
     pool = [new_actor() for _ in range(count)]
     in_flight: dict[Any, tuple[Any, ShardSpec]] = {}
+    done_indices: set[int] = set()
+    backed_up: set[int] = set()
     replacements = 0
+
+    def load(actor: Any) -> int:
+        return sum(1 for a, _ in in_flight.values() if a is actor)
 
     def top_up() -> None:
         for actor in pool:
-            while queue and sum(1 for a, _ in in_flight.values() if a is actor) < 2:
+            while queue and load(actor) < 2:
                 spec = queue.pop()
-                in_flight[actor.write_shard.remote(root, spec)] = (actor, spec)
+                if spec.index not in done_indices:
+                    in_flight[actor.write_shard.remote(root, spec)] = (actor, spec)
+
+    def back_up_stragglers() -> None:
+        for actor in pool:
+            if load(actor):
+                continue
+            straggler = next((spec for a, spec in in_flight.values() if a is not actor
+                              and spec.index not in backed_up and spec.index not in done_indices), None)
+            if straggler is not None:
+                backed_up.add(straggler.index)
+                in_flight[actor.write_shard.remote(root, straggler)] = (actor, straggler)
 
     top_up()
-    while in_flight:
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+    while len(done_indices) < len(pending):
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=backup_after)
+        if not done:
+            if not queue:
+                back_up_stragglers()
+            continue
         actor, spec = in_flight.pop(done[0])
         try:
             record = ray.get(done[0])
         except ray.exceptions.RayTaskError as err:
+            if spec.index in done_indices:  # a copy of a finished shard: its first record stands
+                continue
             if isinstance(err.cause, (TailforgeError, OSError)):
                 raise err.cause from None
             raise
         except ray.exceptions.RayActorError as err:
-            queue.append(spec)
+            if spec.index not in done_indices:
+                queue.append(spec)
             if actor in pool:
                 replacements += 1
                 if replacements > 2 * count + 2:
@@ -159,8 +193,12 @@ def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequenc
                 pool[pool.index(actor)] = new_actor()
             top_up()
             continue
-        finish(record)
+        if spec.index not in done_indices:
+            done_indices.add(spec.index)
+            finish(record)
         top_up()
+    for actor in pool:  # stragglers still holding copies of finished shards
+        ray.kill(actor, no_restart=True)
 
 
 @ray.remote
