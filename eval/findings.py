@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tailforge.eval.stats import Interval, auroc_difference, bootstrap, decode_bits, paired_bootstrap, verdict
+from tailforge.eval.stats import Interval, auroc_difference, decode_bits, paired_bootstrap, proportion_interval, verdict
 
 #: the effect below which a classifier comparison on accuracy does not count (half a point)
 ACCURACY_MARGIN = 0.005
@@ -103,7 +103,7 @@ CLAIMS: tuple[Claim, ...] = (
       for metric, label in (("hardness", "hardness"), ("avg_knn", "AvgkNN"), ("lof", "LOF"))),
     Claim("Sehwag et al. 2022", "guided samples stay faithful: an independent classifier assigns most (>= 60 %) to "
           "their class", "class agreement of guided samples - 0.6", "greater", 0.0,
-          lambda r: _shift(bootstrap(per_sample(r, "lowdensity", "faithful")), 0.6)),
+          lambda r: _shift(proportion_interval(per_sample(r, "lowdensity", "faithful")), 0.6)),
     Claim("Sehwag et al. 2022", "guided samples keep their precision (at least half the baseline's)",
           "precision guided - 0.5 x precision baseline", "greater", 0.0,
           lambda r: paired_bootstrap(0.5 * per_sample(r, "baseline", "inside_real_manifold"),
@@ -136,7 +136,7 @@ CLAIMS: tuple[Claim, ...] = (
           _ood_auroc("real+diffaug", "real+diffaug + DiffAug-Ensemble", "msp")),
     Claim("Gu et al. 2023; Yoon et al. 2023", "a model trained on the full training set generates new images, not "
           "copies (memorization ratio below 5 %)", "memorization ratio - 0.05", "less", 0.0,
-          lambda r: _shift(bootstrap(decode_bits(r["memorization"]["replicate"])), 0.05)),
+          lambda r: _shift(proportion_interval(decode_bits(r["memorization"]["replicate"])), 0.05)),
 )
 
 

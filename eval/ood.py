@@ -93,7 +93,11 @@ def scale_features(features: Tensor, percentile: float = 85.0) -> Tensor:
     """SCALE: multiply the (unpruned) features by exp(s1 / s2), s1 the sum of all activations and
     s2 the sum of the top k."""
     values, _, _ = _top_k(features, percentile)
-    return features * torch.exp(features.sum(1, keepdim=True) / values.sum(1, keepdim=True))
+    s1, s2 = features.sum(1, keepdim=True), values.sum(1, keepdim=True)
+    # an image whose every activation is zero (seen on far-OOD inputs) has s1 = s2 = 0: its features
+    # stay zero whatever the factor, so take 1 rather than 0/0 (which OpenOOD's code turns into NaN)
+    ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, torch.ones_like(s2)), torch.ones_like(s2))
+    return features * torch.exp(ratio)
 
 
 def scale_score(features: Tensor, head: nn.Linear, percentile: float = 85.0) -> Tensor:

@@ -111,6 +111,19 @@ def bootstrap(values: Sequence[float] | np.ndarray, *, statistic: Callable[[np.n
                     len(values), 1)
 
 
+def proportion_interval(flags: Sequence[bool] | np.ndarray, *, level: float = 0.95) -> Interval:
+    """Exact (Clopper-Pearson) interval of a proportion of 0/1 outcomes, e.g. a memorization ratio.
+    Unlike the percentile bootstrap it does not collapse to a point when none (or all) of the items
+    are hits: 0 of 500 gives [0, 0.0074]."""
+    _check_level(level)
+    values = np.asarray(flags, dtype=np.float64).reshape(-1)
+    if len(values) == 0 or not np.isin(values, (0.0, 1.0)).all():
+        raise ConfigError("a proportion interval needs a non-empty array of 0/1 outcomes")
+    hits, n = int(values.sum()), len(values)
+    ci = scipy_stats.binomtest(hits, n).proportion_ci(confidence_level=level, method="exact")
+    return Interval(hits / n, float(ci.low), float(ci.high), level, "exact binomial (Clopper-Pearson)", n, 1)
+
+
 def auroc_difference(id_a: Sequence[float], ood_a: Sequence[float], id_b: Sequence[float], ood_b: Sequence[float],
                      *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
     """Interval of AUROC(b) - AUROC(a) for two detectors scoring the same ID and OOD items (higher =

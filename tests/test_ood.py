@@ -150,3 +150,11 @@ def test_holdout_split_renumbers_classes():
     assert keep == list(range(8)) and id_train.info.num_classes == 8
     assert int(id_train.labels.max()) == 7 and len(held) == int((test.labels >= 8).sum())
     assert len(id_test) + len(held) == len(test)
+
+
+def test_scale_of_an_all_zero_feature_vector_is_finite():
+    # far-OOD images can switch every ReLU off: SCALE's s1 / s2 is then 0 / 0
+    features = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    scaled = scale_features(features, percentile=50)
+    assert torch.isfinite(scaled).all() and scaled[0].abs().sum() == 0
+    assert torch.allclose(scaled[1], features[1] * torch.exp(torch.tensor(10.0 / 7.0)))

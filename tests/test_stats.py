@@ -113,3 +113,15 @@ def test_auroc_difference_agrees_with_scikit_learn_and_pins_identical_detectors(
     assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0) and same.items == 500
     with pytest.raises(ConfigError, match="same ID and OOD items"):
         auroc_difference(id_a, ood_a, id_b[:10], ood_b)
+
+
+def test_proportion_interval_is_clopper_pearson_and_does_not_collapse_at_zero():
+    from tailforge.eval.stats import proportion_interval
+
+    zero = proportion_interval(np.zeros(500))
+    assert zero.estimate == 0 and zero.low == 0 and zero.high == pytest.approx(1 - 0.025 ** (1 / 500))
+    some = proportion_interval(np.r_[np.ones(30), np.zeros(70)])
+    ci = scipy_stats.binomtest(30, 100).proportion_ci(method="exact")
+    assert (some.low, some.high) == pytest.approx((ci.low, ci.high)) and some.items == 100
+    with pytest.raises(ConfigError, match="0/1"):
+        proportion_interval([0.5, 1.0])

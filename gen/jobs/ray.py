@@ -197,8 +197,7 @@ def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequenc
             done_indices.add(spec.index)
             finish(record)
         top_up()
-    for actor in pool:  # stragglers still holding copies of finished shards
-        ray.kill(actor, no_restart=True)
+    # actors still holding copies of finished shards end with the pool's handles
 
 
 @ray.remote
