@@ -461,9 +461,13 @@ def ood_section(section: Section, results: Results) -> None:
         section.figures.append(Figure(f"ROC {label}", roc_figure(obj["sets"], f"ROC curves: {label}"),
                                       "one panel per OOD set; legend: score and AUROC", config))
         scores = obj["scores_computed"]
-        section.tables.append(Table(f"{label}: AUROC / FPR@95TPR", ["OOD set", "kind"] + scores,
-                                    [[name, r.get("kind", "")] + [f"{r['scores'][s]['auroc']:.3f} / {r['scores'][s]['fpr95']:.3f}"
-                                                                  for s in scores] for name, r in obj["sets"].items()]))
+        # FPR@95 in both conventions: ID positive (the classic figure) and OOD positive (OpenOOD v1.5)
+        section.tables.append(Table(f"{label}: AUROC / FPR@95 ID-positive / FPR@95 OOD-positive",
+                                    ["OOD set", "kind"] + scores,
+                                    [[name, r.get("kind", "")] + [
+                                        f"{r['scores'][s]['auroc']:.3f} / {r['scores'][s]['fpr95']:.3f} / "
+                                        f"{r['scores'][s]['fpr95_ood_positive']:.3f}" for s in scores]
+                                     for name, r in obj["sets"].items()]))
         if obj.get("scores_not_applicable"):
             section.notes.append(f"{label}: not applicable: " +
                                  "; ".join(f"{k} ({v})" for k, v in obj["scores_not_applicable"].items()))

@@ -127,7 +127,7 @@ MINIMAL_RESULTS = {
                         {"severity": 5, "accuracy": 0.5, "unchanged_fraction": 0.0}]}}},
     "ood": {"scores_computed": ["msp"], "mean_over_sets": {"msp": {"auroc": 0.9, "fpr95": 0.3}},
             "sets": {"ri": {"kind": "far", "num": 2, "scores": {
-                "msp": {"auroc": 0.9, "fpr95": 0.3, "roc": {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.9, 1.0]}}}}}},
+                "msp": {"auroc": 0.9, "fpr95": 0.3, "fpr95_ood_positive": 0.4, "roc": {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.9, 1.0]}}}}}},
     "fidelity": {"frechet_distance": 3.0, "fake_detection": {"pixel": {"accuracy": 0.6}, "dct": {"accuracy": 0.7}}},
     "memorization": {"num_generated": 4, "num_train": 10, "memorization_ratio": 0.25,
                      "distinct_train_images_replicated": 1, "median_ratio_d1_d2": 0.6,
