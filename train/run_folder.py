@@ -7,23 +7,31 @@ into a temporary folder that is fsynced and renamed into place. state.json recor
 sha256 of every file, so a checkpoint a power cut left incomplete is recognised and skipped. A
 re-run resumes from the newest readable one when its config equals the run's, except for the
 fields the trainer declares resumable (they do not change what is trained).
+
+Training logs (:func:`open_log`): every trainer appends one JSON object per line to a JSONL log.
+Inside :func:`log_to_tensorboard` each log is also mirrored to TensorBoard, so dashboards need no
+change to the training loops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TextIO
 
 import torch
 from safetensors.torch import save_file
 
-from tailforge.gen.core.errors import CheckpointError
+from tailforge.gen.core.errors import CheckpointError, ConfigError
 from tailforge.gen.core.files import (
     file_sha256,
     fsync_dir,
@@ -163,10 +171,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: str | os.PathLike) 
         raise CheckpointError(f"optimizer state in {folder} does not match the model: {err}") from err
 
 
-def open_log(path: Path, keep: Callable[[dict[str, Any]], bool] = lambda entry: True):
+def open_log(path: Path, keep: Callable[[dict[str, Any]], bool] = lambda entry: True) -> TextIO | TensorBoardLog:
     """Open a JSONL training log for appending, after dropping the entries `keep` rejects (those
     a resumed run redoes). A torn last line (a crash mid-write) is dropped with a warning; a
-    malformed line elsewhere is a CheckpointError naming the file and line."""
+    malformed line elsewhere is a CheckpointError naming the file and line.
+
+    Inside :func:`log_to_tensorboard` the log is a :class:`TensorBoardLog` (the same ``write`` /
+    ``flush`` / ``close``) whose TensorBoard run forgets every step after the last entry kept."""
+    kept: list[dict[str, Any]] = []
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         entries = []
@@ -182,4 +194,95 @@ def open_log(path: Path, keep: Callable[[dict[str, Any]], bool] = lambda entry: 
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
             tmp.replace(path)
-    return path.open("a")
+    folder = _tensorboard_folder.get()
+    if folder is None:
+        return path.open("a")
+    run = path.stem.removesuffix("_log")
+    last_kept = max((entry.get("step", 0) for entry in kept), default=0)
+    return TensorBoardLog(path.open("a"), tensorboard_writer(folder if run == "train" else folder / run, last_kept + 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# TensorBoard
+
+#: SummaryWriter modules tried in order: torch's needs the `tensorboard` package, tensorboardX is
+#: self-contained (both write the same event files)
+TENSORBOARD_WRITERS = ("torch.utils.tensorboard", "tensorboardX")
+TENSORBOARD_EXTRA = "pip install 'tailforge[tensorboard]'"
+_tensorboard_folder: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tensorboard_folder", default=None)
+
+
+def summary_writer_class() -> type:
+    """The first importable SummaryWriter of :data:`TENSORBOARD_WRITERS`."""
+    for module in TENSORBOARD_WRITERS:
+        try:
+            return importlib.import_module(module).SummaryWriter
+        except ImportError:  # torch.utils.tensorboard raises it when the tensorboard package is missing
+            continue
+    raise ConfigError(f"--tensorboard needs the tensorboard or tensorboardX package: {TENSORBOARD_EXTRA}")
+
+
+@contextlib.contextmanager
+def log_to_tensorboard(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Inside this block every training log :func:`open_log` opens also goes to TensorBoard under
+    ``folder``: ``train_log.jsonl`` to ``folder`` itself, another log ``NAME_log.jsonl`` (the
+    guidance nets') to ``folder/NAME``. None: no TensorBoard. Fails at once, before any training,
+    when neither writer package is installed. Ray Train workers are other processes: the trainer
+    passes :func:`tensorboard_folder` to them and enters this block there."""
+    if folder is None:
+        yield
+        return
+    summary_writer_class()
+    token = _tensorboard_folder.set(Path(folder))
+    try:
+        yield
+    finally:
+        _tensorboard_folder.reset(token)
+
+
+def tensorboard_folder() -> Path | None:
+    """The folder of the enclosing :func:`log_to_tensorboard` block (None outside one)."""
+    return _tensorboard_folder.get()
+
+
+def tensorboard_writer(folder: Path, purge_step: int):
+    """A SummaryWriter on ``folder`` whose run forgets the events of steps >= ``purge_step`` that
+    earlier writers left (a resumed run redoes them; TensorBoard applies the purge when it reads).
+    The file name ends in the nanosecond clock so that two writers started within the same second
+    neither share a file nor sort out of order (TensorBoard reads a run's files in name order)."""
+    return summary_writer_class()(str(folder), purge_step=purge_step, filename_suffix=f".{time.time_ns():020d}")
+
+
+def scalar_fields(entry: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(tag, value) of every number in a log entry except its step; a nested dict's numbers are
+    tagged ``field/key`` (the classifier's observed mix: ``mix/real``). Strings and booleans are
+    no scalars."""
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            yield from scalar_fields(value, f"{prefix}{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and f"{prefix}{name}" != "step":
+            yield f"{prefix}{name}", float(value)
+
+
+class TensorBoardLog:
+    """A JSONL training log that writes every entry's numbers to TensorBoard as scalars at the
+    entry's ``step`` too (see :func:`scalar_fields`)."""
+
+    def __init__(self, file: TextIO, writer: Any):
+        self.file, self.writer = file, writer
+
+    def write(self, text: str) -> int:
+        written = self.file.write(text)
+        for line in filter(str.strip, text.splitlines()):
+            entry = json.loads(line)
+            for tag, value in scalar_fields(entry):
+                self.writer.add_scalar(tag, value, entry["step"])
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
