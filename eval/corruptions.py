@@ -16,10 +16,10 @@ corruptions and severities. The parameters here are those of the authors' CIFAR-
   leaves a corruption out of the mean when its severity 5 leaves most images unchanged. Set
   ``reference_size`` to the image size to apply CIFAR-10-C's pixel values unscaled instead.
 
-Corruptions that cannot be computed here, at any size:
-* ``frost`` overlays crops of six frost photographs shipped with the benchmark's code; they are
-  not part of any installed package and nothing is downloaded.
-* ``spatter`` (an extra corruption) needs OpenCV's Canny edges and distance transform.
+``frost`` overlays crops of the benchmark's frost photographs, which the ``imagecorruptions`` wheel
+ships (``pip install --no-deps imagecorruptions==1.1.2``, the ``frost`` extra); without them the suite
+skips frost with a note. ``spatter`` (an extra corruption) cannot be computed here at any size: it
+needs OpenCV's Canny edges and distance transform.
 ``saturate`` needs colour and is skipped for one-channel images.
 
 Every image's randomness comes from its own generator seeded by (seed, corruption, severity,
@@ -29,11 +29,12 @@ image index), so results do not depend on batching.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,15 +42,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from tailforge.eval.config import CORRUPTIONS, REFERENCE_SIZE, SEVERITIES, CorruptionSuiteConfig
 from tailforge.eval.results import tag_result
 from tailforge.eval.stats import encode_bits
-from tailforge.gen.core.checks import Check, NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.noise import PerSampleNoise, sample_seed
-
-REFERENCE_SIZE = 32  # CIFAR-10-C's image size: pixel parameters are stated for it
-SEVERITIES = (1, 2, 3, 4, 5)
-Severity = Annotated[int, Check(lambda v: v in SEVERITIES, "a severity in 1..5")]
 
 Gens = Sequence[torch.Generator]
 
@@ -323,6 +320,104 @@ def fog(x: Tensor, ctx: CorruptionContext) -> Tensor:
     return (x + c * pattern) * max_val / (max_val + c)
 
 
+# Frost (CIFAR-10-C): the benchmark's frost photographs, shipped in the `imagecorruptions` wheel. That
+# package is only a container of files here: it is located through its installed metadata and never
+# imported (its own code needs OpenCV, Wand and scikit-image).
+FROST_DISTRIBUTION = "imagecorruptions"
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+FROST_INSTALL = "pip install --no-deps imagecorruptions==1.1.2"
+#: CIFAR-10-C shrinks the photographs to a fifth before cropping 32 px (ImageNet-C crops 224 px at full size)
+FROST_PHOTO_SCALE = 0.2
+#: the released code draws np.random.randint(5): frost6.jpg is listed but never chosen
+FROST_CHOICES = 5
+
+
+def frost_photographs() -> tuple[Path, ...]:
+    """The six frost photographs of the installed `imagecorruptions` distribution, in the released
+    code's order, or () when it is not installed or lacks any of them. Found from the installed file
+    list (its RECORD), else beside the package's spec; nothing of the package is executed."""
+    import importlib.metadata
+    import importlib.util
+
+    folder = None
+    try:
+        record = importlib.metadata.files(FROST_DISTRIBUTION) or []
+        frost1 = next((f for f in record if f.name == FROST_FILES[0] and f.parent.name == "frost"), None)
+        folder = Path(frost1.locate()).parent if frost1 is not None else None
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if folder is None:
+        spec = importlib.util.find_spec(FROST_DISTRIBUTION)  # a top-level name: finds, does not import
+        if spec is not None and spec.submodule_search_locations:
+            folder = Path(next(iter(spec.submodule_search_locations))) / "frost"
+    paths = tuple(folder / name for name in FROST_FILES) if folder is not None else ()
+    return paths if paths and all(p.is_file() for p in paths) else ()
+
+
+def frost_missing() -> str:
+    """Why frost cannot be computed in this environment ("" when it can)."""
+    if frost_photographs():
+        return ""
+    return (f"needs the benchmark's frost photographs from the imagecorruptions wheel ({FROST_INSTALL}, or the "
+            "tailforge[frost] extra); not installed")
+
+
+def _linear_taps(length: int, factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """cv2.resize(fx=factor, INTER_LINEAR) along one axis: round(length * factor) outputs, output i
+    reading the input at (i + 0.5) / factor - 0.5 (clamped to the ends) between two neighbours."""
+    src = ((torch.arange(max(1, round(length * factor)), dtype=torch.float64) + 0.5) / factor - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=length - 1)
+    return low, (low + 1).clamp(max=length - 1), (src - low).clamp(0, 1).float()
+
+
+@functools.lru_cache(maxsize=8)
+def _frost_layers(paths: tuple[Path, ...], factor: float) -> tuple[Tensor, ...]:
+    """The photographs as uint8 RGB [3, H, W] tensors resized by `factor` as cv2.resize does in the
+    released code (bilinear, no antialiasing, rounded to uint8); an alpha channel is dropped, as
+    cv2.imread drops it."""
+    layers = []
+    for path in paths:
+        with Image.open(path) as photo:
+            rgb = torch.from_numpy(np.asarray(photo.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+        low, high, frac = _linear_taps(rgb.shape[1], factor)
+        rgb = rgb[:, low] * (1 - frac[:, None]) + rgb[:, high] * frac[:, None]
+        low, high, frac = _linear_taps(rgb.shape[2], factor)
+        rgb = rgb[:, :, low] * (1 - frac) + rgb[:, :, high] * frac
+        layers.append(rgb.round().clamp(0, 255).to(torch.uint8))
+    return tuple(layers)
+
+
+def frost(x: Tensor, ctx: CorruptionContext) -> Tensor:
+    """c_image * x + c_frost * (a crop of a frost photograph), as CIFAR-10-C's released generator does:
+    per image one of the first five photographs and a crop corner are drawn uniformly, from the
+    photograph shrunk to a fifth. For images at the reference size or larger the shrink factor is
+    scaled by size / reference size (the frost keeps its size relative to the image); a smaller image
+    takes a reference-sized crop averaged down to its size, as fog does. One-channel images take the
+    frost's luma."""
+    image_weight, frost_weight = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][ctx.severity - 1]
+    paths = frost_photographs()
+    if not paths:
+        raise ConfigError(f"corruption 'frost' cannot be computed here: {frost_missing()}")
+    h, w = x.shape[-2:]
+    crop_h, crop_w = max(h, round(h / ctx.scale)), max(w, round(w / ctx.scale))
+    shortest = min(min(p.shape[1:]) for p in _frost_layers(paths, 1.0))
+    # a photograph must be larger than the crop (only very large images need more than the scaled fifth)
+    factor = max(FROST_PHOTO_SCALE * max(1.0, ctx.scale), (max(crop_h, crop_w) + 1) / shortest)
+    layers = _frost_layers(paths, factor)
+    crops = []
+    for g in ctx.gens:
+        layer = layers[int(torch.randint(FROST_CHOICES, (), generator=g))]
+        top = int(torch.randint(layer.shape[1] - crop_h, (), generator=g))
+        left = int(torch.randint(layer.shape[2] - crop_w, (), generator=g))
+        crops.append(layer[:, top:top + crop_h, left:left + crop_w])
+    layer = torch.stack(crops).float() / 255.0
+    if (crop_h, crop_w) != (h, w):
+        layer = F.adaptive_avg_pool2d(layer, (h, w))
+    if x.shape[1] == 1:
+        layer = _gray(layer)
+    return image_weight * x + frost_weight * layer
+
+
 def brightness(x: Tensor, ctx: CorruptionContext) -> Tensor:
     """Add c to HSV value V. With hue and saturation fixed every channel is proportional to V,
     so RGB scales by V'/V (a black pixel, S = 0, becomes grey V')."""
@@ -413,40 +508,6 @@ def _sample_pixels(x: Tensor, xy: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class Corruption:
-    name: str
-    family: str  # noise | blur | weather | digital (the benchmark's grouping)
-    fn: Callable[[Tensor, CorruptionContext], Tensor] | None  # None: cannot be computed here
-    benchmark: bool  # one of the 15 CIFAR-10-C corruptions (False: the 4 extra validation ones)
-    needs_colour: bool = False
-    unavailable: str = ""  # why fn is None
-
-
-CORRUPTIONS: dict[str, Corruption] = {c.name: c for c in [
-    Corruption("gaussian_noise", "noise", gaussian_noise, True),
-    Corruption("shot_noise", "noise", shot_noise, True),
-    Corruption("impulse_noise", "noise", impulse_noise, True),
-    Corruption("defocus_blur", "blur", defocus_blur, True),
-    Corruption("glass_blur", "blur", glass_blur, True),
-    Corruption("motion_blur", "blur", motion_blur, True),
-    Corruption("zoom_blur", "blur", zoom_blur, True),
-    Corruption("snow", "weather", snow, True),
-    Corruption("frost", "weather", None, True, unavailable="needs the frost photographs shipped with the "
-               "benchmark's generator, which no installed package provides (nothing is downloaded)"),
-    Corruption("fog", "weather", fog, True),
-    Corruption("brightness", "weather", brightness, True),
-    Corruption("contrast", "digital", contrast, True),
-    Corruption("elastic_transform", "digital", elastic_transform, True),
-    Corruption("pixelate", "digital", pixelate, True),
-    Corruption("jpeg_compression", "digital", jpeg_compression, True),
-    Corruption("speckle_noise", "noise", speckle_noise, False),
-    Corruption("gaussian_blur", "blur", gaussian_blur, False),
-    Corruption("spatter", "weather", None, False, unavailable="needs OpenCV's Canny edges and distance transform"),
-    Corruption("saturate", "digital", saturate, False, needs_colour=True),
-]}
-
-
 def corruption_seed(seed: int, name: str, severity: int) -> int:
     return sample_seed(seed, 10 * list(CORRUPTIONS).index(name) + severity)
 
@@ -458,8 +519,9 @@ def corrupt(images: Tensor, name: str, severity: int, *, seed: int = 0, indices:
     if name not in CORRUPTIONS:
         raise ConfigError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
     corruption = CORRUPTIONS[name]
-    if corruption.fn is None:
-        raise ConfigError(f"corruption {name!r} cannot be computed here: {corruption.unavailable}")
+    if not corruption.fn or corruption.missing_here():
+        raise ConfigError(f"corruption {name!r} cannot be computed here: "
+                          f"{corruption.unavailable or corruption.missing_here()}")
     if corruption.needs_colour and images.shape[1] != 3:
         raise ConfigError(f"corruption {name!r} needs RGB images, got {images.shape[1]} channel(s)")
     if severity not in SEVERITIES:
@@ -469,7 +531,7 @@ def corrupt(images: Tensor, name: str, severity: int, *, seed: int = 0, indices:
     indices = range(len(images)) if indices is None else indices
     gens = PerSampleNoise(corruption_seed(seed, name, severity), indices).generators
     ctx = CorruptionContext(severity=severity, gens=gens, scale=images.shape[-1] / reference_size)
-    out = corruption.fn(images.float() / 255.0, ctx)
+    out = corruption.function()(images.float() / 255.0, ctx)
     # the generator stores np.uint8(corrupted * 255): truncation, not rounding (with a tolerance so
     # float round-off cannot turn an untouched value k into k - 1)
     return torch.floor(out.clamp(0, 1) * 255 + 1e-3).to(torch.uint8)
@@ -480,8 +542,10 @@ def applicable_corruptions(channels: int) -> tuple[list[str], dict[str, str]]:
     others cannot."""
     names, skipped = [], {}
     for name, c in CORRUPTIONS.items():
-        if c.fn is None:
+        if not c.fn:
             skipped[name] = c.unavailable
+        elif c.missing_here():
+            skipped[name] = c.missing_here()
         elif c.needs_colour and channels != 3:
             skipped[name] = "needs RGB images"
         else:
@@ -501,13 +565,16 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
 
     A corruption whose highest severity leaves more than half of the images unchanged (after
     uint8 quantisation) has no effect at this image size; it is reported but left out of the means.
+    One whose files are not installed here (frost) is skipped, named or not, with a one-line note in
+    the report's "notes".
     """
     from tqdm import tqdm
 
     from tailforge.gen.models.classifiers import predict_logits
 
     available, skipped = applicable_corruptions(images.shape[1])
-    names = list(names) if names else available
+    not_installed = {n: skipped[n] for n in (names or CORRUPTIONS) if n in CORRUPTIONS and CORRUPTIONS[n].missing_here()}
+    names = [n for n in names if n not in not_installed] if names else available
     for name in names:
         if name not in available:
             raise ConfigError(f"corruption {name!r} is not available for these images: "
@@ -562,30 +629,12 @@ def corruption_suite(classifier: torch.nn.Module, images: Tensor, labels: Tensor
         "included_in_mean": benchmark,
         "no_effect_at_this_size": [n for n in rows if not rows[n]["effective"]],
         "not_computed": skipped,
+        "notes": [f"{n} skipped: {why}" for n, why in not_installed.items()],
         "corruptions": rows,
         "image_size": int(images.shape[-1]), "reference_size": reference_size, "severities": list(severities),
         "num_images": int(len(images)), "seed": seed,
     })
     return report, examples
-
-
-@dataclasses.dataclass(frozen=True)
-class CorruptionSuiteConfig:
-    """`tailforge eval corruptions`; copied into corruptions.json."""
-
-    classifier: str  # classifier folder (tailforge train classifier)
-    dataset: str  # dataset spec whose `split` is corrupted
-    split: str = "test"  # split to corrupt
-    corruptions: tuple[str, ...] = ()  # corruption names; empty (`all` as a flag): every one that applies here
-    severities: tuple[Severity, ...] = SEVERITIES  # CIFAR-10-C severities
-    # image size CIFAR-10-C's pixel parameters are stated for; the images' own size applies them unscaled
-    reference_size: PositiveInt = REFERENCE_SIZE
-    limit: NonNegativeInt = 0  # use only the first N images (0: all)
-    seed: NonNegativeInt = 0  # corruption noise seed
-    diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 def run_corruption_suite(config: CorruptionSuiteConfig, out: str | Path, *, device: str | None = None,

@@ -7,12 +7,16 @@ import pytest
 import torch
 from scipy import ndimage
 
+from tailforge.eval import corruptions
+from tailforge.eval.config import CORRUPTIONS
 from tailforge.eval.corruptions import (
-    CORRUPTIONS,
+    CorruptionContext,
     applicable_corruptions,
     corrupt,
     corruption_suite,
     defocus_kernel,
+    frost,
+    frost_photographs,
     gaussian_filter,
     motion_blur_kernel_offsets,
     plasma_fractal,
@@ -36,14 +40,18 @@ def rgb32():
 def test_every_corruption_every_severity(size, digits, rgb32):
     images = digits if size == 8 else rgb32
     names, skipped = applicable_corruptions(images.shape[1])
-    assert set(skipped) == ({"frost", "spatter", "saturate"} if size == 8 else {"frost", "spatter"})
+    not_installed = set() if frost_photographs() else {"frost"}
+    assert set(skipped) == ({"spatter", "saturate"} if size == 8 else {"spatter"}) | not_installed
     for name in names:
         previous = None
         for severity in (1, 3, 5):
             out = corrupt(images, name, severity, seed=0)
             assert out.dtype == torch.uint8 and out.shape == images.shape
             change = (out.float() - images.float()).abs().mean()
-            if previous is not None and name not in ("glass_blur", "elastic_transform", "pixelate", "saturate"):
+            # frost: the released severity 4 and 5 darken the image more than 3 under almost the same
+            # frost weight, so their pixel change can be smaller (test_frost_weight_grows_with_severity)
+            if previous is not None and name not in ("glass_blur", "elastic_transform", "pixelate", "saturate",
+                                                     "frost"):
                 # severities are ordered (up to the noise of one draw; saturate first desaturates)
                 assert change >= previous - 3.0, (name, severity)
             previous = change
@@ -99,7 +107,8 @@ def test_kernels():
     assert pattern.shape == (32, 32) and pattern.min() == 0 and pattern.max() == 1
 
 
-def test_unavailable_corruptions_say_why(digits):
+def test_unavailable_corruptions_say_why(digits, monkeypatch):
+    monkeypatch.setattr(corruptions, "frost_photographs", lambda: ())
     with pytest.raises(ConfigError, match="frost photographs"):
         corrupt(digits, "frost", 1)
     with pytest.raises(ConfigError, match="RGB"):
@@ -184,3 +193,106 @@ def test_glass_blur_moves_a_pixel_at_most_one_step_per_pass(severity):
                 assert 0 <= r - r0 <= passes and 0 <= c - c0 <= passes  # offsets in [-1, 0]: from up/left
                 moved += (r0, c0) != (r, c)
     assert moved > 0
+
+
+# --------------------------------------------------------------------------------------------
+# frost: crops of the benchmark's photographs (the imagecorruptions wheel, installed with --no-deps)
+
+needs_frost = pytest.mark.skipif(not frost_photographs(), reason="frost photographs not installed "
+                                 "(pip install --no-deps imagecorruptions==1.1.2)")
+
+
+def _frost_context(severity: int, count: int, scale: float = 1.0) -> CorruptionContext:
+    """The same per-image generators at every severity, so every severity draws the same crops."""
+    return CorruptionContext(severity=severity, gens=[torch.Generator().manual_seed(100 + i) for i in range(count)],
+                             scale=scale)
+
+
+def test_frost_photographs_are_found_without_importing_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "imagecorruptions", raising=False)
+    paths = frost_photographs()
+    assert "imagecorruptions" not in sys.modules  # located from its installed files, never executed
+    assert [p.name for p in paths] in ([], ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg",
+                                            "frost6.jpg"])
+
+
+@needs_frost
+def test_frost_deterministic_for_a_seed_and_independent_of_batching(digits, rgb32):
+    for images in (digits, rgb32):
+        whole = corrupt(images, "frost", 3, seed=7)
+        halves = torch.cat([corrupt(images[:4], "frost", 3, seed=7, indices=range(4)),
+                            corrupt(images[4:], "frost", 3, seed=7, indices=range(4, len(images)))])
+        assert torch.equal(whole, halves) and torch.equal(whole, corrupt(images, "frost", 3, seed=7))
+        assert not torch.equal(whole, corrupt(images, "frost", 3, seed=8))
+        assert whole.shape == images.shape and whole.dtype == torch.uint8
+
+
+@needs_frost
+def test_frost_weight_grows_with_severity(rgb32):
+    # with the same crops, frost(x) = a x + b f for every image x: two images give a, then b f; the frost's
+    # weight relative to the image's, b / a, grows with every severity (CIFAR-10-C: 0.2, 0.3, 0.44, 0.47, 0.6)
+    x = rgb32[:2].float() / 255
+    ratios = []
+    for severity in range(1, 6):
+        ctx = _frost_context(severity, 1)
+        y1, y2 = frost(x[:1], ctx), frost(x[1:], _frost_context(severity, 1))
+        a = float(((y1 - y2) / (x[:1] - x[1:])).nan_to_num().median())
+        layer = y1 - a * x[:1]
+        assert torch.allclose(y2, a * x[1:] + layer, atol=1e-5)  # one weighted sum for both images
+        ratios.append(float(layer.norm()) / a)
+    assert all(lo < hi for lo, hi in zip(ratios, ratios[1:])), ratios
+
+
+@needs_frost
+def test_frost_distance_from_the_clean_image_grows_with_severity(digits):
+    # a black image shows the frost alone, so its distance from the clean image grows with the frost weight
+    # (never down; 0.4 at severities 3 and 4); on digits severity 5 is further than 1
+    black = torch.zeros(16, 1, 8, 8, dtype=torch.uint8)
+    crops = [frost(black.float(), _frost_context(s, 16, scale=0.25)).mean().item() for s in range(1, 6)]
+    assert all(lo <= hi + 1e-6 for lo, hi in zip(crops, crops[1:])) and crops[0] < crops[-1], crops
+    change = [(corrupt(digits, "frost", s).float() - digits.float()).abs().mean().item() for s in (1, 5)]
+    assert change[0] < change[1]
+
+
+@needs_frost
+def test_frost_grey_images_take_the_frost_luma():
+    rgb = frost(torch.zeros(3, 3, 32, 32), _frost_context(2, 3))
+    grey = frost(torch.zeros(3, 1, 32, 32), _frost_context(2, 3))
+    luma = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    assert torch.allclose(grey, luma, atol=1e-6) and grey.max() > 0
+
+
+@needs_frost
+def test_frost_is_a_crop_of_a_photograph_shrunk_as_cv2_resize_does():
+    from PIL import Image
+
+    # at the reference size a black image at severity 1 is 0.2 x a 32 px crop of one of the first five
+    # photographs shrunk to a fifth; cv2.resize(INTER_LINEAR) samples the source at (i + 0.5) / 0.2 - 0.5
+    layer = frost(torch.zeros(4, 3, 32, 32), _frost_context(1, 4)) / 0.2 * 255
+    shrunk = []
+    for path in frost_photographs()[:5]:
+        photo = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+        rows = (np.arange(round(photo.shape[0] * 0.2)) + 0.5) / 0.2 - 0.5
+        cols = (np.arange(round(photo.shape[1] * 0.2)) + 0.5) / 0.2 - 0.5
+        grid = np.meshgrid(rows.clip(0, None), cols.clip(0, None), indexing="ij")
+        shrunk.append(np.stack([ndimage.map_coordinates(photo[:, :, c], grid, order=1, mode="nearest")
+                                for c in range(3)]))
+    for crop in layer.double().numpy():
+        best = min(np.abs(np.lib.stride_tricks.sliding_window_view(s, (3, 32, 32))[0] - crop).max(axis=(-3, -2, -1)).min()
+                   for s in shrunk)
+        assert best <= 1.0  # the same window, up to uint8 rounding
+
+
+def test_frost_skipped_with_a_note_when_the_photographs_are_absent(digits, monkeypatch):
+    monkeypatch.setattr(corruptions, "frost_photographs", lambda: ())
+    names, skipped = applicable_corruptions(1)
+    assert "frost" not in names and "imagecorruptions" in skipped["frost"]
+    torch.manual_seed(0)
+    net = create_classifier("tinycnn", num_classes=10, in_chans=1).eval()
+    labels = load_dataset("digits", "test").labels[:12]
+    report, _ = corruption_suite(net, digits, labels, names=["frost", "contrast"], severities=(1,), progress=False)
+    assert list(report["corruptions"]) == ["contrast"] and "frost" in report["not_computed"]
+    assert len(report["notes"]) == 1 and report["notes"][0].startswith("frost skipped: ")
+    assert "\n" not in report["notes"][0] and "pip install --no-deps imagecorruptions==1.1.2" in report["notes"][0]
