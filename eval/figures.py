@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 from pathlib import Path
 
@@ -33,6 +32,16 @@ def image_grid(images: torch.Tensor, ncols: int, *, scale: int | None = None, pa
     return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
 
 
+def class_columns(labels: list[int], num_classes: int, per_class: int) -> list[int | None]:
+    """Positions (into `labels`, taken in order) for a grid of `per_class` rows and one column per
+    class, row-major: row r, column c is the r-th item of class c, None where the class has fewer."""
+    members: list[list[int]] = [[] for _ in range(num_classes)]
+    for position, label in enumerate(labels):
+        if 0 <= label < num_classes and len(members[label]) < per_class:
+            members[label].append(position)
+    return [members[c][r] if r < len(members[c]) else None for r in range(per_class) for c in range(num_classes)]
+
+
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -44,8 +53,3 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     """Bytes as a data URI, so the report embeds every figure and needs no network or side files."""
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
-
-def pil_data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return data_uri(buf.getvalue())
