@@ -23,90 +23,40 @@ so a second run only re-evaluates what changed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tailforge.config import DemoConfig
 from tailforge.eval.accuracy import accuracy_report
-from tailforge.eval.corruptions import CorruptionSuiteConfig, run_corruption_suite
-from tailforge.eval.density import DensityConfig, evaluate_density
+from tailforge.eval.config import CorruptionSuiteConfig, DensityConfig, FidelityConfig, MemorizationConfig, OODConfig
+from tailforge.eval.corruptions import run_corruption_suite
+from tailforge.eval.density import evaluate_density
 from tailforge.eval.entropy import output_entropy
 from tailforge.eval.features import wrap_diffaug_ensemble
-from tailforge.eval.fidelity import FidelityConfig, run_fidelity
+from tailforge.eval.fidelity import run_fidelity
 from tailforge.eval.findings import decide
-from tailforge.eval.memorization import MemorizationConfig, run_memorization
-from tailforge.eval.ood import OODConfig, run_ood
-from tailforge.eval.report import Section, Table, write_report
-from tailforge.eval.results import is_current, tag_result
-from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
-from tailforge.gen.core.errors import ConfigError
-from tailforge.gen.core.files import config_dict, saved_result, write_json_atomic
-from tailforge.gen.data.datasets import load_dataset
-from tailforge.gen.diffusion.samplers import SamplingConfig
-from tailforge.gen.jobs.runner import model_manifest, run_config_job
-from tailforge.gen.jobs.sources import (
-    BaselineConfig,
-    BaselineSource,
-    LowDensityConfig,
-    LowDensitySource,
-    ReconstructConfig,
-    ReconstructSource,
+from tailforge.eval.memorization import run_memorization
+from tailforge.eval.ood import run_ood
+from tailforge.eval.report import (
+    MEAN_CORRUPTION_ACCURACY,
+    Section,
+    findings_section,
+    mean_corruption_accuracy,
+    write_report,
 )
-from tailforge.gen.methods.lowdensity import GuidanceConfig
+from tailforge.eval.results import is_current, tag_result
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.core.files import config_dict, read_json, saved_result, write_json_atomic
+from tailforge.gen.data.datasets import load_dataset
+from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig, ReconstructConfig
+from tailforge.gen.jobs.runner import model_manifest, run_config_job
+from tailforge.gen.jobs.sources import BaselineSource, LowDensitySource, ReconstructSource
 from tailforge.gen.models.classifiers import CLASSIFIER_CONFIG, load_classifier, predict_logits
-from tailforge.train.classifier import ClassifierTrainConfig, train_classifier
-from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
-from tailforge.train.guidance import GuidanceTrainConfig, train_guidance
-from tailforge.train.streams import REAL, MixSource
-
-#: a noise, two blurs and contrast (with CIFAR-10-C's pixel parameters unscaled at 8 px, see
-#: DemoConfig.corruption_reference_size), at three severities, so that DiffAug-Ensemble (nine extra
-#: U-Net passes per image) fits the CPU budget
-DEMO_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "motion_blur", "contrast")
-DEMO_SEVERITIES = (1, 3, 5)
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """`tailforge demo`; copied into summary.json and the report."""
-
-    out: str = "demo-out"  # output folder (models, shards, classifiers, evaluations, report)
-    dataset: str = "digits"  # any dataset spec; digits is bundled with scikit-learn
-    diffusion_steps: PositiveInt = 800  # the diffusion model's training steps
-    # labels replaced by the null class in training (Ho & Salimans 2022's p_uncond): the one model also
-    # denoises without labels for DiffAug, instead of a second, unconditional model (about 2 min on the CPU)
-    label_dropout: float = 0.2
-    unet_preset: str | None = None  # U-Net preset; None: tiny for <= 16 px, small above (ddpm-cifar10 for the paper)
-    diffusion_batch_size: PositiveInt = 128  # diffusion training batch
-    num_samples: PositiveInt = 500  # baseline and low-density samples each (sample i uses the same seed in both)
-    # every generation job's sampler: ancestral DDPM (Sehwag et al. 2022's baseline sampler) on a 50-step grid. Not DDIM at
-    # eta = 0: without fresh noise each step, guidance at alpha = beta = 0.5 drives the samples off the data
-    # (README, "Low-density generation": class agreement 0.26 with alpha alone at DDIM 50, 0.99 at DDPM 50)
-    sampling: SamplingConfig = SamplingConfig(sampler="ddpm", steps=50)
-    guide: GuidanceConfig = GuidanceConfig()  # Sehwag et al. 2022's alpha = beta = 0.5
-    guidance_epochs: PositiveInt = 10  # guidance nets' training epochs
-    t_re: float = 0.5  # reconstruction's reverse step as a fraction of T (Yamaguchi & Fukuda 2023)
-    classifier: str = "tinycnn"  # the architecture every compared classifier uses
-    classifier_epochs: PositiveInt = 15  # their epochs (the same steps for each: one pass over the real data per epoch)
-    synthetic_weight: float = 0.5  # sampling weight of a synthetic set next to real = 1
-    reference_classifier: str = "tinycnn_wide"  # independent evaluation classifier (never guides)
-    reference_epochs: PositiveInt = 20  # its epochs
-    corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty, `all` as a flag: every one that applies)
-    severities: tuple[int, ...] = DEMO_SEVERITIES  # CIFAR-10-C severities evaluated
-    # image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to digits (scaled to
-    # 8 px, blurs stay below a pixel and change nothing: README, "Corruptions at small sizes")
-    corruption_reference_size: PositiveInt = 8
-    diffaug_actors: int = 0  # DiffAug served by this many AugmentActors (0: in the training process)
-    # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
-    actors: NonNegativeInt | None = None
-    seed: int = 0  # every job's and trainer's seed
-
-    def __post_init__(self):
-        check_fields(self)
-        if not 0 < self.label_dropout < 1:
-            raise ConfigError(f"label_dropout must be in (0, 1), got {self.label_dropout}: DiffAug-Ensemble needs "
-                              "the null class to denoise test images without their labels")
+from tailforge.train.classifier import train_classifier
+from tailforge.train.config import REAL, ClassifierTrainConfig, DiffusionTrainConfig, GuidanceTrainConfig, MixSource
+from tailforge.train.diffusion import train_diffusion
+from tailforge.train.guidance import train_guidance
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -271,35 +221,42 @@ def reconstruction_entropy(config: DemoConfig, paths: dict[str, Path]) -> dict[s
     return entropy
 
 
-def _mean_corruption(result: dict[str, Any]) -> float:
-    """Mean accuracy over every evaluated corruption that changes the images (benchmark or extra)."""
-    rows = [row["mean_accuracy"] for row in result["corruptions"].values() if row["effective"]]
-    return sum(rows) / len(rows)
-
-
-def findings_section(rows: list[dict[str, Any]], config: DemoConfig) -> Section:
-    section = Section("findings", "Findings of the papers this run checks")
-    section.tables.append(Table("findings", ["paper", "finding", "d: what is compared", "d, 95 % interval",
-                                             "items x seeds", "verdict"],
-                                [[r["paper"], r["finding"], r["difference"],
-                                  f"{r['estimate']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]",
-                                  f"{r['items']} x {r['seeds']}", r["verdict"]] for r in rows]))
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("reproduced", "contradicted", "inconclusive")}
-    section.notes.append(
-        f"{counts['reproduced']} reproduced, {counts['contradicted']} contradicted, {counts['inconclusive']} "
-        f"inconclusive of {len(rows)} findings on {config.dataset}, one training seed. Each interval is a 95 % "
-        "paired bootstrap over the items both sides were measured on (test images, corrupted test images, or "
-        "generated samples that share their seeds); a finding is reproduced when the whole interval lies on the "
-        "paper's side of its threshold, contradicted when it lies on the other side, inconclusive otherwise.")
-    if counts["inconclusive"]:
+def demo_findings(rows: list[dict[str, Any]], config: dict[str, Any]) -> Section:
+    """The report's lead: the findings with their intervals, and what an inconclusive one needs."""
+    section = findings_section(rows, f"{config['dataset']}, one training seed")
+    test_items = [r["items"] for r in rows if r["difference"].startswith("test accuracy")]
+    if any(r["verdict"] == "inconclusive" for r in rows) and test_items:
         section.notes.append(
-            "An inconclusive finding needs more data than this run has: the classifier comparisons rest on the "
-            f"{rows[0]['items'] if rows else 0}-odd test items of {config.dataset} and one seed, where one image is "
-            "a quarter of a point; the Fashion-MNIST study (10,000 test images, several seeds) is where they can "
-            "be decided.")
-    section.notes.append(f"Settings: {json.dumps(config_dict(config))}.")
-    section.data["findings"] = rows
+            f"An inconclusive finding needs more data than this run has: the classifier comparisons rest on the "
+            f"{test_items[0]} test images of {config['dataset']} and one seed, where one image is "
+            f"{100 / test_items[0]:.2g} points of accuracy; the Fashion-MNIST study (10,000 test images, several "
+            "seeds) is where they can be decided.")
     return section
+
+
+def write_demo_report(config: DemoConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage 5: the report, from what the earlier stages saved under --out (evaluation results,
+    shard sets, the evaluation classifier) and the findings; run_demo calls it, and
+    :func:`rerender_report` calls it for a finished run without re-running any stage."""
+    paths = _paths(Path(config.out))
+    return write_report(
+        paths["report"], results=[str(paths["eval"])],
+        samples={"baseline": str(paths["baseline"]), "lowdensity": str(paths["lowdensity"]),
+                 "reconstructed": str(paths["reconstructed"])},
+        classifier=str(paths["reference"]), dataset=config.dataset, title="tailforge demo",
+        lead=[demo_findings(rows, config_dict(config))], settings=config)
+
+
+def rerender_report(config: DemoConfig) -> dict[str, Any]:
+    """Re-render the report of a finished run with these settings (its --out) from the run's
+    summary.json (the findings) and saved results, running no stage: what to call after changing
+    the report rather than the run."""
+    summary = read_json(Path(config.out) / "summary.json", "demo summary")
+    differing = sorted(k for k, v in config_dict(config).items() if summary["config"].get(k) != v)
+    if differing:
+        raise ConfigError(f"{Path(config.out) / 'summary.json'}: the run was made with other settings "
+                          f"({', '.join(differing)}); pass those to re-render its report")
+    return write_demo_report(config, summary["findings"])
 
 
 def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -326,15 +283,10 @@ def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any
     results = stage(4, "evaluation", f"accuracy, corruptions, OOD, density, fidelity, memorization -> {paths['eval']}",
                     lambda: evaluate(config, paths, folders))
     rows = decide(results)
-    stage(5, "report", f"report -> {paths['report'] / 'report.html'}", lambda: write_report(
-        paths["report"], results=[str(paths["eval"])],
-        samples={"baseline": str(paths["baseline"]), "lowdensity": str(paths["lowdensity"]),
-                 "reconstructed": str(paths["reconstructed"])},
-        classifier=str(paths["reference"]), dataset=config.dataset, title="tailforge demo",
-        lead=[findings_section(rows, config)]))
+    stage(5, "report", f"report -> {paths['report'] / 'report.html'}", lambda: write_demo_report(config, rows))
     summary = {"config": config_dict(config), "findings": rows, "seconds": seconds,
                "classifiers": {name: {"test_accuracy": results["accuracy"][name]["top1"],
-                                      "mean_corruption_accuracy": _mean_corruption(results["corruptions"][name])}
+                                      "mean_corruption_accuracy": mean_corruption_accuracy(results["corruptions"][name])}
                                for name in configs},
                "report": str(paths["report"] / "report.html")}
     write_json_atomic(out / "summary.json", summary)
@@ -343,11 +295,14 @@ def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any
 
 
 def print_summary(summary: dict[str, Any], results: dict[str, Any]) -> None:
-    print(f"\n{'classifier':<34}{'test acc':>10}{'corruption acc':>16}")
+    print(f"\n{'classifier':<34}{'test acc':>10}{'mean corruption acc':>21}")
     for name, row in results["corruptions"].items():
         accuracy = results["accuracy"].get(name.removesuffix(" + DiffAug-Ensemble"), {})
         top1 = accuracy.get("diffaug_ensemble", {}).get("top1") if name.endswith("Ensemble") else accuracy.get("top1")
-        print(f"{name:<34}{top1 if top1 is not None else float('nan'):>10.4f}{_mean_corruption(row):>16.4f}")
+        mean = mean_corruption_accuracy(row)
+        print(f"{name:<34}{top1 if top1 is not None else float('nan'):>10.4f}"
+              f"{mean if mean is not None else float('nan'):>21.4f}")
+    print(f"({MEAN_CORRUPTION_ACCURACY}; as in the report)")
     print(f"\n{'shard set':<16}{'hardness med':>14}{'AvgkNN med':>12}{'LOF med':>10}{'precision':>11}{'class agr.':>12}")
     for name, row in results["density"].items():
         s = row["samples"]

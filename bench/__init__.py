@@ -5,6 +5,12 @@ A benchmark is a function ``(quick: bool, workdir: Path) -> dict`` registered wi
 run (same machine, model, batch and steps) plus the absolute figures. The harness adds the machine
 description and writes ``{out}/{name}.json`` (``bench all`` writes one file with every result).
 None of them is a timed test.
+
+One registered with an ``options`` class (a frozen config dataclass: what it measures, e.g. which
+trained model) is called ``(quick, workdir, options)``, the options coming from ``tailforge bench
+NAME --set FIELD=VALUE``. A benchmark whose prerequisites are absent here (a CUDA device, a
+trained model) raises :class:`BenchmarkUnavailable`: one line when it was asked for by name, an
+``unavailable`` entry in the results of ``bench all``.
 """
 
 from __future__ import annotations
@@ -19,20 +25,29 @@ from typing import Any, Callable
 
 import torch
 
+from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import write_json_atomic
 
-Benchmark = Callable[[bool, Path], dict[str, Any]]
+Benchmark = Callable[..., dict[str, Any]]
 BENCHMARKS: dict[str, tuple[Benchmark, str]] = {}
+#: the options class of each benchmark that takes one
+BENCHMARK_OPTIONS: dict[str, type] = {}
 
 #: Modules that register benchmarks when imported (each keeps its benchmark next to what it measures).
 BENCHMARK_MODULES: list[str] = [".sampler", ".stream", ".lowdensity", ".guidance",
                                  ".reconstruct", ".diffaug", ".memorization",
-                                 ".demo"]
+                                 ".demo", ".quality_speed", ".eval_speed", ".gpu", ".gate"]
 
 
-def benchmark(name: str, description: str) -> Callable[[Benchmark], Benchmark]:
+class BenchmarkUnavailable(ConfigError):
+    """What a benchmark needs is not on this machine (the message names it and how to provide it)."""
+
+
+def benchmark(name: str, description: str, options: type | None = None) -> Callable[[Benchmark], Benchmark]:
     def register(fn: Benchmark) -> Benchmark:
         BENCHMARKS[name] = (fn, description)
+        if options is not None:
+            BENCHMARK_OPTIONS[name] = options
         return fn
 
     return register
@@ -61,12 +76,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_benchmarks(names: list[str], *, quick: bool, out: Path) -> dict[str, Any]:
+def run_benchmarks(names: list[str], *, quick: bool, out: Path,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `names` in turn; ``options`` maps a benchmark's name to its options instance (the
+    options class's defaults where absent)."""
     registry = load_benchmarks()
     unknown = [n for n in names if n not in registry]
     if unknown:
-        from tailforge.gen.core.errors import ConfigError
         raise ConfigError(f"unknown benchmark(s) {unknown}; available: {sorted(registry)}")
+    options = options or {}
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "results": {}}
     for name in names:
@@ -74,7 +92,13 @@ def run_benchmarks(names: list[str], *, quick: bool, out: Path) -> dict[str, Any
         workdir = out / "work" / name
         workdir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        result = fn(quick, workdir)
+        extra = [options.get(name) or BENCHMARK_OPTIONS[name]()] if name in BENCHMARK_OPTIONS else []
+        try:
+            result = fn(quick, workdir, *extra)
+        except BenchmarkUnavailable as err:
+            if len(names) == 1:
+                raise
+            result = {"unavailable": str(err)}
         result["bench_seconds"] = round(time.perf_counter() - started, 2)
         results["results"][name] = result
         print_table(name, result)

@@ -29,10 +29,11 @@ import torch
 
 from tailforge.bench import benchmark
 from tailforge.bench.sampler import _random_model, best_seconds_interleaved, interleaved_seconds, median_ratio
+from tailforge.gen.diffusion.config import SamplingConfig
 from tailforge.gen.diffusion.denoiser import ClampDenoised
-from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch, sampler_sigmas
+from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch, sampler_sigmas
+from tailforge.gen.methods.config import GuidanceConfig
 from tailforge.gen.methods.lowdensity import (
-    GuidanceConfig,
     GuidanceModels,
     GuidanceNet,
     LowDensityGuidance,
@@ -75,12 +76,15 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def compare_guided_step(model_dir: Path, guidance: GuidanceModels, sampler: str, *, batch: int, steps: int,
-                        repeats: int, step_rounds: int) -> dict[str, Any]:
-    model = load_diffusion_model(model_dir, "cpu")
+                        repeats: int, step_rounds: int, device: str = "cpu") -> dict[str, Any]:
+    """The step and chain figures of the module docstring, on `device` (the guidance nets are moved
+    there; a step's result is copied back to the CPU so that a GPU's queue is drained in its time)."""
+    model = load_diffusion_model(model_dir, device)
+    guidance = guidance.to(device)
     sampling = SamplingConfig(sampler=sampler, steps=steps)
     guide = GuidanceConfig()  # alpha = beta = 0.5, the paper's defaults
     indices = list(range(batch))
-    labels = balanced_labels(indices, NUM_CLASSES)
+    labels = balanced_labels(indices, NUM_CLASSES).to(device)
 
     # one step at a mid-chain noise level: denoiser call (guided or not) + the sampler's pure step
     sigmas = sampler_sigmas(sampler, model.denoiser, steps)
@@ -89,17 +93,18 @@ def compare_guided_step(model_dir: Path, guidance: GuidanceModels, sampler: str,
     guided = LowDensityGuidance(plain, guidance, guide, sigmas, rule)
     s, s_next = sigmas[steps // 2], sigmas[steps // 2 + 1]
     gen = torch.Generator().manual_seed(0)
-    x = s * torch.randn(batch, 1, 8, 8, generator=gen)
-    noise = torch.randn(x.shape, generator=gen)
+    x = (s * torch.randn(batch, 1, 8, 8, generator=gen)).to(device)
+    noise = torch.randn(x.shape, generator=gen).to(device)
+    s, s_next = s.to(device), s_next.to(device)
     denoised = plain(x, s.expand(batch), labels)
 
     def step(denoiser):
         with torch.no_grad():
-            return rule.step(x, denoiser(x, s.expand(batch), labels), s, s_next, noise)
+            return rule.step(x, denoiser(x, s.expand(batch), labels), s, s_next, noise).cpu()
 
     unguided_steps, guided_steps, directions = interleaved_seconds([
         lambda: step(plain), lambda: step(guided),
-        lambda: guidance_direction(guidance, denoised, s, labels, guide)], step_rounds)
+        lambda: guidance_direction(guidance, denoised, s, labels, guide).cpu()], step_rounds)
     unguided_step, guided_step, direction = min(unguided_steps), min(guided_steps), min(directions)
     step_ratio = median_ratio(guided_steps, unguided_steps)
     unguided_chain, guided_chain = best_seconds_interleaved([

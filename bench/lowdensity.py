@@ -35,12 +35,15 @@ import torch
 from tqdm import tqdm
 
 from tailforge.bench import benchmark
-from tailforge.eval.density import DensityConfig, check_independent, real_reference
+from tailforge.eval.config import DensityConfig
+from tailforge.eval.density import check_independent, real_reference
 from tailforge.eval.stats import bootstrap_indices
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import load_dataset
-from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch
-from tailforge.gen.methods.lowdensity import GuidanceConfig, generate_guided_batch, hardness
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch
+from tailforge.gen.methods.config import GuidanceConfig
+from tailforge.gen.methods.lowdensity import generate_guided_batch, hardness
 from tailforge.gen.models.classifiers import embed, load_classifier, predict_logits
 from tailforge.gen.models.diffusion import load_diffusion_model
 from tailforge.gen.models.guidance import load_guidance
@@ -196,9 +199,10 @@ def lowdensity_cost(config: CostBenchConfig, *, device: str = "cpu") -> dict[str
 def _bench_models(quick: bool, workdir: Path) -> tuple[str, str, str]:
     """The diffusion model, guidance folder and evaluation classifier: the folders named by the
     environment variables, else trained into `workdir` once and reused by later runs."""
-    from tailforge.train.classifier import ClassifierTrainConfig, train_classifier
-    from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
-    from tailforge.train.guidance import GuidanceTrainConfig, train_guidance
+    from tailforge.train.classifier import train_classifier
+    from tailforge.train.config import ClassifierTrainConfig, DiffusionTrainConfig, GuidanceTrainConfig
+    from tailforge.train.diffusion import train_diffusion
+    from tailforge.train.guidance import train_guidance
 
     model = os.environ.get(ENV_MODEL) or str(workdir / ("ddpm-quick" if quick else "ddpm"))
     if not os.environ.get(ENV_MODEL) and not (Path(model) / "tailforge.json").is_file():

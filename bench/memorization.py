@@ -27,10 +27,12 @@ from sklearn.neighbors import NearestNeighbors
 
 from tailforge.bench import benchmark
 from tailforge.bench.sampler import _random_model, best_seconds_interleaved
-from tailforge.eval.memorization import MemorizationConfig, NearestTwo, nearest_two
+from tailforge.eval.config import MemorizationConfig
+from tailforge.eval.memorization import NearestTwo, nearest_two
 from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.data.datasets import load_dataset
-from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import generate_batch
 from tailforge.gen.models.diffusion import load_diffusion_model
 
 

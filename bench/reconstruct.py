@@ -15,8 +15,10 @@ from typing import Any
 
 from tailforge.bench import benchmark
 from tailforge.bench.sampler import _random_model, best_seconds_interleaved
-from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
-from tailforge.gen.jobs.sources import ReconstructConfig, ReconstructSource
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import generate_batch
+from tailforge.gen.jobs.config import ReconstructConfig
+from tailforge.gen.jobs.sources import ReconstructSource
 from tailforge.gen.models.diffusion import load_diffusion_model
 
 T_RES = (0.3, 0.5, 1.0)

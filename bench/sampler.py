@@ -27,10 +27,12 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from tailforge.bench import benchmark
 from tailforge.gen.core.device import default_device
-from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import generate_batch
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.ray import connect
 from tailforge.gen.jobs.runner import run_config_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 from tailforge.gen.models.diffusion import ModelMeta, load_diffusion_model, save_diffusion_model
 from tailforge.gen.models.unet import build_unet
 

@@ -29,20 +29,15 @@ from diffusers import DDPMScheduler
 from tailforge.bench import benchmark
 from tailforge.gen.core.device import default_device
 from tailforge.gen.data.datasets import load_dataset
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.runner import run_config_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
 from tailforge.gen.models.unet import build_unet
-from tailforge.train.classifier import (
-    ClassifierTrainConfig,
-    RankContext,
-    build_stream,
-    memory_batches,
-    new_classifier,
-    run_training,
-)
-from tailforge.train.streams import MixSource, real_shard_root, write_real_shards
+from tailforge.train.classifier import RankContext, build_stream, memory_batches, new_classifier, run_training
+from tailforge.train.config import ClassifierTrainConfig, MixSource
+from tailforge.train.streams import real_shard_root, write_real_shards
 
 
 def _synthetic_shards(workdir: Path, num: int) -> Path:

@@ -5,6 +5,7 @@
     tailforge eval accuracy|corruptions|ood|... ...     cli/eval.py
     tailforge shards verify DIR                         cli/shards.py
     tailforge demo                                      cli/demo.py (the embedded default)
+    tailforge study                                     cli/study.py (the demo over several seeds)
     tailforge bench NAME                                cli/bench.py
 
 A command (cli/commands.py) names the config dataclass its flags come from (cli/flags.py) and
@@ -21,7 +22,7 @@ import argparse
 import sys
 
 from tailforge import __version__
-from tailforge.cli import bench, demo, gen, shards, train
+from tailforge.cli import bench, demo, gen, shards, study, train
 from tailforge.cli import eval as eval_commands
 from tailforge.cli.commands import Command, CommandParser, add_commands, add_group
 
@@ -34,7 +35,7 @@ GROUPS: dict[str, tuple[str, list[Command]]] = {
 }
 
 #: `tailforge COMMAND`
-TOP_LEVEL: list[Command] = [demo.COMMAND, bench.COMMAND]
+TOP_LEVEL: list[Command] = [demo.COMMAND, study.COMMAND, bench.COMMAND]
 
 
 def all_commands() -> dict[str, Command]:

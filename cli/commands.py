@@ -15,7 +15,14 @@ import json
 import sys
 from typing import Any, Callable, Mapping
 
-from tailforge.cli.flags import DefaultsFormatter, Flag, PreformattedFormatter, add_config_flags, value_parser
+from tailforge.cli.flags import (
+    DefaultsFormatter,
+    Flag,
+    PreformattedFormatter,
+    add_config_flags,
+    use_config_file,
+    value_parser,
+)
 from tailforge.gen.core.checks import NonNegativeInt, field_type
 
 
@@ -41,12 +48,18 @@ class Command:
         module, _, name = self.config.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def add_options(self, parser: argparse.ArgumentParser) -> None:
-        config_class = self.config_class()
+    def add_options(self, parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+        """Its options; returns the config fields' options by field name."""
+        config_class, actions = self.config_class(), {}
         if config_class is not None:
-            add_config_flags(parser, config_class, self.flags)
+            parser.add_argument("--config", metavar="FILE", default=None,
+                                help="YAML, TOML or JSON file of these settings (nested configs as nested tables), "
+                                     "or an output that saved them (a job's _job.json, classifier.json, a "
+                                     "report's JSON) to reproduce it; flags given with it override it")
+            actions = add_config_flags(parser, config_class, self.flags)
         if self.options is not None:
             self.options(parser)
+        return actions
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -55,15 +68,23 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, command: Command | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pending = command
+        self.command = command
+        self.config_actions: dict[str, argparse.Action] = {}
 
     def build(self) -> argparse.ArgumentParser:
         if self.pending is not None:
             command, self.pending = self.pending, None
-            command.add_options(self)
+            self.config_actions = command.add_options(self)
         return self
 
     def parse_known_args(self, args=None, namespace=None):
         self.build()
+        if self.config_actions:  # --config FILE: its settings become the defaults, before the flags are read
+            finder = argparse.ArgumentParser(add_help=False)
+            finder.add_argument("--config", default=None)
+            path = finder.parse_known_args(sys.argv[1:] if args is None else list(args))[0].config
+            unspelled = use_config_file(self, self.command.config_class(), self.config_actions, path) if path else {}
+            self.set_defaults(config_unspelled=unspelled)
         return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from pathlib import Path
 
-from tailforge.cli.commands import Command, add_ray_options
+from tailforge.cli.commands import Command, add_ray_options, print_json
 from tailforge.cli.eval import CORRUPTION_NAMES
 from tailforge.cli.flags import Flag, config_from_args
 from tailforge.cli.gen import GUIDANCE_FLAGS, SAMPLING_FLAGS
@@ -54,14 +57,19 @@ def run_demo(args: argparse.Namespace) -> int:
     or not) and OUT/summary.json. Every stage is cached in --out: a second run reuses what is there. Defaults
     fit scikit-learn's bundled digits on a 2-core CPU."""
 
-    from tailforge.demo import DemoConfig
+    from tailforge.config import DemoConfig
     from tailforge.demo import run_demo as demo
 
-    demo(config_from_args(DemoConfig, args), address=args.address)
+    # stdout carries the result only (docs/formats.md, "Output"): the stage lines and the readable summary
+    # are for people and go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = demo(config_from_args(DemoConfig, args), address=args.address)
+    print_json({"report": summary["report"], "summary": str(Path(summary["report"]).parents[1] / "summary.json"),
+                "findings": summary["findings"], "classifiers": summary["classifiers"]})
     return 0
 
 
 COMMAND = Command(
     "demo", "the embedded default: the whole pipeline on digits on this machine", run=run_demo,
-    config="tailforge.demo:DemoConfig", options=demo_options, epilog=DEMO_EPILOG,
+    config="tailforge.config:DemoConfig", options=demo_options, epilog=DEMO_EPILOG,
     flags={**SAMPLING_FLAGS, **GUIDANCE_FLAGS, "steps": Flag("sampling-steps"), "corruptions": CORRUPTION_NAMES})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tailforge.cli.commands import (
@@ -76,10 +77,13 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
 
 def corruptions_options(parser: argparse.ArgumentParser) -> None:
-    from tailforge.eval.corruptions import CORRUPTIONS
+    from tailforge.eval.config import CORRUPTIONS
 
-    parser.description += (f" Corruptions: {', '.join(CORRUPTIONS)} (frost and spatter cannot be computed here; "
-                           "see tailforge.eval.corruptions).")
+    never = [name for name, c in CORRUPTIONS.items() if not c.fn]
+    optional = [name for name, c in CORRUPTIONS.items() if c.missing]
+    parser.description += (f" Corruptions: {', '.join(CORRUPTIONS)} ({', '.join(never)} cannot be computed here; "
+                           f"{', '.join(optional)} only where its optional files are installed, else skipped with a "
+                           "note; see tailforge.eval.corruptions).")
     add_out_option(parser)
     add_device_option(parser)
     add_quiet_option(parser)
@@ -92,7 +96,8 @@ def run_corruptions(args: argparse.Namespace) -> int:
     per-family and mean corruption accuracy over the benchmark's 15 corruptions that apply) and
     OUT/corruption_examples.png."""
 
-    from tailforge.eval.corruptions import CorruptionSuiteConfig, run_corruption_suite
+    from tailforge.eval.config import CorruptionSuiteConfig
+    from tailforge.eval.corruptions import run_corruption_suite
 
     report = run_corruption_suite(config_from_args(CorruptionSuiteConfig, args), args.out, device=args.device,
                                   progress=not args.quiet)
@@ -100,6 +105,8 @@ def run_corruptions(args: argparse.Namespace) -> int:
                 "mean_corruption_accuracy": report["mean_corruption_accuracy"], "families": report["families"],
                 "no_effect_at_this_size": report["no_effect_at_this_size"],
                 "not_computed": sorted(report["not_computed"])})
+    for note in report["notes"]:  # e.g. frost skipped because its photographs are not installed
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -116,7 +123,7 @@ def run_ood(args: argparse.Namespace) -> int:
     without those classes and adds their test images as a near-OOD set (open-set protocol). Writes OUT/ood.json
     with ROC curves."""
 
-    from tailforge.eval.ood import OODConfig
+    from tailforge.eval.config import OODConfig
     from tailforge.eval.ood import run_ood as evaluate_ood
 
     report = evaluate_ood(config_from_args(OODConfig, args), args.out, device=args.device, progress=not args.quiet)
@@ -136,13 +143,39 @@ def run_fidelity(args: argparse.Namespace) -> int:
     accuracy of a linear real-vs-synthetic detector in the pixel and DCT domains (Yamaguchi & Fukuda, Table 1;
     50 % = indistinguishable). Writes OUT/fidelity.json. Precision and recall are in `tailforge eval density`."""
 
-    from tailforge.eval.fidelity import FidelityConfig
+    from tailforge.eval.config import FidelityConfig
     from tailforge.eval.fidelity import run_fidelity as evaluate_fidelity
 
     report = evaluate_fidelity(config_from_args(FidelityConfig, args), args.out, device=args.device)
     print_json({"out": str(Path(args.out) / "fidelity.json"), "frechet_distance": report["frechet_distance"],
                 "frechet_distance_real_test_vs_train": report.get("frechet_distance_real_test_vs_train"),
                 "fake_detection": {d: r["accuracy"] for d, r in report["fake_detection"].items()}})
+    return 0
+
+
+def reconstruction_options(parser: argparse.ArgumentParser) -> None:
+    add_out_option(parser)
+    add_device_option(parser)
+
+
+def run_reconstruction(args: argparse.Namespace) -> int:
+    """Yamaguchi & Fukuda 2023's measurements of reconstructed data against t_re: for each --shards T=DIR set
+    (tailforge gen reconstruct) and for the real split the sets came from (t_re = 0), measured against the real
+    --split: Frechet distance in the evaluation classifier's embedding (bootstrap interval), k-NN precision and
+    recall, and fake-detection accuracy of a logistic regression (cross-validated) and a small CNN (held out) in
+    the pixel and DCT domains (exact intervals; 50 % = indistinguishable). Writes OUT/reconstruction.json,
+    OUT/reconstruction_metrics.png (every figure against t_re with its 95 % interval) and
+    OUT/reconstruction_pca.png (features on the real split's top two principal components, one panel per t_re)."""
+
+    from tailforge.eval.config import ReconstructionStudyConfig
+    from tailforge.eval.reconstruction import run_reconstruction_study
+
+    report = run_reconstruction_study(config_from_args(ReconstructionStudyConfig, args), args.out, device=args.device)
+    print_json({"out": str(Path(args.out) / "reconstruction.json"), "points": [
+        {"t_re": p["t_re"], "frechet_distance": p["frechet_distance"]["estimate"],
+         "precision": p["precision"]["estimate"], "recall": p["recall"]["estimate"],
+         "fake_detection": {f"{m} {d}": r[m]["accuracy"] for d, r in p["fake_detection"].items() for m in r}}
+        for p in report["points"]]})
     return 0
 
 
@@ -162,7 +195,7 @@ def run_memorization(args: argparse.Namespace) -> int:
     one of --shards (a generated set) or --model, which generates --num samples first (a baseline job into
     OUT/samples)."""
 
-    from tailforge.eval.memorization import MemorizationConfig
+    from tailforge.eval.config import MemorizationConfig
     from tailforge.eval.memorization import run_memorization as evaluate_memorization
 
     report = evaluate_memorization(config_from_args(MemorizationConfig, args), args.out, device=args.device,
@@ -194,7 +227,7 @@ def run_emm(args: argparse.Namespace) -> int:
     (Yoon et al., Hypothesis 2); --labels random|unique conditions on uninformative labels (Gu et al., Sec. 6).
     Writes OUT/emm.json and OUT/runs/nN/{model,result.json,nearest_pairs.png}; a re-run reuses finished sizes."""
 
-    from tailforge.eval.emm import EMMConfig
+    from tailforge.eval.config import EMMConfig
     from tailforge.eval.emm import run_emm as evaluate_emm
 
     report = evaluate_emm(config_from_args(EMMConfig, args), args.out, address=args.address,
@@ -276,7 +309,8 @@ def run_density(args: argparse.Namespace) -> int:
     generated class; the real test split is measured the same way as a reference, and out-of-fold percentiles of
     the training split's own hardness are reported."""
 
-    from tailforge.eval.density import DensityConfig, evaluate_density
+    from tailforge.eval.config import DensityConfig
+    from tailforge.eval.density import evaluate_density
 
     print_report(evaluate_density(args.shards, args.dataset, args.classifier, config_from_args(DensityConfig, args)),
                  args.json)
@@ -291,20 +325,24 @@ COMMANDS = [
         options=accuracy_options),
     Command(
         "corruptions", "CIFAR-10-C corruptions at 5 severities: mean corruption accuracy", run=run_corruptions,
-        config="tailforge.eval.corruptions:CorruptionSuiteConfig", flags={"corruptions": CORRUPTION_NAMES},
+        config="tailforge.eval.config:CorruptionSuiteConfig", flags={"corruptions": CORRUPTION_NAMES},
         options=corruptions_options),
     Command(
         "ood", "OOD detection: MSP, energy, MaxLogit, ReAct, ASH, SCALE, Mahalanobis, kNN", run=run_ood,
-        config="tailforge.eval.ood:OODConfig", options=ood_options),
+        config="tailforge.eval.config:OODConfig", options=ood_options),
     Command(
         "fidelity", "Frechet distance in classifier features and real-vs-synthetic fake detection", run=run_fidelity,
-        config="tailforge.eval.fidelity:FidelityConfig", options=fidelity_options),
+        config="tailforge.eval.config:FidelityConfig", options=fidelity_options),
+    Command(
+        "reconstruction", "FD, precision/recall, fake detection and PCA of reconstructed sets vs t_re "
+        "(Yamaguchi & Fukuda 2023)", run=run_reconstruction, config="tailforge.eval.config:ReconstructionStudyConfig",
+        options=reconstruction_options),
     Command(
         "memorization", "ratio-criterion memorization of a shard set or model against its training data",
-        run=run_memorization, config="tailforge.eval.memorization:MemorizationConfig", options=memorization_options),
+        run=run_memorization, config="tailforge.eval.config:MemorizationConfig", options=memorization_options),
     Command(
         "emm", "effective model memorization over nested training subsets (Gu et al.)", run=run_emm,
-        config="tailforge.eval.emm:EMMConfig", options=emm_options,
+        config="tailforge.eval.config:EMMConfig", options=emm_options,
         flags={"sizes": Flag(parse=training_set_sizes, show=lambda sizes: ",".join(str(n or "full") for n in sizes))}),
     Command(
         "report", "gather evaluation results into report.json and a self-contained report.html", run=run_report,
@@ -314,5 +352,5 @@ COMMANDS = [
         run=run_entropy, options=entropy_options),
     Command(
         "density", "hardness, AvgkNN, LOF, precision/recall of a shard set (Sehwag et al. 2022, Sec. 4.2)",
-        run=run_density, config="tailforge.eval.density:DensityConfig", options=density_options),
+        run=run_density, config="tailforge.eval.config:DensityConfig", options=density_options),
 ]

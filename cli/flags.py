@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import inspect
-import io
 import math
-import textwrap
-import tokenize
 from typing import Any, Callable, Iterator, Mapping
 
-from tailforge.gen.core.checks import FieldType, OneOf, failure, field_types
+from tailforge.gen.core.checks import FieldType, OneOf, failure, field_comments, field_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,40 +49,6 @@ class ExtendTuple(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, self.dest)
         setattr(namespace, self.dest, values if current is self.default else current + values)
-
-
-@functools.lru_cache(maxsize=None)
-def field_comments(config_class: type) -> dict[str, str]:
-    """Each field's comment in the source of the class that declares it (base classes first, so a
-    subclass that redeclares a field wins): the one ending its line, else the comment lines right
-    above it."""
-    comments: dict[str, str] = {}
-    for cls in reversed(config_class.__mro__):
-        if dataclasses.is_dataclass(cls):
-            comments.update({name: text for name, text in _declared_comments(cls).items() if text})
-    return comments
-
-
-def _declared_comments(config_class: type) -> dict[str, str]:
-    source = textwrap.dedent(inspect.getsource(config_class))
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    comment_lines = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens
-                     if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
-    names = {field.name for field in dataclasses.fields(config_class)}
-    comments: dict[str, str] = {}
-    for i, tok in enumerate(tokens):
-        starts_statement = tokens[i - 1].type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
-        if (tok.type != tokenize.NAME or tok.string not in names or tok.string in comments or not starts_statement
-                or tokens[i + 1].string != ":"):
-            continue
-        end = next(j for j in range(i, len(tokens)) if tokens[j].type == tokenize.NEWLINE)
-        trailing = [t.string.lstrip("#").strip() for t in tokens[i:end + 1] if t.type == tokenize.COMMENT]
-        above, row = [], tok.start[0] - 1
-        while row in comment_lines:
-            above.insert(0, comment_lines[row])
-            row -= 1
-        comments[tok.string] = " ".join(trailing or above)
-    return comments
 
 
 def leaf_fields(config_class: type, defaults: Any = None) -> Iterator[tuple[str, FieldType, Any, str]]:
@@ -149,11 +110,12 @@ def default_text(value: Any) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type,
-                     flags: Mapping[str, Flag | None] | None = None) -> None:
+                     flags: Mapping[str, Flag | None] | None = None) -> dict[str, argparse.Action]:
     """One option per (flattened) field of `config_class`; `flags` respells fields by name, and
-    None leaves a field to an option the command adds itself."""
+    None leaves a field to an option the command adds itself. Returns the options by field name."""
     flags = flags or {}
     seen: set[str] = set()
+    actions: dict[str, argparse.Action] = {}
     for name, kind, default, comment in leaf_fields(config_class):
         if name in seen:
             raise ValueError(f"{config_class.__name__}: two nested fields are both named {name!r}")
@@ -165,8 +127,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type,
         option = "--" + (spec.name or ("no-" if on_off and default else "") + name.replace("_", "-"))
         text = comment.replace("%", "%%")  # argparse formats help with %
         if on_off:  # the flag flips the default; the comment describes the field being on
-            parser.add_argument(option, dest=name, action="store_false" if default else "store_true",
-                                help=f"{text}; this flag turns it off" if default else text)
+            actions[name] = parser.add_argument(option, dest=name, action="store_false" if default else "store_true",
+                                                help=f"{text}; this flag turns it off" if default else text)
             continue
         settings: dict[str, Any] = {"dest": name, "help": text, "metavar": name.upper()}
         if spec.parse is not None:
@@ -181,12 +143,38 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type,
             settings["required"] = True
         else:  # as text: argparse parses it like a typed value when the flag is absent
             settings["default"] = None if default is None else (spec.show or default_text)(default)
-        parser.add_argument(option, **settings)
+        actions[name] = parser.add_argument(option, **settings)
+    return actions
+
+
+def use_config_file(parser: argparse.ArgumentParser, config_class: type, actions: Mapping[str, argparse.Action],
+                    path: str) -> dict[str, Any]:
+    """Make the settings of config file `path` (gen/core/config_files.py) the defaults of their
+    options, so flags given with it override it; returns the settings no option spells (those the
+    command spells itself, e.g. a training mix), for :func:`config_from_args`. A bad file is a
+    parser error of one line."""
+    from tailforge.gen.core.config_files import config_table, config_values, flat_values, read_config_file
+    from tailforge.gen.core.errors import ConfigError
+
+    try:
+        data, saved = config_table(config_class, read_config_file(path))
+        values = dict(flat_values(config_class, config_values(config_class, data, path, saved=saved)))
+    except ConfigError as err:
+        parser.error(str(err))
+    unspelled = {}
+    for name, value in values.items():
+        if name in actions:  # a typed value is never re-parsed by argparse (only text defaults are)
+            actions[name].default, actions[name].required = value, False
+        else:
+            unspelled[name] = value
+    return unspelled
 
 
 def config_from_args(config_class: type, args: argparse.Namespace, **given: Any) -> Any:
     """The config (nested ones included) from parsed flags; `given` sets fields directly (those a
-    command spells itself)."""
+    command spells itself), else a --config file's setting that no flag spells, else the flag; a
+    field none of them sets keeps the dataclass's default."""
+    unspelled = getattr(args, "config_unspelled", None) or {}
     values = {}
     for field in dataclasses.fields(config_class):
         kind = field_types(config_class)[field.name]
@@ -194,6 +182,8 @@ def config_from_args(config_class: type, args: argparse.Namespace, **given: Any)
             values[field.name] = given[field.name]
         elif dataclasses.is_dataclass(kind.base) and not kind.many:
             values[field.name] = config_from_args(kind.base, args)
-        else:
+        elif field.name in unspelled:
+            values[field.name] = unspelled[field.name]
+        elif hasattr(args, field.name):
             values[field.name] = getattr(args, field.name)
     return config_class(**values)

@@ -28,8 +28,9 @@ def run_job(args: argparse.Namespace, config, source) -> int:
 
     records = run_config_job(args.out, config, source, config.num, actors=args.actors, address=args.address,
                              manifest_extra=model_manifest(config.model), progress=not args.quiet, force=args.force)
+    gated = {} if config.max_nn_ratio is None else {"replicas_dropped": sum(r.replicas_dropped or 0 for r in records)}
     print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
-                "seconds": round(sum(r.seconds for r in records), 2)})
+                "seconds": round(sum(r.seconds for r in records), 2), **gated})
     return 0
 
 
@@ -37,7 +38,8 @@ def run_baseline(args: argparse.Namespace) -> int:
     """Sample --num images (class-balanced labels: sample i gets class i mod C) and write them as WebDataset
     shards with a timm _info.json. Re-running the same command skips shards that are already recorded."""
 
-    from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+    from tailforge.gen.jobs.config import BaselineConfig
+    from tailforge.gen.jobs.sources import BaselineSource
 
     return run_job(args, config_from_args(BaselineConfig, args), BaselineSource)
 
@@ -51,9 +53,14 @@ def run_lowdensity(args: argparse.Namespace) -> int:
     loss, the guidance input and the sample's hardness under the guidance classifier. alpha = beta = 0
     reproduces `gen baseline`."""
 
-    from tailforge.gen.jobs.sources import LowDensityConfig, LowDensitySource
+    from tailforge.gen.jobs.config import LowDensityConfig
+    from tailforge.gen.jobs.sources import LowDensitySource
 
     return run_job(args, config_from_args(LowDensityConfig, args), LowDensitySource)
+
+
+#: gen reconstruct's t_re values when neither --t-re nor a --config file gives one
+DEFAULT_T_RE = (0.3, 0.5, 0.7, 1.0)
 
 
 def fraction_list(text: str) -> list[float]:
@@ -68,8 +75,9 @@ def fraction_list(text: str) -> list[float]:
 
 
 def reconstruct_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--t-re", type=fraction_list, default="0.3,0.5,0.7,1.0",
-                        help="comma-separated reverse steps as fractions of T, one shard set each")
+    parser.add_argument("--t-re", dest="t_re_values", type=fraction_list, default=None,
+                        help="comma-separated reverse steps as fractions of T, one shard set each (default: "
+                             f"{','.join(map(str, DEFAULT_T_RE))}, or the t_re of --config)")
     add_job_options(parser)
 
 
@@ -79,18 +87,22 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     OUT/t_re_0p3, read as shards:OUT/t_re_0p3). Labels are the source labels; each sample's json names its
     source key and t_re. t_re = 0 copies the real images, t_re = 1 is full class-conditional generation. --steps
     is the full chain's step count; the chain from t_re runs round(steps * t_re) of them; each set's job name is
-    JOB_t_re_<value>. Re-running the same command skips shards that are already recorded."""
+    JOB_t_re_<value> (the t_re of a --config file, e.g. a set's own _job.json, keeps the file's job name). Re-running
+    the same command skips shards that are already recorded."""
 
     from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.jobs.config import ReconstructConfig
     from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import ReconstructConfig, ReconstructSource, shard_set_name
+    from tailforge.gen.jobs.sources import ReconstructSource, shard_set_name
 
     extra = model_manifest(args.model)
     num = len(load_dataset(args.dataset, args.split))
     outputs = {}
-    for t_re in args.t_re:
+    # a --config file's t_re (without --t-re) is one saved set: its job name is kept, to re-make that set
+    saved_set = args.t_re_values is None and "t_re" in args.config_unspelled
+    for t_re in [args.config_unspelled["t_re"]] if saved_set else args.t_re_values or DEFAULT_T_RE:
         name = shard_set_name(t_re)
-        config = config_from_args(ReconstructConfig, args, t_re=t_re, job=f"{args.job}_{name}")
+        config = config_from_args(ReconstructConfig, args, t_re=t_re, job=args.job if saved_set else f"{args.job}_{name}")
         out = str(Path(args.out) / name)
         records = run_config_job(out, config, ReconstructSource, num, actors=args.actors, address=args.address,
                                  progress=not args.quiet, force=args.force, manifest_extra={**extra, "t_re": t_re,
@@ -107,14 +119,14 @@ SUMMARY = "generate WebDataset shards with a diffusion model on a Ray actor pool
 COMMANDS = [
     Command(
         "baseline", "plain class-conditional sampling into shards", run=run_baseline,
-        config="tailforge.gen.jobs.sources:BaselineConfig", flags=SAMPLING_FLAGS, options=add_job_options),
+        config="tailforge.gen.jobs.config:BaselineConfig", flags=SAMPLING_FLAGS, options=add_job_options),
     Command(
         "reconstruct", "real-sample reconstruction (Yamaguchi & Fukuda, Algorithm 1): diffuse to t_re, reverse back",
-        run=run_reconstruct, config="tailforge.gen.jobs.sources:ReconstructConfig",
+        run=run_reconstruct, config="tailforge.gen.jobs.config:ReconstructConfig",
         flags={**SAMPLING_FLAGS, "t_re": None}, options=reconstruct_options),
     Command(
         "lowdensity", "low-density sampling with alpha/beta guidance (Sehwag et al. 2022, Algorithm 1) into shards",
-        run=run_lowdensity, config="tailforge.gen.jobs.sources:LowDensityConfig",
+        run=run_lowdensity, config="tailforge.gen.jobs.config:LowDensityConfig",
         flags={**SAMPLING_FLAGS, **GUIDANCE_FLAGS},
         options=add_job_options),
 ]

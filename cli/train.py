@@ -19,12 +19,16 @@ from tailforge.cli.gen import SAMPLING_FLAGS
 
 
 def trainer_options(folder: str) -> Callable[[argparse.ArgumentParser], None]:
-    """--out (the `folder` the trainer writes), --device and --quiet."""
+    """--out (the `folder` the trainer writes), --device, --quiet and --tensorboard."""
 
     def add(parser: argparse.ArgumentParser) -> None:
         add_out_option(parser, f"{folder} folder to write")
         add_device_option(parser)
         add_quiet_option(parser)
+        parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                            help="also write every training-log entry (loss, accuracy, learning rate, samples/s) "
+                                 "to TensorBoard event files in DIR; needs tensorboard or tensorboardX "
+                                 "(pip install 'tailforge[tensorboard]')")
 
     return add
 
@@ -36,22 +40,38 @@ def run_diffusion(args: argparse.Namespace) -> int:
     diffusers DDPMPipeline folder. Dataset specs: digits | mondrian | gm | ri | cifar10:PATH | imagefolder:PATH
     | shards:PATH, options as ?n=100&subset_seed=0."""
 
-    from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
+    from tailforge.train.config import DiffusionTrainConfig
+    from tailforge.train.diffusion import train_diffusion
+    from tailforge.train.run_folder import log_to_tensorboard
 
-    out = train_diffusion(config_from_args(DiffusionTrainConfig, args), args.out, device=args.device,
-                          progress=not args.quiet)
+    with log_to_tensorboard(args.tensorboard):
+        out = train_diffusion(config_from_args(DiffusionTrainConfig, args), args.out, device=args.device,
+                              progress=not args.quiet)
     print_json({"model": str(out)})
     return 0
 
 
 def classifier_options(parser: argparse.ArgumentParser) -> None:
     trainer_options("classifier")(parser)
-    parser.add_argument("--mix", default="real=1.0",
+    parser.add_argument("--mix", dest="mix_spec", default=None,
                         help="sources and relative sampling weights: `real` (the dataset) and shard sets, named "
-                             "by --shards or given as folders, e.g. real=1.0,lowdensity=0.3")
+                             "by --shards or given as folders, e.g. real=1.0,lowdensity=0.3 (default: real=1.0, "
+                             "or the mix of --config)")
     parser.add_argument("--shards", action="append", metavar="NAME=PATH",
                         help="a synthetic shard set used in --mix under NAME (repeatable)")
     add_ray_options(parser, actors=False)
+
+
+def classifier_config(args: argparse.Namespace):
+    """The ClassifierTrainConfig of parsed arguments: --mix (with --shards) over a --config file's mix."""
+    from tailforge.gen.core.errors import ConfigError
+    from tailforge.train.config import ClassifierTrainConfig
+    from tailforge.train.streams import parse_mix
+
+    if args.shards and not args.mix_spec:
+        raise ConfigError("--shards names sets for --mix to weight; give --mix too (e.g. real=1.0,NAME=0.3)")
+    given = {"mix": parse_mix(args.mix_spec, name_value_pairs(args.shards, "--shards"))} if args.mix_spec else {}
+    return config_from_args(ClassifierTrainConfig, args, **given)
 
 
 def run_classifier(args: argparse.Namespace) -> int:
@@ -63,12 +83,13 @@ def run_classifier(args: argparse.Namespace) -> int:
     the newest checkpoint with its optimizer state. --workers N > 1 runs N DDP ranks on Ray Train (on the
     cluster --address names). Writes classifier.safetensors + classifier.json and prints the test accuracy."""
 
-    from tailforge.train.classifier import ClassifierTrainConfig, train_classifier
-    from tailforge.train.streams import parse_mix
+    from tailforge.train.classifier import train_classifier
+    from tailforge.train.run_folder import log_to_tensorboard
 
-    mix = parse_mix(args.mix, name_value_pairs(args.shards, "--shards"))
-    config = config_from_args(ClassifierTrainConfig, args, mix=mix)
-    _, accuracy = train_classifier(config, args.out, device=args.device, progress=not args.quiet, address=args.address)
+    config = classifier_config(args)
+    with log_to_tensorboard(args.tensorboard):
+        _, accuracy = train_classifier(config, args.out, device=args.device, progress=not args.quiet,
+                                       address=args.address)
     print_json({"classifier": args.out, "test_accuracy": round(accuracy, 4)})
     return 0
 
@@ -82,10 +103,13 @@ def run_guidance(args: argparse.Namespace) -> int:
     x_t; timestep-aware classifiers, Gaussians per noise level). Everything is saved in --out, which `tailforge
     gen lowdensity --guidance` reads."""
 
-    from tailforge.train.guidance import GuidanceTrainConfig, train_guidance
+    from tailforge.train.config import GuidanceTrainConfig
+    from tailforge.train.guidance import train_guidance
+    from tailforge.train.run_folder import log_to_tensorboard
 
-    info = train_guidance(config_from_args(GuidanceTrainConfig, args), args.out, device=args.device,
-                          progress=not args.quiet)
+    with log_to_tensorboard(args.tensorboard):
+        info = train_guidance(config_from_args(GuidanceTrainConfig, args), args.out, device=args.device,
+                              progress=not args.quiet)
     print_json({"guidance": args.out, **{k: info[k] for k in ("input", "guidance_hash", "classifier_test_accuracy",
                                                                "discriminator_holdout_accuracy")}})
     return 0
@@ -96,14 +120,14 @@ SUMMARY = "train diffusion models and classifiers"
 COMMANDS = [
     Command(
         "diffusion", "train a class-conditional DDPM (epsilon loss, AdamW, EMA)", run=run_diffusion,
-        config="tailforge.train.diffusion:DiffusionTrainConfig", options=trainer_options("model"),
+        config="tailforge.train.config:DiffusionTrainConfig", options=trainer_options("model"),
         flags={"beta_schedule": Flag("schedule"), "class_conditional": Flag("unconditional")}),
     Command(
         "classifier", "train a timm classifier on streamed real + synthetic shards", run=run_classifier,
-        config="tailforge.train.classifier:ClassifierTrainConfig", options=classifier_options,
+        config="tailforge.train.config:ClassifierTrainConfig", options=classifier_options,
         flags={"mix": None, "resample": Flag("exact-epochs")}),
     Command(
         "guidance", "train the low-density guidance models of Sehwag et al. 2022 (classifier + discriminator)",
-        run=run_guidance, config="tailforge.train.guidance:GuidanceTrainConfig", options=trainer_options("guidance"),
+        run=run_guidance, config="tailforge.train.config:GuidanceTrainConfig", options=trainer_options("guidance"),
         flags=SAMPLING_FLAGS),
 ]

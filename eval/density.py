@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.neighbors import LocalOutlierFactor
 from torch import Tensor
 
+from tailforge.eval.config import DensityConfig
 from tailforge.eval.neighbors import distance_blocks, knn
 from tailforge.eval.results import tag_result
 from tailforge.eval.stats import encode_bits
-from tailforge.gen.core.checks import OneOf, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, file_sha256
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.read import iter_samples
-from tailforge.gen.methods.lowdensity import SHRINKAGE, ClassGaussians, fit_class_gaussians, hardness
+from tailforge.gen.methods.lowdensity import ClassGaussians, fit_class_gaussians, hardness
 from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, embed, load_classifier, predict_logits
 
 #: fields of a sample's json that say how it was generated (copied into the report)
@@ -102,21 +102,6 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk_size: int = 1
     samples inside the real manifold, recall the fraction of real samples inside the fake one."""
     precision, recall = manifold_membership(real, fake, k, chunk_size)
     return {"precision": float(precision.double().mean()), "recall": float(recall.double().mean())}
-
-
-@dataclasses.dataclass(frozen=True)
-class DensityConfig:
-    """`tailforge eval density`; copied into its report."""
-
-    k: PositiveInt = 5  # AvgkNN neighbours (Sehwag et al. 2022: five)
-    lof_neighbors: PositiveInt = 20  # LOF neighbourhood (scikit-learn's default; the paper does not say)
-    pr_k: PositiveInt = 3  # k of the precision/recall manifolds (Kynkaanniemi et al. 2019)
-    # class covariances of the evaluation features (96-d, ~140 per class on digits)
-    shrinkage: Annotated[str, OneOf(SHRINKAGE)] = "ledoit_wolf"
-    folds: PositiveInt = 5  # cross-fitting folds for the real training data's own hardness
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 @dataclasses.dataclass

@@ -30,61 +30,16 @@ import math
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from tailforge.eval.config import EMMConfig
 from tailforge.eval.results import tag_result
-from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, saved_result, write_json_atomic
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
-from tailforge.gen.diffusion.samplers import SAMPLERS
-from tailforge.gen.models.unet import UNET_PRESETS
-
-BUDGETS = ("epochs", "steps")
-LABEL_MODES = ("true", "none", "random", "unique")
-
-
-@dataclasses.dataclass(frozen=True)
-class EMMConfig:
-    """`tailforge eval emm`; copied into emm.json and every run's result."""
-
-    dataset: str = "digits"  # dataset spec; size N trains on SPEC?n=N (nested subsets of its training split)
-    sizes: tuple[int, ...] = (50, 100, 200, 400, 0)  # training-set sizes; 0 = the full training split
-    # true | none (unconditional) | random | unique (Gu et al. 2023 Sec. 6)
-    labels: Annotated[str, OneOf(LABEL_MODES)] = "true"
-    random_classes: NonNegativeInt = 0  # C for random labels; 0 = the dataset's number of classes
-    dummy: NonNegativeInt = 0  # Gaussian-mixture dummy images added as one extra class (Yoon et al. 2023 Hypothesis 2)
-    # epochs: every size trains for the same number of epochs, so each image is drawn equally often
-    # (Gu et al. 2023 App. B); steps: every size trains for the same number of optimizer steps
-    budget: Annotated[str, OneOf(BUDGETS)] = "epochs"
-    epochs: PositiveInt = 500  # passes over the training set (dummy images included) with budget=epochs (paper: 40k)
-    steps: PositiveInt = 2000  # optimizer steps with budget=steps
-    snapshots: PositiveInt = 4  # memorization measured at this many evenly spaced points of training
-    batch_size: PositiveInt = 128  # training batch
-    lr: PositiveFloat = 2e-3  # AdamW learning rate
-    preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset (None: tiny up to 16 px, small above)
-    num_samples: PositiveInt = 1000  # generated images per model (Gu et al. 2023 uses 10k)
-    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddim"  # sampler for the generated images
-    sampling_steps: PositiveInt = 50  # its steps
-    epsilon: PositiveFloat = 0.1  # EMM threshold: ratio >= 1 - epsilon (Gu et al. 2023 sets 0.1)
-    subset_seed: NonNegativeInt = 0  # permutation that makes the nested subsets
-    seed: NonNegativeInt = 0  # model initialisation, training batches, sampling noise and random labels
-
-    def __post_init__(self):
-        check_fields(self)
-        if not self.sizes:
-            raise ConfigError("give at least one training-set size")
-        if any(n < 0 for n in self.sizes) or len(set(self.sizes)) != len(self.sizes):
-            raise ConfigError(f"sizes must be distinct and >= 2 (0 = full), got {self.sizes}")
-        if any(0 < n < 2 for n in self.sizes):
-            raise ConfigError(f"the ratio criterion needs at least 2 training images; got sizes {self.sizes}")
-        if self.dummy and self.labels != "true":
-            raise ConfigError("dummy-data injection conditions on the dummy class: use it with labels=true")
-        if not 0 < self.epsilon < 1:
-            raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
 
 
 def subset_spec(spec: str, n: int, subset_seed: int) -> str:
@@ -217,9 +172,11 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     from its checkpoints)."""
     from tailforge.eval.figures import save_png_atomic
     from tailforge.eval.memorization import memorization_stats, nearest_pairs_grid
-    from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch
+    from tailforge.gen.diffusion.config import SamplingConfig
+    from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch
     from tailforge.gen.models.diffusion import load_diffusion_model
-    from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
+    from tailforge.train.config import DiffusionTrainConfig
+    from tailforge.train.diffusion import train_diffusion
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)

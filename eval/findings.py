@@ -5,7 +5,8 @@ generated samples that share their seeds), with the direction the paper claims a
 effect that counts (:func:`tailforge.eval.stats.verdict`). Its interval is a paired bootstrap over
 those items (:func:`tailforge.eval.stats.paired_bootstrap`); the results it reads keep each item's
 outcome for exactly this ("correct" bits of accuracy and corruption results, "per_sample" values of
-density results, "replicate" bits of memorization results).
+density results, "replicate" bits of memorization results). Over several runs that differ only in
+their seed (`tailforge study`), :func:`combine_seeds` replaces it with a t-interval of the runs' differences.
 
 The claims, by paper:
 
@@ -26,11 +27,20 @@ The claims, by paper:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tailforge.eval.stats import Interval, auroc_difference, decode_bits, paired_bootstrap, proportion_interval, verdict
+from tailforge.eval.stats import (
+    Interval,
+    auroc_difference,
+    decode_bits,
+    paired_bootstrap,
+    proportion_interval,
+    t_interval,
+    verdict,
+)
+from tailforge.gen.core.errors import ConfigError
 
 #: the effect below which a classifier comparison on accuracy does not count (half a point)
 ACCURACY_MARGIN = 0.005
@@ -64,9 +74,11 @@ def correct(results: dict[str, Any], name: str) -> np.ndarray:
 
 
 def corrupted_correct(results: dict[str, Any], name: str) -> np.ndarray:
-    """Per-item correctness over every (corruption, severity, test image) that changes the images."""
+    """Per-item correctness over every (corruption, severity, test image) that the mean corruption
+    accuracy averages: the CIFAR-10-C benchmark corruptions that change the images (held-out ones excluded)."""
     rows = results["corruptions"][name]["corruptions"]
-    return np.concatenate([decode_bits(cell["correct"]) for corruption in sorted(rows) if rows[corruption]["effective"]
+    return np.concatenate([decode_bits(cell["correct"]) for corruption in sorted(rows)
+                           if rows[corruption]["benchmark"] and rows[corruption]["effective"]
                            for cell in rows[corruption]["severities"]])
 
 
@@ -149,3 +161,25 @@ def decide(results: dict[str, Any], claims: tuple[Claim, ...] = CLAIMS) -> list[
                      "direction": claim.direction, "min_effect": claim.min_effect, **interval.as_dict(),
                      "verdict": verdict(interval, claim.direction, claim.min_effect)})
     return rows
+
+
+def combine_seeds(per_seed: Sequence[list[dict[str, Any]]], *, level: float = 0.95) -> list[dict[str, Any]]:
+    """One row per claim over several runs that differ only in their seed (each a list of :func:`decide`'s
+    rows): the claim's measured difference in each run, their Student-t interval across the runs
+    (:func:`tailforge.eval.stats.t_interval`, n = runs) and the verdict the same rule gives for it; each
+    run's own row (its interval over the items) is kept under "per_seed", in run order."""
+    if not per_seed:
+        raise ConfigError("combining seeds needs the findings of at least one run")
+    keyed = [{(r["paper"], r["finding"]): r for r in rows} for rows in per_seed]
+    combined = []
+    for key, first in keyed[0].items():
+        missing = [i for i, rows in enumerate(keyed) if key not in rows]
+        if missing:
+            raise ConfigError(f"finding {key[1]!r} ({key[0]}) is missing from run(s) {missing}: the runs checked "
+                              "different claims")
+        rows = [rows[key] for rows in keyed]
+        interval = t_interval([r["estimate"] for r in rows], level=level, items=min(r["items"] for r in rows))
+        combined.append({**{k: first[k] for k in ("paper", "finding", "difference", "direction", "min_effect")},
+                         **interval.as_dict(), "verdict": verdict(interval, first["direction"], first["min_effect"]),
+                         "per_seed": rows})
+    return combined

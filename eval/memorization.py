@@ -10,7 +10,8 @@ code it is measured in pixel space (flattened images; here floats in [-1, 1], wh
 both distances and leaves the ratio unchanged). The memorization ratio is the fraction of
 generated images that are replicates (Gu et al. 2023's R_Mem).
 
-Nearest neighbours are exact (:mod:`tailforge.eval.neighbors`): every generated image is compared
+The criterion and its exact nearest neighbours are gen/methods/replicas.py's (shared with the memorization
+gate at generation time, gen/jobs/gate.py): every generated image is compared
 with every training image in chunks (on the GPU when present), and the best candidates are
 re-ranked with distances recomputed in float64 from the image differences, so near-duplicates
 (the case the criterion is about) are not blurred by float32 cancellation in ||a||^2 + ||b||^2 - 2ab.
@@ -22,67 +23,24 @@ held-out real images; and (its Fig. 9) the classes of their 5 nearest real neigh
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from tailforge.eval.config import MemorizationConfig
 from tailforge.eval.figures import image_grid, save_png_atomic
 from tailforge.eval.neighbors import knn
 from tailforge.eval.results import tag_result
 from tailforge.eval.stats import encode_bits
-from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, DatasetError
 from tailforge.gen.core.files import write_json_atomic
-from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
-from tailforge.gen.diffusion.samplers import SAMPLERS
-
-#: Yoon et al. 2023 Section 3.1: replicate when d1 / d2 < 1/3
-RATIO_THRESHOLD = 1.0 / 3.0
-
-
-@dataclasses.dataclass
-class NearestTwo:
-    """Nearest and second-nearest reference rows of each query."""
-
-    d1: Tensor  # float64 [M] distance to the nearest reference row
-    d2: Tensor  # float64 [M] distance to the second-nearest
-    i1: Tensor  # int64 [M] index of the nearest
-    i2: Tensor  # int64 [M] index of the second-nearest
-
-
-def _flat(x: Tensor) -> Tensor:
-    x = uint8_to_float(x) if x.dtype == torch.uint8 else x
-    return x.reshape(len(x), -1)
-
-
-def nearest_two(queries: Tensor, reference: Tensor, *, query_chunk: int = 1024, reference_chunk: int = 8192,
-                device: str | torch.device | None = None) -> NearestTwo:
-    """Exact L2 nearest and second-nearest `reference` rows for each `queries` row (images are
-    flattened; uint8 images are mapped to [-1, 1] first), by :func:`tailforge.eval.neighbors.knn`
-    (chunked, float64 re-rank), on the GPU when present."""
-    if len(reference) < 2:
-        raise ConfigError(f"the ratio criterion needs at least 2 reference images, got {len(reference)}")
-    queries, reference = _flat(queries), _flat(reference)
-    if queries.shape[1] != reference.shape[1]:
-        raise ConfigError(f"generated images have {queries.shape[1]} values each, training images "
-                          f"{reference.shape[1]}: they must have the same shape")
-    two = knn(queries, reference, 2, query_chunk=query_chunk, reference_chunk=reference_chunk,
-              device=default_device(device))
-    return NearestTwo(*two.distances.unbind(1), *two.indices.unbind(1))
-
-
-def ratio_criterion(d1: Tensor, d2: Tensor, threshold: float = RATIO_THRESHOLD) -> Tensor:
-    """Yoon et al. 2023 Section 3.1: replicate iff d1 < threshold * d2 (strict; a query whose two nearest
-    training images are both at distance 0, i.e. duplicated training data, counts as a replicate
-    only if d1 < threshold * d2, which 0 < 0 is not)."""
-    return d1 < threshold * d2
+from tailforge.gen.methods.replicas import NearestTwo, nearest_two, ratio_criterion
 
 
 def _quantiles(values: Tensor, qs=(0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, float]:
@@ -96,7 +54,7 @@ def memorization_stats(generated: Tensor, generated_labels: Tensor | None, train
     ratio, the number of distinct training images replicated (Yoon et al. 2023 Fig. 5b), per-class ratios
     (Yoon et al. 2023 Section 3.3), the distribution of d1/d2, and the closest pairs."""
     nn2 = nearest_two(generated, train.images, device=device)
-    ratio = nn2.d1 / nn2.d2.clamp_min(1e-12)
+    ratio = nn2.ratio
     replicate = ratio_criterion(nn2.d1, nn2.d2)
     replicated_train = torch.unique(nn2.i1[replicate])
     nearest_label = train.labels[nn2.i1]
@@ -211,32 +169,13 @@ def evaluate_memorization(samples: LabeledImages, train: LabeledImages, out: str
 # `tailforge eval memorization`
 
 
-@dataclasses.dataclass(frozen=True)
-class MemorizationConfig:
-    """`tailforge eval memorization`; copied into memorization.json."""
-
-    dataset: str  # spec of the data the model was trained on: its training split is the reference
-    shards: str | None = None  # generated shard set to check
-    model: str | None = None  # diffusion model folder: generate `num` samples first (into OUT/samples)
-    classifier: str | None = None  # classifier folder for the feature-space check (Sehwag et al. 2022 Sec. 5)
-    pairs: PositiveInt = 24  # closest pairs listed and drawn
-    num: PositiveInt = 1000  # with model: samples to generate (Gu et al. 2023 uses 10k)
-    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddim"  # with model: sampler
-    steps: PositiveInt = 50  # with model: sampling steps
-    seed: NonNegativeInt = 0  # with model: job seed
-
-    def __post_init__(self):
-        check_fields(self)
-        if bool(self.shards) == bool(self.model):
-            raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
-
-
 def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | None, address: str | None,
                      progress: bool) -> Path:
     """Run a baseline generation job with the model into `root` (resumable, on the actor pool)."""
-    from tailforge.gen.diffusion.samplers import SamplingConfig
+    from tailforge.gen.diffusion.config import SamplingConfig
+    from tailforge.gen.jobs.config import BaselineConfig
     from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+    from tailforge.gen.jobs.sources import BaselineSource
 
     job = BaselineConfig(model=config.model, num=config.num, seed=config.seed, job="memorization",
                          sampling=SamplingConfig(sampler=config.sampler, steps=config.steps))

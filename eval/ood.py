@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tailforge.eval.config import OODConfig
 from tailforge.eval.neighbors import knn
 from tailforge.eval.results import tag_result
-from tailforge.gen.core.checks import PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
 
@@ -364,29 +364,6 @@ def split_holdout(train: LabeledImages, test: LabeledImages, holdout: Sequence[i
 # `tailforge eval ood`
 
 
-@dataclasses.dataclass(frozen=True)
-class OODConfig:
-    """`tailforge eval ood`; copied into ood.json."""
-
-    dataset: str  # ID dataset spec: its training split fits the feature statistics, its test split is ID
-    classifier: str | None = None  # classifier folder (None: train one, see holdout_classes)
-    diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
-    ood: tuple[str, ...] = ()  # extra OOD dataset specs (their test split if they have one)
-    default_sets: bool = True  # add the rotated-ID near set and the procedural far sets
-    num: PositiveInt = 500  # images per OOD set
-    holdout_classes: tuple[int, ...] = ()  # open-set protocol: train without these, their test images are near-OOD
-    model: str = "tinycnn"  # with holdout_classes: timm model to train
-    epochs: PositiveInt = 30  # with holdout_classes: training epochs
-    seed: int = 0  # with holdout_classes: training seed
-    knn_k: PositiveInt = 50  # K of the kNN score (OpenOOD's CIFAR setting)
-    react_percentile: float = 90.0  # ReAct clip percentile of ID features
-    ash_percentile: float = 90.0  # ASH-B pruning percentile
-    scale_percentile: float = 85.0  # SCALE percentile
-
-    def __post_init__(self):
-        check_fields(self)
-
-
 def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages, device: str | None, progress: bool):
     """The classifier to score with, what it is, and the ID data (open-set: without the held-out
     classes) plus the held-out classes' test images."""
@@ -398,7 +375,8 @@ def _classifier_for(config: OODConfig, train: LabeledImages, test: LabeledImages
         classifier, described = load_eval_classifier(config.classifier, diffaug_ensemble=config.diffaug_ensemble,
                                                      device=device)
         return classifier, described, train, test, None
-    from tailforge.train.classifier import ClassifierTrainConfig, fit_classifier
+    from tailforge.train.classifier import fit_classifier
+    from tailforge.train.config import ClassifierTrainConfig
 
     train, test, held, keep = split_holdout(train, test, config.holdout_classes)
     trained = ClassifierTrainConfig(dataset=config.dataset, model=config.model, epochs=config.epochs, seed=config.seed)

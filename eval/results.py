@@ -19,6 +19,7 @@ RESULT_VERSIONS: dict[str, int] = {
     "fidelity": 1,  # tailforge eval fidelity: fidelity.json
     "memorization": 2,  # tailforge eval memorization: memorization.json (2: per-sample "replicate")
     "ood": 2,  # tailforge eval ood: ood.json (2: per-item scores)
+    "reconstruction": 1,  # tailforge eval reconstruction: reconstruction.json (measurements vs t_re)
 }
 
 

@@ -32,11 +32,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tailforge.gen.core.files import config_dict, file_sha256
 from tailforge.gen.data.shards.format import plan_shards
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
 from tailforge.gen.jobs import runner
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.config import BaselineConfig
+from tailforge.gen.jobs.sources import BaselineSource
 from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS
-from tailforge.train.classifier import ClassifierTrainConfig, train_classifier
+from tailforge.train.classifier import train_classifier
+from tailforge.train.config import ClassifierTrainConfig
 
 OBJECT_STORE = 80 * 1024**2
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from tailforge.gen.core.errors import CheckpointError
 from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
 from tailforge.gen.models.diffusion import load_diffusion_model
-from tailforge.train.diffusion import DiffusionTrainConfig, train_diffusion
+from tailforge.train.config import DiffusionTrainConfig
+from tailforge.train.diffusion import train_diffusion
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 

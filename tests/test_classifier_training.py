@@ -16,17 +16,13 @@ from safetensors.torch import load_file
 from tailforge.gen.core.errors import CheckpointError, ConfigError
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.shards.format import plan_shards
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 from tailforge.gen.models.classifiers import create_classifier, load_classifier
-from tailforge.train.classifier import (
-    ClassifierTrainConfig,
-    classification_loss,
-    lr_at,
-    train_classifier,
-)
-from tailforge.train.streams import MixSource
+from tailforge.train.classifier import classification_loss, lr_at, train_classifier
+from tailforge.train.config import ClassifierTrainConfig, MixSource
 
 SMALL = dict(dataset="digits?n=160", model="tinycnn", batch_size=32, loader_workers=0, shuffle_buffer=64)
 

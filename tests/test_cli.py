@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tailforge.cli import main
+from tailforge.cli import all_commands, main
 
 
 def run_cli(*args):
@@ -64,3 +64,37 @@ def test_train_generate_evaluate_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n"] == 12 and 0 <= report["top1"] <= 1 and len(report["per_class"]) == 10
+
+
+#: what `--help` must not import: each costs seconds (torch alone 1.7 s on the 2-core CPU)
+HEAVY_MODULES = {"torch", "torchvision", "diffusers", "timm", "ray", "webdataset"}
+
+
+@pytest.mark.parametrize("words", ["", *sorted(all_commands())])
+def test_every_help_imports_no_heavy_library(words):
+    """Every command's options come from torch-free config modules (gen/*/config.py, train/config.py,
+    eval/config.py, config.py), so `--help` answers at once."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tailforge", *words.split(), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: tailforge" in result.stdout, result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert not imported & HEAVY_MODULES, f"tailforge {words} --help imports {sorted(imported & HEAVY_MODULES)}"
+
+
+def test_stdout_is_one_json_document_and_people_read_stderr(tmp_path, tiny_model_dir, capsys):
+    """The output rule (docs/formats.md, "Output"): a command's stdout is its result as one JSON document
+    and nothing else, whether it succeeds or finds a problem; progress and messages go to stderr."""
+    shards = tmp_path / "shards"
+    assert main(["gen", "baseline", "--model", str(tiny_model_dir), "--num", "4", "--shard-size", "2", "--steps",
+                 "2", "--actors", "0", "--out", str(shards)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["samples"] == 4 and "gen baseline" in out.err  # the progress bar
+    assert main(["shards", "verify", str(shards)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    first = sorted(shards.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:-512])
+    assert main(["shards", "verify", str(shards), "--json", str(tmp_path / "verify.json")]) == 1
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["ok"] is False and report == json.loads((tmp_path / "verify.json").read_text())
+    assert "problem(s)" in out.err

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tailforge.eval.config import DensityConfig
 from tailforge.eval.density import (
-    DensityConfig,
     avg_knn_distance,
     crossfit_hardness,
     evaluate_density,
@@ -100,7 +100,8 @@ def test_crossfit_hardness_scores_each_fold_with_gaussians_fitted_without_it():
 
 @pytest.fixture(scope="module")
 def eval_classifier(tmp_path_factory):
-    from tailforge.train.classifier import ClassifierTrainConfig, fit_classifier
+    from tailforge.train.classifier import fit_classifier
+    from tailforge.train.config import ClassifierTrainConfig
 
     train = load_dataset("digits?n=200", "train")
     model = fit_classifier(ClassifierTrainConfig(model="tinycnn", epochs=2), train, progress=False)

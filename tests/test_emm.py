@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from tailforge.eval.config import EMMConfig
 from tailforge.eval.emm import (
-    EMMConfig,
     estimate_emm,
     parse_sizes,
     run_emm,

@@ -31,9 +31,10 @@ from tailforge.gen.data.shards.format import RECORDS_DIR, plan_shards
 from tailforge.gen.data.shards.read import iter_samples
 from tailforge.gen.data.shards.verify import verify_shard_set
 from tailforge.gen.data.shards.write import load_records
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 
 TRIALS = int(os.environ.get("TAILFORGE_FAULT_TRIALS", "1"))
 NUM, SHARD, BATCH, STEPS, SEED = 32, 4, 4, 25, 11

@@ -37,8 +37,9 @@ def results(paper_holds: bool, n: int = N, gap: int = 60) -> dict:
         return {"correct": bits(ones, n)}
 
     def corruptions(ones: int) -> dict:
-        return {"corruptions": {"blur": {"effective": True, "severities": [{"correct": bits(ones, n)}]},
-                                "none": {"effective": False, "severities": [{"correct": bits(0, n)}]}}}
+        return {"corruptions": {"blur": {"benchmark": True, "effective": True, "severities": [{"correct": bits(ones, n)}]},
+                                "none": {"benchmark": True, "effective": False, "severities": [{"correct": bits(0, n)}]},
+                                "held_out": {"benchmark": False, "effective": True, "severities": [{"correct": bits(0, n)}]}}}
 
     return {
         "accuracy": {"real": accuracy(base), "real+baseline": accuracy(base), "real+lowdensity": accuracy(base + s * gap),

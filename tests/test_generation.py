@@ -18,9 +18,10 @@ from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import plan_shards
 from tailforge.gen.data.shards.write import load_records
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 
 NUM, SHARD, BATCH = 30, 8, 5
 

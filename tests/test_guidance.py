@@ -17,9 +17,9 @@ from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.core.noise import PerSampleNoise
 from tailforge.gen.data.shards.format import plan_shards
 from tailforge.gen.data.shards.read import iter_samples
+from tailforge.gen.diffusion.config import SamplingConfig
 from tailforge.gen.diffusion.denoiser import ClampDenoised, EpsDenoiser
 from tailforge.gen.diffusion.samplers import (
-    SamplingConfig,
     balanced_labels,
     ddpm_posterior_std,
     ddpm_step,
@@ -29,10 +29,11 @@ from tailforge.gen.diffusion.samplers import (
     sampler_sigmas,
 )
 from tailforge.gen.diffusion.schedules import alphas_cumprod
+from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource, LowDensityConfig, LowDensitySource
+from tailforge.gen.jobs.sources import BaselineSource, LowDensitySource
+from tailforge.gen.methods.config import GuidanceConfig
 from tailforge.gen.methods.lowdensity import (
-    GuidanceConfig,
     GuidanceModels,
     GuidanceNet,
     LowDensityGuidance,
@@ -268,7 +269,8 @@ def test_guidance_folder_round_trip(tmp_path, models_x0):
 
 @pytest.mark.parametrize("input", ["x0", "xt"])
 def test_train_guidance_writes_a_loadable_folder(tmp_path, tiny_model_dir, input):
-    from tailforge.train.guidance import GuidanceTrainConfig, train_guidance
+    from tailforge.train.config import GuidanceTrainConfig
+    from tailforge.train.guidance import train_guidance
 
     config = GuidanceTrainConfig(dataset="digits?n=60", model=str(tiny_model_dir), input=input, epochs=1, levels=2,
                                  synthetic=SamplingConfig(sampler="ddim", steps=2))
@@ -351,3 +353,27 @@ def test_guidance_scale_by_variance_is_the_guided_diffusion_codes_vp_variance():
     assert ratios == sorted(ratios) and 7 < ratios[0] < 7.2 and ratios[-1] > 100
     with pytest.raises(ConfigError, match="scale"):
         guidance_scale(std, sigmas[0], "both")
+
+
+def test_guidance_net_runs_the_classifier_it_was_given_with_batch_norms_folded():
+    # GuidanceNet's passes run a copy with each batch norm folded into the convolution before it
+    # (lowdensity.fold_batch_norms); with non-trivial running statistics and affine parameters its
+    # embeddings, logits and input gradients are the classifier's own up to float round-off, and the
+    # classifier itself (what a guidance folder saves) keeps its batch norms
+    torch.manual_seed(3)
+    net = create_classifier("tinycnn", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    guided = GuidanceNet(net, [], torch.zeros(1), "x0")
+    x = (torch.rand(16, 1, 8, 8) * 2 - 1).requires_grad_(True)
+    emb, logits = guided(x, 0.0)
+    (grad,) = torch.autograd.grad(emb.sum(), x)
+    ref_emb = net.forward_head(net.forward_features(x), pre_logits=True)
+    (ref_grad,) = torch.autograd.grad(ref_emb.sum(), x)
+    torch.testing.assert_close(emb, ref_emb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, net(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in guided.net.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in guided.inference_net.modules())

@@ -280,8 +280,9 @@ def _(case, world):
 def _(case, world):
     from tailforge.cli import build_parser
     from tailforge.cli.flags import config_from_args
+    from tailforge.gen.jobs.config import BaselineConfig
     from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+    from tailforge.gen.jobs.sources import BaselineSource
 
     second_refused, first_waits = threading.Event(), threading.Event()
 

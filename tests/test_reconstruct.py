@@ -14,10 +14,12 @@ from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import plan_shards
 from tailforge.gen.data.shards.read import iter_samples
-from tailforge.gen.diffusion.samplers import SamplingConfig, generate_batch
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import generate_batch
 from tailforge.gen.diffusion.schedules import alphas_cumprod, sigma_at_step
+from tailforge.gen.jobs.config import ReconstructConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import ReconstructConfig, ReconstructSource, shard_set_name
+from tailforge.gen.jobs.sources import ReconstructSource, shard_set_name
 from tailforge.gen.methods.reconstruct import chain_steps, t_re_steps
 from tailforge.gen.models.diffusion import load_diffusion_model
 

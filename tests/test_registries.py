@@ -135,6 +135,15 @@ MINIMAL_RESULTS = {
     "emm": {"config": {"labels": "true", "steps": 10, "epsilon": 0.1}, "emm": estimate_emm([10, 20], [1.0, 0.5]),
             "points": [{"size": n, "memorization_ratio": r, "distinct_train_images_replicated": n // 2,
                         "median_ratio_d1_d2": 0.2, "run": f"n{n}"} for n, r in ((10, 1.0), (20, 0.5))]},
+    "reconstruction": {"config": {"classifier": "C"},
+                       "reference": {"dataset": "digits", "split": "test", "num_images": 10},
+                       "points": [{"t_re": t, "label": f"t_re {t}", "num_samples": 10, "precision_recall_items": 10,
+                                   **{m: {"estimate": 0.5, "low": 0.4, "high": 0.6}
+                                      for m in ("frechet_distance", "precision", "recall")},
+                                   "fake_detection": {d: {"logistic_regression": {"interval": {
+                                       "estimate": 0.5, "low": 0.4, "high": 0.6}}, "cnn": {"interval": {
+                                           "estimate": 0.5, "low": 0.4, "high": 0.6}, "test_items": 6}}
+                                       for d in ("pixel", "dct")}} for t in (0.0, 0.5)]},
     "entropy": {"classifier": "C", "split": "train",
                 "datasets": {"digits": {"n": 10, "mean_entropy": 0.4, "max_entropy": 2.3, "top1": 0.9}}},
 }
@@ -192,7 +201,7 @@ def test_an_unknown_kind_is_not_recognised(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Samplers (gen.diffusion.samplers.SAMPLERS) and datasets (gen.data.datasets.DATASETS)
+# Samplers (gen.diffusion.config.SAMPLERS) and datasets (gen.data.datasets.DATASETS)
 
 import numpy as np  # noqa: E402  (this section's own imports, kept with it)
 from PIL import Image  # noqa: E402
@@ -202,10 +211,12 @@ from test_guidance import make_models as guidance_models  # noqa: E402
 from tailforge.gen.core.errors import ConfigError, DatasetError  # noqa: E402
 from tailforge.gen.core.noise import PerSampleNoise  # noqa: E402
 from tailforge.gen.data.datasets import DATASETS, load_dataset  # noqa: E402
+from tailforge.gen.diffusion.config import SAMPLERS, SamplingConfig
 from tailforge.gen.diffusion.denoiser import ClampDenoised, DenoiserWrapper, EpsDenoiser  # noqa: E402
-from tailforge.gen.diffusion.samplers import SAMPLERS, SamplingConfig, get_sampler, sampler_sigmas  # noqa: E402
+from tailforge.gen.diffusion.samplers import get_sampler, sampler_sigmas  # noqa: E402
 from tailforge.gen.diffusion.schedules import alphas_cumprod  # noqa: E402
-from tailforge.gen.methods.lowdensity import GuidanceConfig, LowDensityGuidance, step_rule  # noqa: E402
+from tailforge.gen.methods.config import GuidanceConfig
+from tailforge.gen.methods.lowdensity import LowDensityGuidance, step_rule  # noqa: E402
 
 
 class _CountingDenoiser(DenoiserWrapper):
@@ -226,7 +237,7 @@ def _gaussian_denoiser():
     return ClampDenoised(EpsDenoiser(ImageGaussianEps(ac), ac))
 
 
-GUIDED_SAMPLERS = [name for name, spec in SAMPLERS.items() if spec.step_rule is not None]
+GUIDED_SAMPLERS = [name for name, spec in SAMPLERS.items() if spec.step_rule]
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -19,9 +19,10 @@ from tailforge.gen.data.shards.read import ShardReadStats, iter_samples, read_ma
 from tailforge.gen.data.shards.verify import verify_shard_set
 from tailforge.gen.data.shards.write import load_records
 from tailforge.gen.data.storage import Storage
-from tailforge.gen.diffusion.samplers import SamplingConfig
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.jobs.config import BaselineConfig
 from tailforge.gen.jobs.runner import run_job
-from tailforge.gen.jobs.sources import BaselineConfig, BaselineSource
+from tailforge.gen.jobs.sources import BaselineSource
 
 BUCKET = "tailforge-test"
 

@@ -17,10 +17,10 @@ from tailforge.gen.core.errors import ConfigError, ShardError
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import ShardRecord, encode_sample, plan_shards
 from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
+from tailforge.train.config import MixSource
 from tailforge.train.streams import (
     PIPE_MAX_BYTES,
     MixedStream,
-    MixSource,
     ShardSet,
     _for_pipe,
     _from_pipe,

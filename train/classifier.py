@@ -24,14 +24,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, load_module_state
@@ -47,71 +46,21 @@ from tailforge.gen.models.classifiers import (
     save_classifier,
     write_classifier,
 )
-from tailforge.train.run_folder import CheckpointFolders, load_optimizer, open_log, save_optimizer
-from tailforge.train.streams import REAL, MixedStream, MixSource, real_shard_root, resolve_sets, write_real_shards
+from tailforge.train.config import REAL, ClassifierTrainConfig
+from tailforge.train.run_folder import (
+    CheckpointFolders,
+    load_optimizer,
+    log_to_tensorboard,
+    open_log,
+    save_optimizer,
+    tensorboard_folder,
+)
+from tailforge.train.streams import MixedStream, real_shard_root, resolve_sets, write_real_shards
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step")
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 # Settings that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_CHANGES = ("checkpoint_every", "follow_timeout")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierTrainConfig:
-    """`tailforge train classifier`; copied into every checkpoint and the classifier's config."""
-
-    dataset: str = "digits"  # dataset spec: train split (as shards) for training, test split for the log
-    model: str = "tinycnn"  # any timm model name (tinycnn, tinycnn_wide, resnet18_cifar registered here)
-    epochs: PositiveInt = 30  # epochs (resampled mode: epoch_samples samples each)
-    batch_size: PositiveInt = 128  # images per optimizer step over all workers (each rank takes batch_size / workers)
-    optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "adamw"  # adamw | sgd (Nesterov momentum)
-    lr: PositiveFloat = 3e-3  # peak learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # decoupled (AdamW) or L2 (SGD) weight decay
-    schedule: Annotated[str, OneOf(SCHEDULES)] = "cosine"  # cosine (to 0) | step (times gamma every step_epochs epochs)
-    warmup: float = 0.15  # fraction of all steps spent in linear warmup from 0 to lr
-    step_epochs: PositiveInt = 10  # step schedule: epochs between decays
-    gamma: PositiveFloat = 0.1  # step schedule: decay factor
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    amp: bool = True  # float16 autocast + GradScaler when training on CUDA (no effect on the CPU)
-    mix: tuple[MixSource, ...] = (MixSource(REAL, 1.0),)  # sources and their sampling weights
-    resample: bool = True  # resampled epochs of epoch_samples samples; False: every sample once per epoch
-    epoch_samples: NonNegativeInt = 0  # samples per epoch (resampled); 0: one pass over the real data in expectation
-    shuffle_buffer: PositiveInt = 1000  # samples in each reader's shuffle buffer
-    loader_workers: NonNegativeInt = 1  # DataLoader worker processes per rank (0: read in the training process)
-    workers: PositiveInt = 1  # Ray Train workers (DDP ranks); 1 trains in this process
-    follow: bool = False  # read synthetic shard sets while their generation job still writes them
-    follow_timeout: PositiveFloat = 600.0  # follow: seconds to wait for a set's first shard
-    diffaug: str = ""  # DiffAug diffusion-model folder ("" = no DiffAug)
-    diffaug_actors: NonNegativeInt = 0  # DiffAug on this many AugmentActors (0 = in the training process)
-    checkpoint_every: PositiveInt = 1  # epochs between checkpoints
-    seed: NonNegativeInt = 0  # initialisation, data order and augmentation seed
-
-    def __post_init__(self):
-        check_fields(self)
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.batch_size % self.workers:
-            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers} "
-                              "(each rank takes an equal share)")
-        if not self.mix:
-            raise ConfigError("mix names no source")
-        if self.follow and not self.resample:
-            raise ConfigError("follow mode needs resampled epochs (the followed sets grow during the run)")
-        if self.follow and self.epoch_samples == 0 and all(s.name != REAL for s in self.mix):
-            raise ConfigError("follow mode without real data needs epoch_samples (the followed sets' sizes are unknown)")
-        if self.diffaug_actors and not self.diffaug:
-            raise ConfigError("diffaug_actors needs diffaug (a diffusion-model folder)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,12 +339,21 @@ def model_config(config: ClassifierTrainConfig, info) -> dict[str, Any]:
 
 
 def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext, *, progress: bool = True,
-               stage: Stage | None = None) -> tuple[nn.Module, float]:
+               stage: Stage | None = None, ray_dataset: Any = None) -> tuple[nn.Module, float]:
     """One rank of a stream training run (the whole run when ``ctx.world_size`` is 1): rank 0
-    writes checkpoints, the log and the final classifier to ``out``."""
+    writes checkpoints, the log and the final classifier to ``out``. With ``ray_dataset`` the
+    batches come from that Ray Dataset (train/ray_data.py) instead of ``config.mix``."""
     out = Path(out)
     test = load_dataset(config.dataset, "test")
-    stream = build_stream(config, out, test, ctx.rank, ctx.world_size)
+    if ray_dataset is None:
+        stream = build_stream(config, out, test, ctx.rank, ctx.world_size)
+    else:
+        from tailforge.train.ray_data import RayDataStream
+
+        info = test.info
+        stream = RayDataStream(ray_dataset, config.batch_size, (info.channels, info.image_size, info.image_size),
+                               info.num_classes, end_epoch=config.epochs, shuffle_buffer=config.shuffle_buffer,
+                               seed=config.seed)
     model = new_classifier(config, test.info.num_classes, test.info.channels)
     meta = model_config(config, test.info)
     own_stage = stage is None
@@ -414,30 +372,47 @@ def train_rank(config: ClassifierTrainConfig, out: str | Path, ctx: RankContext,
     return model, test_accuracy
 
 
-def _ray_rank(config: ClassifierTrainConfig, out: str, progress: bool, stage: Stage | None, **placement: Any) -> None:
-    """One Ray Train worker's rank (train/ray_train.py passes where it runs as RankContext's fields)."""
-    train_rank(config, out, RankContext(**placement), progress=progress, stage=stage)
+def _ray_rank(config: ClassifierTrainConfig, out: str, progress: bool, stage: Stage | None, tensorboard: str | None,
+              **placement: Any) -> None:
+    """One Ray Train worker's rank (train/ray_train.py passes where it runs as RankContext's fields),
+    mirroring its log to the driver's TensorBoard folder when it has one."""
+    with log_to_tensorboard(tensorboard):
+        train_rank(config, out, RankContext(**placement), progress=progress, stage=stage)
 
 
 def train_classifier(config: ClassifierTrainConfig, out: str | Path, *, device: str | None = None,
                      progress: bool = True, address: str | None = None, stage: Stage | None = None,
-                     report: Callable[[dict[str, Any]], None] | None = None) -> tuple[nn.Module, float]:
+                     report: Callable[[dict[str, Any]], None] | None = None,
+                     ray_dataset: Any = None) -> tuple[nn.Module, float]:
     """Train on the dataset's training split streamed from shards, mixed with ``config.mix``'s
     synthetic shard sets; in this process, or on Ray Train when ``config.workers`` > 1 (joining
     ``address`` / $RAY_ADDRESS, else a local instance). Saves to ``out``; returns (model, test accuracy).
     A re-run of the same command resumes from the newest checkpoint. ``report`` receives each
-    epoch's log entry (in-process runs; Ray Train runs report to Ray Train)."""
+    epoch's log entry (in-process runs; Ray Train runs report to Ray Train).
+
+    ``ray_dataset``: a ``ray.data.Dataset`` with ``image`` (uint8 C x H x W) and ``label`` columns
+    (train/ray_data.py: ``read_shard_set`` gives one, and any ``map_batches`` keeping them fits)
+    replaces ``config.mix`` as the training data, one pass per epoch, in this process; the stream
+    fields of ``config`` (mix, resample, epoch_samples, loader_workers, follow) are then unused."""
     if report is not None and config.workers > 1:
         raise ConfigError("report callbacks are for in-process runs; Ray Train workers report to Ray Train")
+    if ray_dataset is not None and config.workers > 1:
+        raise ConfigError(f"a Ray Dataset source trains in this process (workers 1), got workers {config.workers}; "
+                          "for DDP ranks use --mix, whose shards every rank splits")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if ray_dataset is not None:
+        return train_rank(config, out, RankContext(default_device(device), report=report), progress=progress,
+                          stage=stage, ray_dataset=ray_dataset)
     real_root = real_shard_root(config.dataset, out)
     if any(s.name == REAL for s in config.mix) and real_root == out / "data" / REAL:
         write_real_shards(config.dataset, real_root)
     if config.workers > 1:
         from tailforge.train.ray_train import train_on_ray
 
-        rank_loop = functools.partial(_ray_rank, config, str(out.resolve()), progress, stage)
+        tensorboard = tensorboard_folder()
+        rank_loop = functools.partial(_ray_rank, config, str(out.resolve()), progress, stage,
+                                      str(tensorboard.resolve()) if tensorboard else None)
         train_on_ray(rank_loop, config.workers, out, address=address)
         model, saved = load_classifier(out)
         return model, float(saved["test_accuracy"])

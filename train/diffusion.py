@@ -12,7 +12,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
@@ -22,54 +21,17 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
-from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, load_module_state, load_safetensors, saved_result
 from tailforge.gen.core.noise import derive_seed
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
-from tailforge.gen.diffusion.schedules import BETA_SCHEDULES
+from tailforge.gen.diffusion.config import BETA_SCHEDULES
 from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
-from tailforge.gen.models.unet import UNET_PRESETS, build_unet, default_preset
+from tailforge.gen.models.unet import build_unet, default_preset
+from tailforge.train.config import DiffusionTrainConfig
 from tailforge.train.run_folder import CheckpointFolders, load_optimizer, open_log, save_optimizer
 
 CHECKPOINTS = "checkpoints"
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionTrainConfig:
-    """`tailforge train diffusion`; copied into the model's tailforge.json."""
-
-    dataset: str = "digits"  # dataset spec (training split is used)
-    preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset; None picks tiny (<= 16 px) or small
-    beta_schedule: Annotated[str, OneOf(BETA_SCHEDULES)] = "linear"  # linear (DDPM) or cosine (improved DDPM)
-    num_train_timesteps: PositiveInt = 1000  # T
-    steps: PositiveInt = 2000  # optimizer steps
-    batch_size: PositiveInt = 128  # images per step
-    lr: PositiveFloat = 2e-3  # AdamW learning rate after warmup (2e-3 suits the tiny net; DDPM used 2e-4 at 35.7M)
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: NonNegativeInt = 100  # linear learning-rate warmup (DDPM warms up over 5000 of 800k steps)
-    grad_clip: float = 1.0  # gradient-norm clip (DDPM, Appendix B)
-    ema_decay: float = 0.999  # EMA of the weights used for sampling (0.9999 in DDPM at 800k steps)
-    class_conditional: bool = True  # learn a class embedding (False: unconditional model)
-    # probability that a training label is replaced by an extra "null" class (classifier-free guidance's
-    # p_uncond, Ho & Salimans 2022: 0.1-0.2); > 0 gives one model that also denoises without labels
-    # (DiffAug, DiffAug-Ensemble) next to its class-conditional use
-    label_dropout: float = 0.0
-    hflip: bool | None = None  # random horizontal flips; None: only if the dataset allows it
-    checkpoint_every: PositiveInt = 500  # steps between checkpoints (and resumable points)
-    keep_checkpoints: PositiveInt = 2  # how many step-N checkpoints to keep
-    seed: NonNegativeInt = 0  # seeds initialisation and every step's batch / noise
-
-    def __post_init__(self):
-        check_fields(self)
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.label_dropout and not self.class_conditional:
-            raise ConfigError("label_dropout needs a class-conditional model "
-                              "(an unconditional one has no labels to drop)")
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -164,40 +126,48 @@ def train_diffusion(config: DiffusionTrainConfig, out: str | Path, *, device: st
     images = data.float_images()
     hflip = info.flip_augment if config.hflip is None else config.hflip
     labels_on = config.class_conditional
-    log = open_log(out / "train_log.jsonl")
+    # entries of steps after the checkpoint resumed from are dropped: they are redone
+    log = open_log(out / "train_log.jsonl", lambda entry: entry.get("step", 0) <= start)
     bar = tqdm(total=config.steps, initial=start, desc="train diffusion", unit="step", disable=not progress)
     window, started = [], time.perf_counter()
+    window_started = started
     unet.train()
-    for step in range(start, config.steps):
-        gen = step_generator(config.seed, step)
-        x_t, t, labels, eps = training_batch(data, images, scheduler, config.batch_size, gen, hflip)
-        labels = drop_labels(labels, config.label_dropout, null_class, gen) if null_class is not None else labels
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        pred = unet(x_t.to(device), t.to(device), class_labels=labels.to(device) if labels_on else None).sample
-        loss = F.mse_loss(pred, eps.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step} (dataset {config.dataset!r}); "
-                                     "lower --lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.step(unet.parameters())
-        window.append(loss.item())
-        bar.update(1)
-        done = step + 1
-        if done % log_every == 0 or done == config.steps:
-            mean_loss = float(np.mean(window))
-            log.write(json.dumps({"step": done, "loss": mean_loss, "lr": _lr_at(step, config),
-                                  "seconds": round(time.perf_counter() - started, 2)}) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            window = []
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(checkpoints, done, unet, ema, optimizer)
-    bar.close()
-    log.close()
+    try:  # the log is closed (its TensorBoard events written) however training ends
+        for step in range(start, config.steps):
+            gen = step_generator(config.seed, step)
+            x_t, t, labels, eps = training_batch(data, images, scheduler, config.batch_size, gen, hflip)
+            labels = drop_labels(labels, config.label_dropout, null_class, gen) if null_class is not None else labels
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            pred = unet(x_t.to(device), t.to(device), class_labels=labels.to(device) if labels_on else None).sample
+            loss = F.mse_loss(pred, eps.to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step} "
+                                         f"(dataset {config.dataset!r}); lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            optimizer.step()
+            ema.step(unet.parameters())
+            window.append(loss.item())
+            bar.update(1)
+            done = step + 1
+            if done % log_every == 0 or done == config.steps:
+                mean_loss = float(np.mean(window))
+                now = time.perf_counter()
+                samples_per_second = len(window) * config.batch_size / (now - window_started)
+                log.write(json.dumps({"step": done, "loss": mean_loss, "lr": _lr_at(step, config),
+                                      "samples_per_second": round(samples_per_second, 1),
+                                      "seconds": round(now - started, 2)}) + "\n")
+                window_started = now
+                log.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                window = []
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _save_checkpoint(checkpoints, done, unet, ema, optimizer)
+    finally:
+        bar.close()
+        log.close()
     ema_unet = build_unet(preset, image_size=info.image_size, channels=info.channels, num_classes=embeddings)
     ema_unet.load_state_dict(unet.state_dict())
     ema.copy_to(ema_unet.parameters())

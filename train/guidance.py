@@ -17,9 +17,10 @@ separately at ``levels`` noise levels. Everything goes into one folder (gen.mode
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
@@ -27,56 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tailforge.gen.core.checks import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import DatasetInfo, LabeledImages, load_dataset
-from tailforge.gen.diffusion.samplers import SamplingConfig, balanced_labels, generate_batch
-from tailforge.gen.methods.lowdensity import (
-    GUIDANCE_INPUTS,
-    SHRINKAGE,
-    GuidanceNet,
-    fit_class_gaussians,
-    noisy_net_input,
-)
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch
+from tailforge.gen.methods.lowdensity import GuidanceNet, fit_class_gaussians, noisy_net_input
 from tailforge.gen.models.classifiers import create_classifier, embed, predict_logits
 from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
 from tailforge.gen.models.guidance import save_guidance
-from tailforge.train.classifier import ClassifierTrainConfig, fit_classifier
+from tailforge.train.classifier import fit_classifier
+from tailforge.train.config import ClassifierTrainConfig, GuidanceTrainConfig
+from tailforge.train.run_folder import open_log
 
 SYNTHETIC, REAL = 0, 1  # discriminator classes (Eq. 6: class one is real)
-
-
-@dataclasses.dataclass(frozen=True)
-class GuidanceTrainConfig:
-    """`tailforge train guidance`; copied into guidance.json."""
-
-    dataset: str = "digits"  # dataset spec: its training split is the real data
-    # diffusion model folder whose baseline samples are the discriminator's synthetic class
-    model: str = dataclasses.field(kw_only=True)
-    # what the nets see while sampling: "x0" (x0_hat) or "xt" (noisy x_t, timestep-aware)
-    input: Annotated[str, OneOf(GUIDANCE_INPUTS)] = "x0"
-    classifier: str = "tinycnn"  # timm name of the embedding classifier (hardness, L_g1)
-    discriminator: str = "tinycnn"  # timm name of the real-vs-synthetic discriminator (H', L_g2)
-    epochs: PositiveInt = 30  # passes over each network's training data
-    batch_size: PositiveInt = 128  # images per step
-    lr: PositiveFloat = 3e-3  # AdamW peak learning rate (cosine decay)
-    # class covariances: auto (Ledoit-Wolf where singular) | ledoit_wolf | none
-    shrinkage: Annotated[str, OneOf(SHRINKAGE)] = "auto"
-    levels: PositiveInt = 10  # "xt" only: noise levels (evenly spaced timesteps) with their own class Gaussians
-    synthetic: SamplingConfig = SamplingConfig()  # sampler of the baseline samples (paper: 250 DDPM steps)
-    synthetic_shards: str = ""  # optional: read the baseline samples from this shard set instead
-    synthetic_seed: NonNegativeInt = 1_000_000  # job seed of those samples, away from the seeds generation jobs use
-    holdout: float = 0.15  # fraction of real + synthetic images held out to measure the discriminator
-    seed: NonNegativeInt = 0  # initialisation, data order, noise and the holdout split
-
-    def __post_init__(self):
-        check_fields(self)
-        if not self.model:
-            raise ConfigError("a diffusion model folder is needed (--model): its samples train the discriminator")
-        if not 0 < self.holdout < 0.5:
-            raise ConfigError(f"holdout must be in (0, 0.5), got {self.holdout}")
 
 
 def baseline_samples(model: DiffusionModel, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
@@ -120,26 +86,50 @@ def noise_levels(train_sigmas: Tensor, levels: int) -> Tensor:
 
 
 def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, config: GuidanceTrainConfig, *,
-                         device: str = "cpu", progress: bool = True) -> nn.Module:
+                         device: str = "cpu", progress: bool = True, log_path: Path | None = None) -> nn.Module:
     """A timestep-aware classifier (input "xt"): each step draws a batch of images and, per image, a
     timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.methods.lowdensity.noisy_net_input
-    (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps."""
+    (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps. Each epoch's
+    loss, accuracy on its noisy batches, learning rate and samples/s go to the JSONL log ``log_path``
+    (the fields of the classifier trainer's log; a re-run starts it over)."""
     torch.manual_seed(config.seed)
     net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).to(device).train()
     x0, labels, train_sigmas = data.float_images(), data.labels, train_sigmas.cpu()
-    steps = config.epochs * math.ceil(len(data) / config.batch_size)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    steps = config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     gen = torch.Generator().manual_seed(config.seed)
-    for _ in tqdm(range(steps), desc=f"train noisy {name}", unit="step", disable=not progress):
-        index = torch.randint(len(data), (config.batch_size,), generator=gen)
-        sigma = train_sigmas[torch.randint(len(train_sigmas), (config.batch_size,), generator=gen)]
-        x = x0[index] + sigma.view(-1, 1, 1, 1) * torch.randn(x0[index].shape, generator=gen)
-        loss = F.cross_entropy(net(noisy_net_input(x, sigma).to(device)), labels[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    log = open_log(log_path, lambda entry: False) if log_path else None
+    loss_sum, correct, seen, started = 0.0, 0, 0, time.perf_counter()
+    epoch_started = started
+    try:
+        for step in tqdm(range(steps), desc=f"train noisy {name}", unit="step", disable=not progress):
+            index = torch.randint(len(data), (config.batch_size,), generator=gen)
+            sigma = train_sigmas[torch.randint(len(train_sigmas), (config.batch_size,), generator=gen)]
+            x = x0[index] + sigma.view(-1, 1, 1, 1) * torch.randn(x0[index].shape, generator=gen)
+            target = labels[index].to(device)
+            logits = net(noisy_net_input(x, sigma).to(device))
+            loss = F.cross_entropy(logits, target)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(target)
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(target)
+            if log and (step + 1) % steps_per_epoch == 0:
+                now = time.perf_counter()
+                log.write(json.dumps({"epoch": (step + 1) // steps_per_epoch, "step": step + 1, "lr": lr,
+                                      "train_loss": loss_sum / seen, "train_accuracy": correct / seen, "samples": seen,
+                                      "samples_per_second": round(seen / (now - epoch_started), 1),
+                                      "seconds": round(now - started, 2)}) + "\n")
+                log.flush()
+                loss_sum, correct, seen, epoch_started = 0.0, 0, 0, now
+    finally:
+        if log:
+            log.close()
     return net.eval()
 
 
@@ -153,15 +143,17 @@ def net_inputs(data: LabeledImages, sigma: float, input: str, seed: int) -> Tens
 
 def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, config: GuidanceTrainConfig,
                      level_sigmas: Tensor, train_sigmas: Tensor, *, device: str = "cpu", progress: bool = True,
-                     ) -> tuple[GuidanceNet, dict[str, float]]:
-    """Train one guidance net for `config.input`, fit its class Gaussians at every level, and
-    measure its held-out accuracy at every level (clean images for "x0"), keyed by sigma."""
+                     log_path: Path | None = None) -> tuple[GuidanceNet, dict[str, float]]:
+    """Train one guidance net for `config.input` (per-epoch figures to the JSONL log ``log_path``),
+    fit its class Gaussians at every level, and measure its held-out accuracy at every level (clean
+    images for "x0"), keyed by sigma."""
     if config.input == "x0":
         classifier_config = ClassifierTrainConfig(dataset=train.info.spec, model=name, epochs=config.epochs,
                                                   batch_size=config.batch_size, lr=config.lr, seed=config.seed)
-        net = fit_classifier(classifier_config, train, test, device=device, progress=progress)
+        net = fit_classifier(classifier_config, train, test, device=device, progress=progress, log_path=log_path)
     else:
-        net = fit_noisy_classifier(name, train, train_sigmas, config, device=device, progress=progress)
+        net = fit_noisy_classifier(name, train, train_sigmas, config, device=device, progress=progress,
+                                   log_path=log_path)
     gaussians, accuracy = [], {}
     for level, sigma in enumerate(level_sigmas.tolist()):
         features = embed(net, net_inputs(train, sigma, config.input, config.seed + level))
@@ -173,8 +165,11 @@ def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, confi
 
 def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str | None = None,
                    progress: bool = True) -> dict:
-    """Train both guidance nets and save them with their class Gaussians in `out`; returns guidance.json."""
+    """Train both guidance nets and save them with their class Gaussians in `out`; returns guidance.json.
+    Each net's per-epoch figures go to ``out/classifier_log.jsonl`` and ``out/discriminator_log.jsonl``."""
     device = default_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     real, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
     model = load_diffusion_model(config.model, device)
     meta = model.meta
@@ -190,10 +185,12 @@ def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str 
     train_sigmas = model.denoiser.train_sigmas.cpu()
     level_sigmas = torch.zeros(1) if config.input == "x0" else noise_levels(train_sigmas, config.levels)
     classifier, classifier_acc = fit_guidance_net(config.classifier, real, test, config, level_sigmas, train_sigmas,
-                                                  device=device, progress=progress)
+                                                  device=device, progress=progress,
+                                                  log_path=out / "classifier_log.jsonl")
     disc_train, disc_held = real_vs_synthetic(real, synthetic, config.holdout, config.seed)
     discriminator, disc_acc = fit_guidance_net(config.discriminator, disc_train, disc_held, config, level_sigmas,
-                                               train_sigmas, device=device, progress=progress)
+                                               train_sigmas, device=device, progress=progress,
+                                               log_path=out / "discriminator_log.jsonl")
     common = {"in_chans": real.info.channels + (config.input == "xt"),
               "image_size": real.info.image_size, "train_config": config_dict(config)}
     info = {"config": config_dict(config), "model_hash": model.model_hash, "num_real": len(real),

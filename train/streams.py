@@ -71,17 +71,7 @@ from tailforge.gen.data.shards.read import (
 )
 from tailforge.gen.data.shards.tar import tar_samples
 from tailforge.gen.data.storage import Storage
-
-REAL = "real"
-
-
-@dataclasses.dataclass(frozen=True)
-class MixSource:
-    """One source of a training mix."""
-
-    name: str  # "real" (the dataset's training split) or a synthetic shard set's name
-    weight: float  # relative sampling weight: P(source) = weight / sum of weights (resampled mode)
-    path: str = ""  # shard-set folder; "" for the real dataset (resolved to its shards at run time)
+from tailforge.train.config import REAL, MixSource
 
 
 def parse_mix(text: str, shards: dict[str, str] | None = None) -> tuple[MixSource, ...]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Annotated, Any, Callable, Iterable
@@ -98,3 +102,37 @@ def check_fields(config: Any) -> None:
             problem = next((p for p in (failure(rule, item) for rule in rules) if p), None)
             if problem:
                 raise ConfigError(f"{name}: {problem}")
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(config_class: type) -> dict[str, str]:
+    """Each field's comment in the source of the class that declares it (base classes first, so a
+    subclass that redeclares a field wins): the one ending its line, else the comment lines right
+    above it."""
+    comments: dict[str, str] = {}
+    for cls in reversed(config_class.__mro__):
+        if dataclasses.is_dataclass(cls):
+            comments.update({name: text for name, text in _declared_comments(cls).items() if text})
+    return comments
+
+
+def _declared_comments(config_class: type) -> dict[str, str]:
+    source = textwrap.dedent(inspect.getsource(config_class))
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    comment_lines = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens
+                     if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
+    names = {field.name for field in dataclasses.fields(config_class)}
+    comments: dict[str, str] = {}
+    for i, tok in enumerate(tokens):
+        starts_statement = tokens[i - 1].type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+        if (tok.type != tokenize.NAME or tok.string not in names or tok.string in comments or not starts_statement
+                or tokens[i + 1].string != ":"):
+            continue
+        end = next(j for j in range(i, len(tokens)) if tokens[j].type == tokenize.NEWLINE)
+        trailing = [t.string.lstrip("#").strip() for t in tokens[i:end + 1] if t.type == tokenize.COMMENT]
+        above, row = [], tok.start[0] - 1
+        while row in comment_lines:
+            above.insert(0, comment_lines[row])
+            row -= 1
+        comments[tok.string] = " ".join(trailing or above)
+    return comments

@@ -9,25 +9,26 @@ generator), ``callback`` is called after every step with a dict (i, x, sigma, si
 denoised). Sampler-specific settings (DDIM's eta, DDPM's variance) are keyword arguments with the
 papers' defaults; :func:`get_sampler` binds them so callers see the common signature.
 
-Every sampler is registered once as a :class:`SamplerSpec` in :data:`SAMPLERS` (its grid, its
-denoiser calls per step, the settings it takes and, for samplers whose step is a pure function of
-tensors affine in the denoised estimate, the :class:`StepRule` that low-density guidance, Sehwag
-et al. 2022 Algorithm 1, wraps).
+Every sampler is registered once as a SamplerSpec in SAMPLERS, in gen/diffusion/config.py (which
+imports no torch, so the command line can list the names): its grid, its denoiser calls per step,
+the settings it takes and, for samplers whose step is a pure function of tensors affine in the
+denoised estimate, the :class:`StepRule` that low-density guidance, Sehwag et al. 2022 Algorithm 1,
+wraps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Annotated, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from tailforge.gen.core.checks import OneOf, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.images import float_to_uint8
 from tailforge.gen.core.noise import PerSampleNoise
+from tailforge.gen.diffusion.config import SamplingConfig, sampler_spec
 from tailforge.gen.diffusion.denoiser import CheckFinite, ClampDenoised, Denoiser
 from tailforge.gen.diffusion.schedules import karras_sigmas, schedule_sigmas
 from tailforge.gen.models.diffusion import DiffusionModel
@@ -99,7 +100,7 @@ def _sigma_batch(sigma: Tensor, x: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, labels: Tensor | None = None,
                 rng: Rng = None, callback: Callback = None, variance: str = "small") -> Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2): the seeds' baseline sampler."""
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2): the baseline sampler of Sehwag et al. 2022."""
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -172,54 +173,22 @@ class StepRule:
     sigma_theta: Callable[[Tensor, Tensor], Tensor]  # (sigma, sigma_next) -> the step's Sigma_theta
 
 
-def _ddpm_step_rule(settings: dict[str, Any]) -> StepRule:
+def ddpm_step_rule(settings: dict[str, Any]) -> StepRule:
     variance = settings.get("variance", "small")
     return StepRule(functools.partial(ddpm_step, variance=variance),
                     functools.partial(ddpm_posterior_std, variance=variance))
 
 
-def _ddim_step_rule(settings: dict[str, Any]) -> StepRule:
+def ddim_step_rule(settings: dict[str, Any]) -> StepRule:
     # Sigma_theta is the DDPM posterior std of the same step whatever eta: at eta = 0 DDIM injects
     # no noise, and scaling guidance by that would switch it off (gen.methods.lowdensity docstring).
     return StepRule(functools.partial(ddim_step, eta=settings.get("eta", 0.0)),
                     functools.partial(ddpm_posterior_std, variance="small"))
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-    """A registered sampler: everything callers need to know about it, so none branches on its name."""
-
-    name: str  # the --sampler value
-    sample: Callable[..., Tensor]  # the sampling function (the common signature of the module docstring)
-    grid: str  # sigma grid it runs on: "schedule" = the model's own timesteps, "karras" = Karras et al. Eq. 5
-    evals_per_step: int  # denoiser calls per step; the last step into sigma = 0 makes only the first
-    settings: tuple[str, ...] = ()  # SamplingConfig fields passed to `sample` as keyword arguments
-    # settings dict -> the guided StepRule; only samplers whose step is a pure function affine in the
-    # denoised estimate (Algorithm 1 is an ancestral step) have one, the others None
-    step_rule: Callable[[dict[str, Any]], StepRule] | None = None
-
-    def evals(self, steps: int) -> int:
-        """Denoiser calls of a `steps`-step chain (Heun: 2 per step but 1 on the last)."""
-        return self.evals_per_step * (steps - 1) + 1
-
-
-SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
-    SamplerSpec("ddpm", sample_ddpm, "schedule", 1, step_rule=_ddpm_step_rule),
-    SamplerSpec("ddim", sample_ddim, "schedule", 1, settings=("eta",), step_rule=_ddim_step_rule),
-    SamplerSpec("euler", sample_euler, "karras", 1),
-    SamplerSpec("heun", sample_heun, "karras", 2),
-)}
-
-
-def sampler_spec(name: str) -> SamplerSpec:
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
-
-
 def get_sampler(name: str, **settings: Any) -> Callable[..., Tensor]:
     """The sampler `name` with its settings bound (e.g. ``get_sampler("ddim", eta=0.0)``)."""
-    fn = sampler_spec(name).sample
+    fn = sampler_spec(name).sample_fn()
     return functools.partial(fn, **settings) if settings else fn
 
 
@@ -231,27 +200,6 @@ def sampler_sigmas(name: str, denoiser: Denoiser, steps: int, *, t_max: int | No
         return schedule_sigmas(train_sigmas.cpu(), steps, t_max=t_max)
     sigma_max = denoiser.sigma_max if t_max is None else float(train_sigmas[t_max])
     return karras_sigmas(denoiser.sigma_min, sigma_max, steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How images are sampled; copied into every sample's json."""
-
-    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddpm"  # ddpm (ancestral), ddim (eta), euler / heun (Karras ODE)
-    steps: PositiveInt = 250  # denoiser steps (the Sehwag et al. 2022 baseline samples with 250 DDPM steps)
-    eta: float = 0.0  # DDIM only: 0 deterministic, 1 equals DDPM
-    clip_denoised: bool = True  # clamp x0_hat to [-1, 1] at every step (DDPM's clip trick)
-
-    def __post_init__(self):
-        check_fields(self)
-
-    def sampler_settings(self) -> dict[str, Any]:
-        """The fields of this config the sampler takes (its spec's `settings`), by name."""
-        return {name: getattr(self, name) for name in sampler_spec(self.sampler).settings}
-
-    def evals_per_sample(self) -> int:
-        """Denoiser calls per sample (the spec's count for `steps` steps)."""
-        return sampler_spec(self.sampler).evals(self.steps)
 
 
 def balanced_labels(indices: range | list[int], num_classes: int | None) -> torch.Tensor | None:

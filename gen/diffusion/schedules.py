@@ -13,10 +13,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from tailforge.gen.core.errors import ConfigError
-
-#: Schedule names accepted by the CLI, mapped to diffusers' names. "cosine" is Nichol & Dhariwal
-#: (2021) Eq. 17, which diffusers calls "squaredcos_cap_v2".
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+from tailforge.gen.diffusion.config import BETA_SCHEDULES
 
 #: Timestep spacings for truncated grids. "trailing" starts at t = T - 1 (Lin et al. 2024, Table 2)
 #: so the first step sees pure noise; "leading" is DDPM/diffusers' historical default.

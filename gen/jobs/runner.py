@@ -50,7 +50,8 @@ from tailforge.gen.data.shards.write import (
     write_manifest,
 )
 from tailforge.gen.data.storage import Storage, os_error_message
-from tailforge.gen.jobs.sources import SampleSource, ShardJobConfig, SourceFactory, produce_shard
+from tailforge.gen.jobs.config import ShardJobConfig
+from tailforge.gen.jobs.sources import SampleSource, SourceFactory, produce_shard
 
 
 def _usable_records(storage: Storage, specs: Sequence[ShardSpec]) -> dict[int, ShardRecord]:
@@ -138,8 +139,19 @@ def _run_locked(root: str | os.PathLike, storage: Storage, job_config: dict[str,
     bar.close()
     _remove_stale_temporaries(storage, planned)  # left by actors killed mid-shard during this run
     totals = {"shards": len(specs), "samples": sum(s.count for s in specs)}
-    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config, "planned": totals})
+    write_manifest(root, records.values(), extra={**(manifest_extra or {}), "job": job_config, "planned": totals,
+                                                  **_gate_counts(records)})
     return [records[i] for i in sorted(records)]
+
+
+def _gate_counts(records: dict[int, ShardRecord]) -> dict[str, Any]:
+    """The manifest's count of what the memorization gate dropped (gen/jobs/gate.py), in all and
+    per recorded shard in shard order, like the manifest's file list; nothing for an ungated job."""
+    dropped = [records[i].replicas_dropped for i in sorted(records)]
+    if all(count is None for count in dropped):
+        return {}
+    return {"memorization_gate": {"replicas_dropped": sum(count or 0 for count in dropped),
+                                  "replicas_dropped_per_shard": dropped}}
 
 
 def model_manifest(model_path: str) -> dict[str, Any]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
-from tailforge.gen.core.checks import NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError, NonFiniteError
 from tailforge.gen.core.images import float_to_uint8, uint8_to_float
@@ -19,13 +18,12 @@ from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import ShardRecord, ShardSpec, encode_sample, sample_key
 from tailforge.gen.data.shards.write import write_shard
 from tailforge.gen.diffusion.denoiser import ClampDenoised
-from tailforge.gen.diffusion.samplers import (
-    SamplingConfig,
-    balanced_labels,
-    generate_batch,
-)
+from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch
 from tailforge.gen.diffusion.schedules import sigma_at_step
-from tailforge.gen.methods.lowdensity import GuidanceConfig, GuidanceModels, generate_guided_batch
+from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig, ReconstructConfig, ShardJobConfig
+from tailforge.gen.jobs.gate import ReplicaGate, replica_gate
+from tailforge.gen.methods.config import GuidanceConfig
+from tailforge.gen.methods.lowdensity import GuidanceModels, generate_guided_batch
 from tailforge.gen.methods.reconstruct import chain_steps, reconstruct, t_re_steps
 from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
 from tailforge.gen.models.guidance import load_guidance
@@ -41,77 +39,65 @@ SourceFactory = Callable[[], SampleSource]
 
 
 def produce_shard(source: SampleSource, root: str, spec: ShardSpec, worker: str) -> ShardRecord:
-    """Write one shard from `source` and describe it (sha256, size, time, model evaluations)."""
-    start_time, start_evals = time.perf_counter(), source.model_evals
+    """Write one shard from `source` and describe it (sha256, size, time, model evaluations, and
+    the replicas its memorization gate dropped, if it has one)."""
+    # a source without a gate (train/streams.py's writer of real data) drops nothing: None
+    gate: ReplicaGate | None = getattr(source, "gate", None)
+    start_time, start_evals, start_dropped = time.perf_counter(), source.model_evals, gate.dropped if gate else 0
     try:
         sha256, size = write_shard(root, spec, source.samples(spec))
     except NonFiniteError as err:  # name the shard; nothing of it was published
         raise NonFiniteError(f"shard {spec.name} (samples {spec.start}..{spec.start + spec.count - 1}): {err}") from None
     return ShardRecord(name=spec.name, index=spec.index, start=spec.start, count=spec.count, sha256=sha256,
                        size_bytes=size, seconds=round(time.perf_counter() - start_time, 4),
-                       model_evals=source.model_evals - start_evals, worker=worker)
+                       model_evals=source.model_evals - start_evals, worker=worker,
+                       replicas_dropped=gate.dropped - start_dropped if gate else None)
 
 
 class ShardSource(abc.ABC):
     """The per-shard loop every source shares: the shard's samples in batches of
     ``config.batch_size``, each batch made by :meth:`batch`, its model evaluations counted and
     every sample encoded with the metadata all kinds record plus the batch's own per-row fields.
-    A subclass sets ``config`` (a ShardJobConfig), ``model`` and ``evals_per_sample`` in its
-    ``__init__``."""
+    With a memorization gate (gen/jobs/gate.py) the gate makes the shard instead, from the same
+    batches, dropping and refilling replicas of the training set. A subclass sets ``config`` (a
+    ShardJobConfig), ``model`` and ``evals_per_sample`` in its ``__init__``, and ``gate`` if its
+    kind can be gated."""
 
     config: ShardJobConfig  # the job's config: its kind, job (key prefix), seed, batch_size
     model: DiffusionModel  # the diffusion model (its hash goes into every sample's json)
     evals_per_sample: int  # denoiser calls one sample costs
     model_evals: int = 0  # denoiser calls so far (produce_shard reads the difference per shard)
+    gate: ReplicaGate | None = None  # the memorization gate; None: every sample is kept
 
     @abc.abstractmethod
     def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
-        """(uint8 NCHW images, labels, per-row json fields) of global sample `indices`."""
+        """(uint8 NCHW images, labels, per-row json fields) of global sample `indices` (sample
+        i's noise comes from (seed, i))."""
+
+    def counted_batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
+        """:meth:`batch`, its model evaluations counted."""
+        out = self.batch(indices)
+        self.model_evals += len(indices) * self.evals_per_sample
+        return out
+
+    def batches(self, spec: ShardSpec) -> Iterator[tuple[list[int], Tensor, list[int], list[dict[str, Any]]]]:
+        """The shard's samples as (indices, images, labels, json fields), in order."""
+        if self.gate is not None:
+            yield self.gate.fill(spec, self.counted_batch, self.config.batch_size)
+            return
+        end = spec.start + spec.count
+        for first in range(spec.start, end, self.config.batch_size):
+            indices = list(range(first, min(first + self.config.batch_size, end)))
+            yield indices, *self.counted_batch(indices)
 
     def samples(self, spec: ShardSpec) -> Iterator[dict[str, Any]]:
         cfg = self.config
-        end = spec.start + spec.count
-        for first in range(spec.start, end, cfg.batch_size):
-            indices = list(range(first, min(first + cfg.batch_size, end)))
-            images, labels, rows = self.batch(indices)
-            self.model_evals += len(indices) * self.evals_per_sample
+        for indices, images, labels, rows in self.batches(spec):
             for row, index in enumerate(indices):
                 yield encode_sample(sample_key(cfg.job, index), images[row].permute(1, 2, 0).numpy(), labels[row], {
                     "job": cfg.job, "kind": cfg.kind, "index": index, "label": labels[row], "seed": cfg.seed,
                     "model_hash": self.model.model_hash, **rows[row],
                 })
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardJobConfig:
-    """What every generation job's config shares (keyword-only fields, after each job's own)."""
-
-    kind: ClassVar[str]  # the job kind, every sample's json "kind": baseline | lowdensity | reconstruct
-    job: str  # name used in shard and sample keys (each job defaults it to its kind)
-    seed: NonNegativeInt = 0  # job seed: sample i's noise comes from (seed, i)
-    shard_size: PositiveInt = 1000  # samples per shard
-    batch_size: PositiveInt = 128  # samples per denoiser batch (does not change the samples' noise)
-
-    def __post_init__(self):
-        check_fields(self)
-
-    def pins(self) -> dict[str, str]:
-        """Content hashes of the folders the job reads, by config field: the model's weights
-        hash (every subclass has a ``model`` field; the hash every sample records as
-        ``model_hash``). The job folder pins them, so a resume with other weights is refused."""
-        return {"model": load_diffusion_model(self.model).model_hash}
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineConfig(ShardJobConfig):
-    """`tailforge gen baseline`: plain sampling into shards."""
-
-    kind: ClassVar[str] = "baseline"
-    job: str = dataclasses.field(default=kind, kw_only=True)
-
-    model: str  # diffusion model folder (tailforge train diffusion, or diffusers)
-    num: PositiveInt  # number of samples
-    sampling: SamplingConfig = SamplingConfig()  # sampler and steps
 
 
 class BaselineSource(ShardSource):
@@ -123,6 +109,7 @@ class BaselineSource(ShardSource):
         self.device = default_device(device)
         self.model = load_diffusion_model(config.model, self.device)
         self.evals_per_sample = config.sampling.evals_per_sample()
+        self.gate = replica_gate(config.max_nn_ratio, config.train_dataset, self.model, config.num, self.device)
 
     def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
         cfg = self.config
@@ -130,25 +117,6 @@ class BaselineSource(ShardSource):
         images = generate_batch(self.model, cfg.sampling, cfg.seed, indices, labels)
         sampling = dataclasses.asdict(cfg.sampling)
         return images, labels.tolist() if labels is not None else [0] * len(indices), [sampling] * len(indices)
-
-
-@dataclasses.dataclass(frozen=True)
-class LowDensityConfig(ShardJobConfig):
-    """`tailforge gen lowdensity`: guided sampling into shards."""
-
-    kind: ClassVar[str] = "lowdensity"
-    job: str = dataclasses.field(default=kind, kw_only=True)
-
-    model: str  # diffusion model folder
-    guidance: str  # guidance folder (tailforge train guidance): classifier, discriminator, class Gaussians
-    num: PositiveInt  # number of samples
-    sampling: SamplingConfig = SamplingConfig()  # sampler (ddpm or ddim) and steps; paper: 250 DDPM steps
-    guide: GuidanceConfig = GuidanceConfig()  # alpha, beta, tau, loss variant
-
-    def pins(self) -> dict[str, str]:
-        """The model's hash and the guidance folder's (its guidance.json ``guidance_hash``, the
-        hash of its classifier, discriminator and class Gaussians, which every sample records)."""
-        return {**super().pins(), "guidance": load_guidance(self.guidance).info.get("guidance_hash")}
 
 
 def guidance_meta(guidance: GuidanceModels, guide: GuidanceConfig, path: str) -> dict[str, Any]:
@@ -172,6 +140,7 @@ class LowDensitySource(ShardSource):
         self.guidance = load_guidance(config.guidance, self.device)
         self.meta = guidance_meta(self.guidance, config.guide, config.guidance)
         self.evals_per_sample = config.sampling.evals_per_sample()
+        self.gate = replica_gate(config.max_nn_ratio, config.train_dataset, self.model, config.num, self.device)
 
     def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
         cfg = self.config
@@ -181,20 +150,6 @@ class LowDensitySource(ShardSource):
         scores = self.guidance.sample_hardness(uint8_to_float(images).to(self.device), labels.to(self.device))
         common = {**dataclasses.asdict(cfg.sampling), **self.meta}
         return images, labels.tolist(), [{**common, "hardness": round(float(score), 5)} for score in scores]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReconstructConfig(ShardJobConfig):
-    """`tailforge gen reconstruct`, one shard set per t_re; copied into every sample's json."""
-
-    kind: ClassVar[str] = "reconstruct"
-    job: str = dataclasses.field(default=kind, kw_only=True)
-
-    model: str  # diffusion model folder
-    dataset: str  # dataset spec whose images are reconstructed (labels are kept)
-    t_re: float  # reverse step as a fraction of T: 0 = the real images, 1 = full generation
-    split: str = "train"  # which split of the dataset is reconstructed
-    sampling: SamplingConfig = SamplingConfig()  # sampler; `steps` is the full chain's count (t_re = 1)
 
 
 class ReconstructSource(ShardSource):

@@ -21,12 +21,8 @@ from safetensors.torch import save_file
 
 from tailforge.gen.core.errors import CheckpointError, ConfigError
 from tailforge.gen.core.files import file_sha256, load_safetensors, read_json, write_json_atomic
-from tailforge.gen.methods.lowdensity import (
-    GUIDANCE_INPUTS,
-    ClassGaussians,
-    GuidanceModels,
-    GuidanceNet,
-)
+from tailforge.gen.methods.config import GUIDANCE_INPUTS
+from tailforge.gen.methods.lowdensity import ClassGaussians, GuidanceModels, GuidanceNet
 from tailforge.gen.models.classifiers import CLASSIFIER_WEIGHTS, load_classifier, write_classifier
 from tailforge.gen.models.folders import publish_folder, read_published
 

@@ -87,6 +87,9 @@ class ShardRecord:
     seconds: float  # wall time to produce and write it
     model_evals: int  # denoiser evaluations (batch rows x calls) spent on it
     worker: str  # which actor/process wrote it
+    # replicas of the training set the memorization gate dropped and refilled (gen/jobs/gate.py);
+    # None: the job has no gate
+    replicas_dropped: int | None = None
 
 
 def sample_key(job: str, index: int) -> str:

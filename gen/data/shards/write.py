@@ -85,6 +85,19 @@ def record_name(shard: str) -> str:
     return f"{RECORDS_DIR}/{Path(shard).stem}.json"
 
 
+def differing_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested JSON objects (a field
+    one side lacks counts: a job made by an older version without a newer setting)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += differing_fields(a, b, f"{prefix}{key}.")
+        elif key not in old or key not in new or a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
 def check_job_folder(root: str | os.PathLike, job_config: dict[str, Any], planned: Iterable[str], *,
                      force: bool = False) -> bool:
     """Refuse an output folder that is not this job's own; True when it is (its `_job.json` is
@@ -106,7 +119,7 @@ def check_job_folder(root: str | os.PathLike, job_config: dict[str, Any], planne
         if not isinstance(existing, dict):
             raise ShardError(f"{storage.url(JOB_FILE)} is not a job file (a JSON object); use a new --out folder")
         _refuse_changed_pins(storage, existing, job_config)
-        changed = sorted(k for k in set(existing) | set(job_config) if existing.get(k) != job_config.get(k))
+        changed = differing_fields(existing, job_config)
         raise ShardError(
             f"{root} already holds a different job (fields that differ: {', '.join(changed)}); "
             "use a new --out folder, or the same settings to resume")

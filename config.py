@@ -1,0 +1,147 @@
+"""The configs of `tailforge demo` (the embedded default, run by demo.py) and of `tailforge study` (the
+demo over several seeds, study.py), importable without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+from tailforge.gen.core.checks import Check, NonNegativeInt, PositiveInt, check_fields
+from tailforge.gen.core.errors import ConfigError
+from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.methods.config import GuidanceConfig
+
+#: a noise, two blurs and contrast (with CIFAR-10-C's pixel parameters unscaled at 8 px, see
+#: DemoConfig.corruption_reference_size), at three severities, so that DiffAug-Ensemble (nine extra
+#: U-Net passes per image) fits the CPU budget
+DEMO_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "motion_blur", "contrast")
+DEMO_SEVERITIES = (1, 3, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`tailforge demo`; copied into summary.json and the report."""
+
+    out: str = "demo-out"  # output folder (models, shards, classifiers, evaluations, report)
+    dataset: str = "digits"  # any dataset spec; digits is bundled with scikit-learn
+    diffusion_steps: PositiveInt = 800  # the diffusion model's training steps
+    # labels replaced by the null class in training (Ho & Salimans 2022's p_uncond): the one model also
+    # denoises without labels for DiffAug, instead of a second, unconditional model (about 2 min on the CPU)
+    label_dropout: float = 0.2
+    unet_preset: str | None = None  # U-Net preset; None: tiny for <= 16 px, small above (ddpm-cifar10 for the paper)
+    diffusion_batch_size: PositiveInt = 128  # diffusion training batch
+    num_samples: PositiveInt = 500  # baseline and low-density samples each (sample i uses the same seed in both)
+    # every generation job's sampler: ancestral DDPM (Sehwag et al. 2022's baseline sampler) on a 50-step grid. Not DDIM at
+    # eta = 0: without fresh noise each step, guidance at alpha = beta = 0.5 drives the samples off the data
+    # (README, "Low-density generation": class agreement 0.26 with alpha alone at DDIM 50, 0.99 at DDPM 50)
+    sampling: SamplingConfig = SamplingConfig(sampler="ddpm", steps=50)
+    guide: GuidanceConfig = GuidanceConfig()  # Sehwag et al. 2022's alpha = beta = 0.5
+    guidance_epochs: PositiveInt = 10  # guidance nets' training epochs
+    t_re: float = 0.5  # reconstruction's reverse step as a fraction of T (Yamaguchi & Fukuda 2023)
+    classifier: str = "tinycnn"  # the architecture every compared classifier uses
+    classifier_epochs: PositiveInt = 15  # their epochs (the same steps for each: one pass over the real data per epoch)
+    synthetic_weight: float = 0.5  # sampling weight of a synthetic set next to real = 1
+    reference_classifier: str = "tinycnn_wide"  # independent evaluation classifier (never guides)
+    reference_epochs: PositiveInt = 20  # its epochs
+    corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty, `all` as a flag: every one that applies)
+    severities: tuple[int, ...] = DEMO_SEVERITIES  # CIFAR-10-C severities evaluated
+    # image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to digits (scaled to
+    # 8 px, blurs stay below a pixel and change nothing: README, "Corruptions at small sizes")
+    corruption_reference_size: PositiveInt = 8
+    diffaug_actors: int = 0  # DiffAug served by this many AugmentActors (0: in the training process)
+    # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
+    actors: NonNegativeInt | None = None
+    seed: int = 0  # every job's and trainer's seed
+
+    def __post_init__(self):
+        check_fields(self)
+        if not 0 < self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must be in (0, 1), got {self.label_dropout}: DiffAug-Ensemble needs "
+                              "the null class to denoise test images without their labels")
+
+
+#: `tailforge study`'s datasets: the name a --dataset starts with -> its presets of demo settings by image
+#: size (None: the dataset's own size). Each preset is laid over DemoConfig's defaults; docs/evaluation.md,
+#: "Studies", gives the time each takes and how that was estimated.
+STUDY_PRESETS: dict[str, dict[int | None, dict[str, Any]]] = {
+    "digits": {None: {}},  # the demo's defaults: bundled, minutes per seed on a CPU
+    "fashion-mnist": {
+        # the CPU preset (about an hour a seed on 2 quiet cores, docs/evaluation.md "Studies"): a 16x16
+        # antialiased copy (28x28 does not fit), 10,000 of the 60,000 training images (the reconstructed set is
+        # the whole training split), the full 10,000-image test split, 20 DDPM steps, and three CIFAR-10-C
+        # benchmark corruptions (noise, blur, digital) at the middle severity, scaled from 32 px:
+        # DiffAug-Ensemble's nine U-Net passes per test image make each (corruption, severity) cost 4 minutes
+        16: {"diffusion_steps": 2000, "unet_preset": "tiny", "num_samples": 1000, "sampling_steps": 20,
+             "guidance_epochs": 5, "classifier_epochs": 10, "reference_epochs": 10, "train_images": 10000,
+             "corruptions": ("gaussian_noise", "motion_blur", "contrast"), "severities": (3,),
+             "corruption_reference_size": 32},
+        # the GPU preset (not yet timed): full size, every training image, the small U-Net, every corruption
+        # that applies at CIFAR-10-C's 5 severities
+        28: {"diffusion_steps": 20000, "unet_preset": "small", "num_samples": 10000, "sampling_steps": 100,
+             "guidance_epochs": 10, "classifier_epochs": 30, "reference_epochs": 30, "train_images": None,
+             "corruptions": (), "severities": (1, 2, 3, 4, 5), "corruption_reference_size": 32},
+    },
+}
+
+
+def _study_size(size: int) -> bool:
+    return any(size in presets for presets in STUDY_PRESETS.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """`tailforge study`; copied into study.json and the study's report."""
+
+    out: str = "study-out"  # output folder: one demo run per seed (seed-0, seed-1, ...), study.json, report
+    dataset: str = "fashion-mnist"  # digits or fashion-mnist[:PATH]; picks the preset of demo settings
+    seeds: PositiveInt = 3  # training seeds 0..N-1 (at least 2: the t-interval across seeds needs a spread)
+    # image size of a dataset with several presets (fashion-mnist: 16 or 28); unset: 28 with a GPU, 16 on a CPU
+    size: Annotated[int, Check(_study_size, "an image size with a preset (16 or 28)")] | None = None
+    # YAML, TOML or JSON file of demo settings laid over the preset (`tailforge demo --config`'s format)
+    demo_settings: str | None = None
+    # samples per shard set that the sample-quality judge compares (a larger set is subsampled; unset: num_samples)
+    judge_items: PositiveInt | None = None
+    judge_resamples: PositiveInt = 200  # bootstrap resamples of each of the judge's Frechet distances
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.seeds < 2:
+            raise ConfigError(f"seeds must be at least 2, got {self.seeds}: a t-interval across seeds needs a spread")
+        name = self.dataset.partition(":")[0].strip().lower()
+        if name not in STUDY_PRESETS or "?" in self.dataset:
+            raise ConfigError(f"dataset {self.dataset!r}: a study runs on {' or '.join(STUDY_PRESETS)} (with :PATH), "
+                              "and sets the dataset's options itself")
+        if self.size is not None and self.size not in STUDY_PRESETS[name]:
+            raise ConfigError(f"size {self.size}: {name} has no preset of that size (it has "
+                              f"{', '.join(str(s) for s in STUDY_PRESETS[name] if s) or 'only its own size'})")
+
+    def preset(self, gpu: bool) -> tuple[int | None, dict[str, Any]]:
+        """The image size and the preset of demo settings this study runs (with or without a GPU)."""
+        presets = STUDY_PRESETS[self.dataset.partition(":")[0].strip().lower()]
+        wanted = self.size if self.size is not None else 28 if gpu else 16
+        size = wanted if wanted in presets else next(iter(presets))  # digits: its one preset
+        return size, presets[size]
+
+    def demo_config(self, seed: int, gpu: bool) -> DemoConfig:
+        """Seed `seed`'s demo settings: DemoConfig's defaults, the preset, then the --demo-settings file
+        (which may not change the dataset; its out and seed are replaced); its output folder OUT/seed-SEED."""
+        from tailforge.gen.core.config_files import build_config, config_table, config_values, read_config_file
+
+        size, preset = self.preset(gpu)
+        options = [f"size={size}"] if size else []
+        train_images = preset.get("train_images")
+        options += [f"n={train_images}"] if train_images else []
+        settings = {k: v for k, v in preset.items() if k not in ("train_images", "sampling_steps")}
+        sampling = (dataclasses.replace(DemoConfig.sampling, steps=preset["sampling_steps"])
+                    if "sampling_steps" in preset else DemoConfig.sampling)
+        spec = self.dataset + (f"?{'&'.join(options)}" if options else "")
+        base = DemoConfig(**settings, sampling=sampling, dataset=spec)
+        if self.demo_settings:
+            data, saved = config_table(DemoConfig, read_config_file(self.demo_settings))
+            values = config_values(DemoConfig, data, self.demo_settings, saved=saved)
+            if values.get("dataset", spec) != spec:
+                raise ConfigError(f"{self.demo_settings}: dataset {values['dataset']!r} differs from the study's "
+                                  f"{spec!r}; the study's --dataset and its preset set it")
+            base = build_config(DemoConfig, values, self.demo_settings, defaults=base)
+        return dataclasses.replace(base, out=str(Path(self.out) / f"seed-{seed}"), seed=seed)
