@@ -4,7 +4,7 @@ For seed K = 0 .. seeds-1 the demo (demo.py :func:`run_demo`) runs into OUT/seed
 preset of settings (config.py STUDY_PRESETS) and ``seed = K``; every stage of it is cached there, so a
 study that was stopped resumes where it stopped. Then, for every claim of eval/findings.py, each
 seed's measured difference becomes one value of a Student-t interval across the seeds (n = seeds),
-decided by the one rule (eval/stats.py :func:`verdict`), each seed's own bootstrap interval kept
+widened by the shared test items' noise (eval/stats.py :func:`seeds_interval`), decided by the one rule (eval/stats.py :func:`verdict`), each seed's own bootstrap interval kept
 beside it. Alongside:
 
 * a sample-quality judge per shard set (baseline, low-density, reconstructed), measured by the
@@ -52,7 +52,8 @@ TARGET_WORDS = {"reproduced": "met", "contradicted": "missed", "inconclusive": "
 STAGES = ("models", "shards", "classifiers", "evaluation", "report")
 #: how a study's findings intervals are made (the report's note under the findings table)
 STUDY_RULE = ("Each interval is a 95 % Student-t interval of the mean over the seeds of the difference each seed "
-              "measured (its own paired bootstrap interval is in the per-seed table); a finding is reproduced when "
+              "measured, widened in quadrature by the seeds' mean bootstrap half-width over the test items (the "
+              "per-seed intervals are in the per-seed table); a finding is reproduced when "
               "the whole interval lies on the paper's side of its threshold, contradicted when it lies on the other "
               "side, inconclusive otherwise.")
 

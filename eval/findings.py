@@ -37,10 +37,13 @@ from tailforge.eval.stats import (
     decode_bits,
     paired_bootstrap,
     proportion_interval,
-    t_interval,
+    seeds_interval,
     verdict,
 )
 from tailforge.gen.core.errors import ConfigError
+
+#: the fields of an Interval, as a finding's row stores them
+_INTERVAL_FIELDS = tuple(field.name for field in dataclasses.fields(Interval))
 
 #: the effect below which a classifier comparison on accuracy does not count (half a point)
 ACCURACY_MARGIN = 0.005
@@ -165,8 +168,9 @@ def decide(results: dict[str, Any], claims: tuple[Claim, ...] = CLAIMS) -> list[
 
 def combine_seeds(per_seed: Sequence[list[dict[str, Any]]], *, level: float = 0.95) -> list[dict[str, Any]]:
     """One row per claim over several runs that differ only in their seed (each a list of :func:`decide`'s
-    rows): the claim's measured difference in each run, their Student-t interval across the runs
-    (:func:`tailforge.eval.stats.t_interval`, n = runs) and the verdict the same rule gives for it; each
+    rows): the claim's measured difference in each run, their interval across the runs
+    (:func:`tailforge.eval.stats.seeds_interval`: the t-interval over runs with the shared test items'
+    noise added) and the verdict the same rule gives for it; each
     run's own row (its interval over the items) is kept under "per_seed", in run order."""
     if not per_seed:
         raise ConfigError("combining seeds needs the findings of at least one run")
@@ -178,7 +182,7 @@ def combine_seeds(per_seed: Sequence[list[dict[str, Any]]], *, level: float = 0.
             raise ConfigError(f"finding {key[1]!r} ({key[0]}) is missing from run(s) {missing}: the runs checked "
                               "different claims")
         rows = [rows[key] for rows in keyed]
-        interval = t_interval([r["estimate"] for r in rows], level=level, items=min(r["items"] for r in rows))
+        interval = seeds_interval([Interval(**{k: r[k] for k in _INTERVAL_FIELDS}) for r in rows], level=level)
         combined.append({**{k: first[k] for k in ("paper", "finding", "difference", "direction", "min_effect")},
                          **interval.as_dict(), "verdict": verdict(interval, first["direction"], first["min_effect"]),
                          "per_seed": rows})

@@ -165,6 +165,25 @@ def t_interval(per_seed: Sequence[float], *, level: float = 0.95, items: int = 0
     return Interval(mean, mean - half, mean + half, level, "t over seeds", items, len(values))
 
 
+def seeds_interval(per_seed: Sequence[Interval], *, level: float = 0.95) -> Interval:
+    """The interval of a difference measured once per seed on the same test items.
+
+    Two sources of noise: the seeds (training randomness), estimated by the Student t-interval of
+    the per-seed estimates (:func:`t_interval`), and the test items, which every seed shares, so
+    their noise does not average out over seeds; it is each seed's own interval (a bootstrap over
+    the items). The half-widths add in quadrature, half = sqrt(t_half^2 + mean(item_half)^2), so
+    seeds that agree exactly (a t-interval of width 0) still carry the test set's uncertainty."""
+    if not per_seed:
+        raise ConfigError("combining seeds needs at least one seed's interval")
+    seeds = t_interval([i.estimate for i in per_seed], level=level, items=min(i.items for i in per_seed))
+    if len(per_seed) == 1:
+        return seeds
+    item_half = float(np.mean([(i.high - i.low) / 2 for i in per_seed]))
+    half = math.hypot((seeds.high - seeds.low) / 2, item_half)
+    return dataclasses.replace(seeds, low=seeds.estimate - half, high=seeds.estimate + half,
+                               method="t over seeds, with the test items' bootstrap in quadrature")
+
+
 def verdict(interval: Interval, direction: str, min_effect: float = 0.0) -> str:
     """The rule every finding is decided by.
 

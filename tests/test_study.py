@@ -11,7 +11,7 @@ import pytest
 
 from tailforge.config import DemoConfig, StudyConfig
 from tailforge.eval.findings import combine_seeds
-from tailforge.eval.stats import Interval, t_interval, verdict
+from tailforge.eval.stats import Interval, seeds_interval, verdict
 from tailforge.gen.core.errors import ConfigError
 
 #: Student's t quantile t_{0.975, 2} (any t table: 4.303), the 95 % interval of a mean of 3 values
@@ -19,34 +19,43 @@ T_975_2 = 4.302652729911275
 
 
 def row(finding: str, estimate: float, direction: str = "greater", min_effect: float = 0.0,
-        items: int = 360) -> dict:
-    """One seed's row as eval.findings.decide writes it (its own bootstrap interval around `estimate`)."""
+        items: int = 360, half: float = 0.05) -> dict:
+    """One seed's row as eval.findings.decide writes it (its own bootstrap interval: estimate +- half)."""
     return {"paper": "Sehwag et al. 2022", "finding": finding, "difference": "d", "direction": direction,
-            "min_effect": min_effect, "estimate": estimate, "low": estimate - 0.05, "high": estimate + 0.05,
+            "min_effect": min_effect, "estimate": estimate, "low": estimate - half, "high": estimate + half,
             "level": 0.95, "method": "paired bootstrap (2000 resamples)", "items": items, "seeds": 1,
             "verdict": "inconclusive"}
 
 
-def test_three_seeds_give_the_t_interval_of_a_normal_mean_and_every_verdict():
-    # per claim, three seeds' differences d: mean 0.11 (or 0.02, -0.11) with sample std 0.01
+def test_three_seeds_give_the_t_interval_of_a_normal_mean_with_the_items_noise_and_every_verdict():
+    # per claim, three seeds' differences d: mean 0.11 (or 0.02, -0.11) with sample std 0.01; each seed's
+    # own interval over the test items is d +- 0.003
     per_claim = {"gain": [0.10, 0.11, 0.12], "too little": [0.01, 0.02, 0.03], "loss": [-0.10, -0.11, -0.12],
                  "no gain of a point": [-0.010, -0.005, 0.000]}
     directions = {"no gain of a point": ("not_greater", 0.01)}
-    runs = [[row(name, values[seed], *directions.get(name, ("greater", 0.0)), items=360 - seed)
+    runs = [[row(name, values[seed], *directions.get(name, ("greater", 0.0)), items=360 - seed, half=0.003)
              for name, values in per_claim.items()] for seed in range(3)]
     combined = {r["finding"]: r for r in combine_seeds(runs)}
-    half = T_975_2 * 0.01 / math.sqrt(3)  # t_{0.975, n-1} s / sqrt(n)
+    half = math.hypot(T_975_2 * 0.01 / math.sqrt(3), 0.003)  # t_{0.975, n-1} s / sqrt(n), and the items' half-width
     for name, mean in (("gain", 0.11), ("too little", 0.02), ("loss", -0.11)):
         assert combined[name]["estimate"] == pytest.approx(mean)
         assert combined[name]["low"] == pytest.approx(mean - half) and combined[name]["high"] == pytest.approx(mean + half)
-    half = T_975_2 * 0.005 / math.sqrt(3)
+    half = math.hypot(T_975_2 * 0.005 / math.sqrt(3), 0.003)
     assert combined["no gain of a point"]["high"] == pytest.approx(-0.005 + half)
     assert {name: r["verdict"] for name, r in combined.items()} == {
         "gain": "reproduced", "too little": "inconclusive", "loss": "contradicted", "no gain of a point": "reproduced"}
     for r in combined.values():
         # n = seeds, the fewest test items of any seed, and each seed's own row kept in run order
-        assert r["seeds"] == 3 and r["items"] == 358 and r["method"] == "t over seeds"
+        assert r["seeds"] == 3 and r["items"] == 358 and r["method"].startswith("t over seeds")
         assert [s["estimate"] for s in r["per_seed"]] == per_claim[r["finding"]]
+
+
+def test_seeds_that_agree_exactly_keep_the_test_items_uncertainty():
+    # three seeds measure the same 0.02 (e.g. one test image each time): the seeds' spread is 0, but the
+    # test set's noise is not, so a gain inside each seed's own interval stays inconclusive
+    combined = combine_seeds([[row("same", 0.02, half=0.03)] for _ in range(3)])[0]
+    assert (combined["low"], combined["high"]) == pytest.approx((0.02 - 0.03, 0.02 + 0.03))
+    assert combined["verdict"] == "inconclusive"
 
 
 def test_combining_runs_that_checked_different_claims_is_refused():
@@ -136,8 +145,9 @@ def test_study_combines_both_seeds_for_every_finding_and_judges_every_shard_set(
     assert len(first["findings"]) >= 8
     for r in first["findings"]:
         assert r["seeds"] == 2 and len(r["per_seed"]) == 2 and r["items"] >= 20
-        # the combined interval is the t-interval of the seeds' own estimates, decided by the one rule
-        expected = t_interval([s["estimate"] for s in r["per_seed"]], items=r["items"])
+        # the combined interval is seeds_interval of the seeds' own intervals, decided by the one rule
+        expected = seeds_interval([Interval(**{k: s[k] for k in ("estimate", "low", "high", "level", "method",
+                                                                 "items", "seeds")}) for s in r["per_seed"]])
         assert (r["estimate"], r["low"], r["high"]) == pytest.approx((expected.estimate, expected.low, expected.high))
         assert r["verdict"] == verdict(Interval(**{k: r[k] for k in ("estimate", "low", "high", "level", "method",
                                                                      "items", "seeds")}), r["direction"], r["min_effect"])
