@@ -24,7 +24,7 @@ from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import ShardRecord, encode_sample, plan_shards, sample_key
 from tailforge.gen.data.shards.read import iter_samples, read_shard, shard_entries
 from tailforge.gen.data.shards.verify import verify_shard_set
-from tailforge.gen.data.shards.write import save_record, write_manifest, write_shard
+from tailforge.gen.data.shards.write import differing_fields, save_record, write_manifest, write_shard
 from tailforge.gen.models.classifiers import create_classifier, load_classifier, save_classifier
 from tailforge.gen.models.diffusion import load_diffusion_model
 
@@ -398,3 +398,10 @@ def test_non_finite_output_on_a_ray_actor_names_the_shard(ray_session, capsys, t
     argv[argv.index("--actors") + 1] = "1"
     err = cli_error(capsys, *argv)
     assert "shard baseline-00000" in err and "the model produced NaN at sampling step 0" in err
+
+
+def test_a_job_made_without_a_newer_setting_names_it():
+    # a _job.json written before a setting existed lacks it; the refusal must say which field differs
+    old = {"kind": "baseline", "seed": 0, "sampling": {"steps": 5}}
+    new = {"kind": "baseline", "seed": 0, "max_nn_ratio": None, "sampling": {"steps": 6}}
+    assert differing_fields(old, new) == ["max_nn_ratio", "sampling.steps"]
