@@ -250,11 +250,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             rows = [row for row in result["rows"] if row["sampler"] == sampler]
             fd = np.array([[r["frechet_distance"]["estimate"], r["frechet_distance"]["low"],
                             r["frechet_distance"]["high"]] for r in rows])
-            ax.errorbar([r[key] for r in rows], fd[:, 0], yerr=[fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]],
+            # the bias-shifted bootstrap interval can lie below the plug-in estimate: its bar then ends at the point
+            ax.errorbar([r[key] for r in rows], fd[:, 0], yerr=np.clip([fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]], 0, None),
                         marker="o", markersize=3, capsize=2, label=f"ours {sampler}")
         ax.axhspan(ref_fd["low"], ref_fd["high"], color="0.85", zorder=0)
-        ax.errorbar([reference[key]], [ref_fd["estimate"]], yerr=[[ref_fd["estimate"] - ref_fd["low"]],
-                                                                  [ref_fd["high"] - ref_fd["estimate"]]],
+        ax.errorbar([reference[key]], [ref_fd["estimate"]], yerr=np.clip([[ref_fd["estimate"] - ref_fd["low"]],
+                                                                          [ref_fd["high"] - ref_fd["estimate"]]], 0, None),
                     marker="s", color="k", capsize=3, label=f"diffusers DDPMPipeline {reference['steps']}")
         ax.set(xscale="log", yscale="log", xlabel=label, ylabel="Frechet distance (classifier features)")
     axes[0].legend(fontsize=7)
