@@ -13,7 +13,7 @@ diffusers' own ``DDPMPipeline`` at 1000 steps (the papers' baseline sampler: Seh
 and Yamaguchi & Fukuda 2023 sample with DDPM) runs on the same weights and labels and is scored
 the same way. The headline is the cheapest of our settings whose FD is not shown to be worse
 than the pipeline's (the two-sample bootstrap interval of FD(ours) - FD(pipeline) does not lie
-wholly above 0), and the pipeline's wall time per sample over that setting's, both measured in
+wholly above 0) and lies inside the pipeline's own interval, and the pipeline's wall time per sample over that setting's, both measured in
 this run. Our side runs the U-Net with the switches of gen.models.accelerate that pay on the
 machine (``--set compile=false`` for the eager U-Net); the pipeline runs diffusers' eager U-Net.
 """
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from tailforge.bench import BenchmarkUnavailable, benchmark
 from tailforge.eval.fidelity import frechet_distance, gaussian_statistics
-from tailforge.eval.stats import Interval, bootstrap_indices
+from tailforge.eval.stats import Interval, bias_shifted_interval, bootstrap_indices
 from tailforge.gen.core.checks import PositiveInt, check_fields
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.images import float_to_uint8
@@ -84,32 +84,28 @@ def frechet_draws(features: np.ndarray, real: tuple[np.ndarray, np.ndarray], ind
                      for rows in np.atleast_2d(index)])
 
 
-def _percentile_interval(estimate: float, draws: np.ndarray, level: float, method: str, items: int) -> Interval:
-    tail = (1 - level) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail])
-    return Interval(float(estimate), float(low), float(high), level, method, items, 1)
-
-
 def frechet_interval(features: np.ndarray, real: tuple[np.ndarray, np.ndarray], *, resamples: int,
                      level: float = 0.95, seed: int = 0) -> Interval:
-    """FD of `features` against the real statistics, with the percentile bootstrap interval over
-    the generated items (eval.stats.bootstrap's resampling, with the FD as the statistic)."""
+    """FD of `features` against the real statistics, with the bias-shifted bootstrap interval over
+    the generated items (eval.stats.bias_shifted_interval: resampling duplicates images, which
+    raises every resampled FD)."""
     everything = np.arange(len(features))
     draws = frechet_draws(features, real, bootstrap_indices(len(features), resamples, seed))
-    return _percentile_interval(frechet_draws(features, real, everything)[0], draws, level,
-                                f"bootstrap over generated images ({resamples} resamples)", len(features))
+    return bias_shifted_interval(frechet_draws(features, real, everything)[0], draws, level=level, floor=0.0,
+                                 method=f"bias-shifted bootstrap over generated images ({resamples} resamples)",
+                                 items=len(features))
 
 
 def frechet_difference(a: np.ndarray, b: np.ndarray, real: tuple[np.ndarray, np.ndarray], *, resamples: int,
                        level: float = 0.95, seed: int = 0) -> Interval:
-    """FD(b) - FD(a) against the same real statistics, with a two-sample percentile bootstrap
-    interval: the two sets are independent draws (different noise), so each is resampled on its
+    """FD(b) - FD(a) against the same real statistics, with a two-sample bias-shifted bootstrap
+    interval (the two draws' biases differ with the sets' spreads): the two sets are independent draws (different noise), so each is resampled on its
     own (the same seeds for every `b` compared with one `a`)."""
     draws = (frechet_draws(b, real, bootstrap_indices(len(b), resamples, seed + 1))
              - frechet_draws(a, real, bootstrap_indices(len(a), resamples, seed)))
     estimate = frechet_draws(b, real, np.arange(len(b)))[0] - frechet_draws(a, real, np.arange(len(a)))[0]
-    return _percentile_interval(estimate, draws, level, f"two-sample bootstrap ({resamples} resamples)",
-                                len(a) + len(b))
+    return bias_shifted_interval(estimate, draws, level=level, items=len(a) + len(b),
+                                 method=f"two-sample bias-shifted bootstrap ({resamples} resamples)")
 
 
 # ----------------------------------------------------------------------------- sampling, both sides
@@ -213,9 +209,13 @@ def quality_speed(model: DiffusionModel, classifier: nn.Module, real: Tensor, *,
                          "frechet_distance": frechet_interval(features, real_stats, resamples=resamples).as_dict(),
                          "difference_vs_pipeline": difference.as_dict(),
                          "not_worse_than_pipeline": difference.low <= 0})
-    matched = [row for row in rows if row["not_worse_than_pipeline"]]
+    # "not shown worse" alone accepts any setting when N is small (wide intervals); a match must also
+    # have its FD inside the pipeline's own 95 % interval
+    matched = [row for row in rows if row["not_worse_than_pipeline"]
+               and row["frechet_distance"]["estimate"] <= reference["frechet_distance"]["high"]]
     headline: dict[str, Any] = {"criterion": "cheapest setting whose FD - FD(pipeline) interval does not lie "
-                                             "wholly above 0 (95 % two-sample bootstrap)"}
+                                             "wholly above 0 (95 % two-sample bootstrap) and whose FD is at most "
+                                             "the upper end of the pipeline's FD interval"}
     if matched:
         fastest = min(matched, key=lambda row: row["wall_s_per_sample"])
         fewest = min(matched, key=lambda row: (row["evals_per_sample"], row["wall_s_per_sample"]))
@@ -250,7 +250,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             rows = [row for row in result["rows"] if row["sampler"] == sampler]
             fd = np.array([[r["frechet_distance"]["estimate"], r["frechet_distance"]["low"],
                             r["frechet_distance"]["high"]] for r in rows])
-            # the bias-shifted bootstrap interval can lie below the plug-in estimate: its bar then ends at the point
+            # an interval cut at 0 can end above a round-off estimate: its bar then ends at the point
             ax.errorbar([r[key] for r in rows], fd[:, 0], yerr=np.clip([fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]], 0, None),
                         marker="o", markersize=3, capsize=2, label=f"ours {sampler}")
         ax.axhspan(ref_fd["low"], ref_fd["high"], color="0.85", zorder=0)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tailforge.eval.config import FidelityConfig
 from tailforge.eval.results import tag_result
-from tailforge.eval.stats import Interval, bootstrap_indices, encode_bits, proportion_interval
+from tailforge.eval.stats import Interval, bias_shifted_interval, bootstrap_indices, encode_bits, proportion_interval
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.images import uint8_to_float
 
@@ -76,9 +76,8 @@ def frechet_distance_interval(a: Tensor, b: Tensor, *, resamples: int = 500, lev
     draws = np.array([frechet_distance_features(fa[torch.from_numpy(i)], fb[torch.from_numpy(j)])
                       for i, j in zip(take_a, take_b)])
     estimate = max(0.0, frechet_distance_features(fa, fb))  # 0 up to round-off for identical sets
-    low, high = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2]) - (draws.mean() - estimate)
-    return Interval(estimate, max(0.0, float(low)), max(0.0, float(high)), level,
-                    f"bias-shifted bootstrap over both sets ({resamples} resamples)", len(fa) + len(fb), 1)
+    return bias_shifted_interval(estimate, draws, level=level, items=len(fa) + len(fb), floor=0.0,
+                                 method=f"bias-shifted bootstrap over both sets ({resamples} resamples)")
 
 
 def dct_features(images: Tensor) -> np.ndarray:

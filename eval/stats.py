@@ -97,6 +97,22 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
                     f"paired bootstrap ({resamples} resamples)", len(a), 1)
 
 
+def bias_shifted_interval(estimate: float, draws: np.ndarray, *, level: float, method: str, items: int,
+                          floor: float | None = None) -> Interval:
+    """The percentile interval of bootstrap `draws` moved by their bias (their mean minus the
+    full-sample `estimate`). For a statistic such as the Frechet distance, resampling with
+    replacement duplicates items and shifts every draw up, so the plain percentile interval can lie
+    wholly above the estimate; the shifted one keeps the draws' spread around it. ``floor`` cuts
+    the ends (0 for a distance)."""
+    _check_level(level)
+    draws = np.asarray(draws, dtype=np.float64)
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail]) - (draws.mean() - estimate)
+    if floor is not None:
+        low, high = max(floor, low), max(floor, high)
+    return Interval(float(estimate), float(low), float(high), level, method, items, 1)
+
+
 def bootstrap(values: Sequence[float] | np.ndarray, *, statistic: Callable[[np.ndarray], np.ndarray] = _mean,
               resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
     """Percentile bootstrap interval of one statistic over items (e.g. an accuracy)."""

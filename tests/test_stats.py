@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tailforge.eval.stats import Interval, bootstrap, paired_bootstrap, t_interval, verdict
+from tailforge.eval.stats import Interval, bias_shifted_interval, bootstrap, paired_bootstrap, t_interval, verdict
 from tailforge.gen.core.errors import ConfigError
 
 
@@ -125,3 +125,14 @@ def test_proportion_interval_is_clopper_pearson_and_does_not_collapse_at_zero():
     assert (some.low, some.high) == pytest.approx((ci.low, ci.high)) and some.items == 100
     with pytest.raises(ConfigError, match="0/1"):
         proportion_interval([0.5, 1.0])
+
+
+def test_bias_shifted_interval_recentres_biased_draws_on_the_estimate():
+    # draws of a statistic biased up by 1 around an estimate of 2 (as resampled distances are): the plain
+    # percentile interval [2.5, 3.5] misses the estimate, the shifted one is [1.5, 2.5]; a floor cuts it
+    draws = 3.0 + np.linspace(-0.5, 0.5, 1001)
+    got = bias_shifted_interval(2.0, draws, level=0.95, method="m", items=10)
+    tail = 0.475  # the 2.5 % and 97.5 % quantiles of a uniform grid on [-0.5, 0.5]
+    assert (got.low, got.high) == pytest.approx((2.0 - tail, 2.0 + tail))
+    floored = bias_shifted_interval(0.1, draws, level=0.95, method="m", items=10, floor=0.0)
+    assert floored.low == 0.0 and floored.high == pytest.approx(0.1 + tail)
