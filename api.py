@@ -336,24 +336,9 @@ def generate(config, out: str | os.PathLike, *, actors: int | None = 0, address:
     actor pool, joining ``address`` / $RAY_ADDRESS or starting a local instance. The shards are the
     same bytes either way. Re-running the same call resumes: recorded shards are kept.
     """
-    from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import BaselineSource, LowDensitySource, ReconstructSource
+    from tailforge.gen.jobs.runner import run_generation
 
-    sources = {"baseline": BaselineSource, "lowdensity": LowDensitySource, "reconstruct": ReconstructSource}
-    kind = getattr(config, "kind", None)
-    if kind not in sources:
-        raise ConfigError(f"generate takes a BaselineConfig, LowDensityConfig or ReconstructConfig, got "
-                          f"{type(config).__name__}")
-    extra = model_manifest(config.model)
-    if kind == "reconstruct":
-        from tailforge.gen.data.datasets import load_dataset
-
-        num = len(load_dataset(config.dataset, config.split))
-        extra = {**extra, "t_re": config.t_re, "source_dataset": config.dataset, "source_split": config.split}
-    else:
-        num = config.num
-    records = run_config_job(out, config, sources[kind], num, actors=actors, address=address, manifest_extra=extra,
-                             progress=progress, force=force)
+    records = run_generation(out, config, actors=actors, address=address, progress=progress, force=force)
     return GenerationResult(str(out), tuple(records))
 
 

@@ -50,8 +50,7 @@ from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict, read_json, saved_result, write_json_atomic
 from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig, ReconstructConfig
-from tailforge.gen.jobs.runner import model_manifest, run_config_job
-from tailforge.gen.jobs.sources import BaselineSource, LowDensitySource, ReconstructSource
+from tailforge.gen.jobs.runner import run_generation
 from tailforge.gen.models.classifiers import CLASSIFIER_CONFIG, load_classifier, predict_logits
 from tailforge.train.classifier import train_classifier
 from tailforge.train.config import REAL, ClassifierTrainConfig, DiffusionTrainConfig, GuidanceTrainConfig, MixSource
@@ -99,25 +98,20 @@ def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
 def generate_shards(config: DemoConfig, paths: dict[str, Path], address: str | None) -> None:
     """Stage 2: baseline, low-density and reconstructed shard sets on the Ray actor pool."""
     model = str(paths["diffusion"])
-    extra = model_manifest(model)
     baseline = BaselineConfig(model=model, num=config.num_samples, sampling=config.sampling, seed=config.seed,
                               shard_size=max(1, config.num_samples // 4))
-    run_config_job(paths["baseline"], baseline, BaselineSource, baseline.num, actors=config.actors, address=address,
-                   manifest_extra=extra)
+    run_generation(paths["baseline"], baseline, actors=config.actors, address=address)
     lowdensity = LowDensityConfig(model=model, guidance=str(paths["guidance"]), num=config.num_samples,
                                   sampling=config.sampling, guide=config.guide, seed=config.seed,
                                   shard_size=baseline.shard_size)
-    run_config_job(paths["lowdensity"], lowdensity, LowDensitySource, lowdensity.num, actors=config.actors,
-                   address=address, manifest_extra=extra)
+    run_generation(paths["lowdensity"], lowdensity, actors=config.actors, address=address)
     for split in ("train", "test"):  # train: a training set (Yamaguchi & Fukuda 2023 Table 2); test: only for Fig. 5's entropy
         size = len(load_dataset(config.dataset, split))
         reconstruct = ReconstructConfig(model=model, dataset=config.dataset, split=split, t_re=config.t_re,
                                         sampling=config.sampling, seed=config.seed,
                                         shard_size=max(1, -(-size // 4)))
-        run_config_job(paths["reconstructed" if split == "train" else "reconstructed-test"], reconstruct,
-                       ReconstructSource, size, actors=config.actors, address=address,
-                       manifest_extra={**extra, "t_re": config.t_re, "source_dataset": config.dataset,
-                                       "source_split": split})
+        run_generation(paths["reconstructed" if split == "train" else "reconstructed-test"], reconstruct,
+                       actors=config.actors, address=address)
 
 
 def classifier_configs(config: DemoConfig, paths: dict[str, Path]) -> dict[str, ClassifierTrainConfig]:

@@ -23,11 +23,11 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     add_ray_options(parser)
 
 
-def run_job(args: argparse.Namespace, config, source) -> int:
-    from tailforge.gen.jobs.runner import model_manifest, run_config_job
+def run_job(args: argparse.Namespace, config) -> int:
+    from tailforge.gen.jobs.runner import run_generation
 
-    records = run_config_job(args.out, config, source, config.num, actors=args.actors, address=args.address,
-                             manifest_extra=model_manifest(config.model), progress=not args.quiet, force=args.force)
+    records = run_generation(args.out, config, actors=args.actors, address=args.address, progress=not args.quiet,
+                             force=args.force)
     gated = {} if config.max_nn_ratio is None else {"replicas_dropped": sum(r.replicas_dropped or 0 for r in records)}
     print_json({"out": args.out, "shards": len(records), "samples": sum(r.count for r in records),
                 "seconds": round(sum(r.seconds for r in records), 2), **gated})
@@ -39,9 +39,8 @@ def run_baseline(args: argparse.Namespace) -> int:
     shards with a timm _info.json. Re-running the same command skips shards that are already recorded."""
 
     from tailforge.gen.jobs.config import BaselineConfig
-    from tailforge.gen.jobs.sources import BaselineSource
 
-    return run_job(args, config_from_args(BaselineConfig, args), BaselineSource)
+    return run_job(args, config_from_args(BaselineConfig, args))
 
 
 def run_lowdensity(args: argparse.Namespace) -> int:
@@ -54,9 +53,8 @@ def run_lowdensity(args: argparse.Namespace) -> int:
     reproduces `gen baseline`."""
 
     from tailforge.gen.jobs.config import LowDensityConfig
-    from tailforge.gen.jobs.sources import LowDensitySource
 
-    return run_job(args, config_from_args(LowDensityConfig, args), LowDensitySource)
+    return run_job(args, config_from_args(LowDensityConfig, args))
 
 
 #: gen reconstruct's t_re values when neither --t-re nor a --config file gives one
@@ -90,13 +88,10 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     JOB_t_re_<value> (the t_re of a --config file, e.g. a set's own _job.json, keeps the file's job name). Re-running
     the same command skips shards that are already recorded."""
 
-    from tailforge.gen.data.datasets import load_dataset
     from tailforge.gen.jobs.config import ReconstructConfig
-    from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import ReconstructSource, shard_set_name
+    from tailforge.gen.jobs.runner import run_generation
+    from tailforge.gen.jobs.sources import shard_set_name
 
-    extra = model_manifest(args.model)
-    num = len(load_dataset(args.dataset, args.split))
     outputs = {}
     # a --config file's t_re (without --t-re) is one saved set: its job name is kept, to re-make that set
     saved_set = args.t_re_values is None and "t_re" in args.config_unspelled
@@ -104,10 +99,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         name = shard_set_name(t_re)
         config = config_from_args(ReconstructConfig, args, t_re=t_re, job=args.job if saved_set else f"{args.job}_{name}")
         out = str(Path(args.out) / name)
-        records = run_config_job(out, config, ReconstructSource, num, actors=args.actors, address=args.address,
-                                 progress=not args.quiet, force=args.force, manifest_extra={**extra, "t_re": t_re,
-                                                                          "source_dataset": args.dataset,
-                                                                          "source_split": args.split})
+        records = run_generation(out, config, actors=args.actors, address=args.address, progress=not args.quiet,
+                                 force=args.force)
         outputs[name] = {"out": out, "t_re": t_re, "samples": sum(r.count for r in records),
                          "seconds": round(sum(r.seconds for r in records), 2)}
     print_json(outputs)

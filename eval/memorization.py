@@ -174,13 +174,11 @@ def _generate_shards(config: MemorizationConfig, root: Path, *, actors: int | No
     """Run a baseline generation job with the model into `root` (resumable, on the actor pool)."""
     from tailforge.gen.diffusion.config import SamplingConfig
     from tailforge.gen.jobs.config import BaselineConfig
-    from tailforge.gen.jobs.runner import model_manifest, run_config_job
-    from tailforge.gen.jobs.sources import BaselineSource
+    from tailforge.gen.jobs.runner import run_generation
 
     job = BaselineConfig(model=config.model, num=config.num, seed=config.seed, job="memorization",
                          sampling=SamplingConfig(sampler=config.sampler, steps=config.steps))
-    run_config_job(root, job, BaselineSource, job.num, actors=actors, address=address,
-                   manifest_extra=model_manifest(config.model), progress=progress)
+    run_generation(root, job, actors=actors, address=address, progress=progress)
     return root
 
 

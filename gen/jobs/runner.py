@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
-from tailforge.gen.core.errors import StorageError
+from tailforge.gen.core.errors import ConfigError, StorageError
 from tailforge.gen.data.shards.format import ShardRecord, ShardSpec
 from tailforge.gen.data.shards.write import (
     check_job_folder,
@@ -161,6 +161,28 @@ def model_manifest(model_path: str) -> dict[str, Any]:
     meta = load_diffusion_model(model_path).meta
     return {"num_classes": meta.num_classes, "class_names": list(meta.class_names), "image_size": meta.image_size,
             "channels": meta.channels}
+
+
+def run_generation(out: str | os.PathLike, config: ShardJobConfig, *, actors: int | None = None,
+                   address: str | None = None, progress: bool = True, force: bool = False) -> list[ShardRecord]:
+    """The generation job `config` describes (a Baseline, LowDensity or ReconstructConfig): its kind's
+    source, its sample count (``config.num``, or the whole split a reconstruction reads) and the
+    manifest fields every shard set of that kind records (the model's, and a reconstruction's t_re
+    and source), run by :func:`run_config_job`."""
+    from tailforge.gen.data.datasets import load_dataset
+    from tailforge.gen.jobs.sources import SOURCES
+
+    if getattr(config, "kind", None) not in SOURCES:
+        raise ConfigError(f"a generation job takes a BaselineConfig, LowDensityConfig or ReconstructConfig, got "
+                          f"{type(config).__name__}")
+    extra = model_manifest(config.model)
+    if config.kind == "reconstruct":
+        num = len(load_dataset(config.dataset, config.split))
+        extra = {**extra, "t_re": config.t_re, "source_dataset": config.dataset, "source_split": config.split}
+    else:
+        num = config.num
+    return run_config_job(out, config, SOURCES[config.kind], num, actors=actors, address=address,
+                          manifest_extra=extra, progress=progress, force=force)
 
 
 def run_config_job(out: str | os.PathLike, config: ShardJobConfig, source: Callable[[Any], SampleSource], num: int, *,

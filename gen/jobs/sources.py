@@ -199,3 +199,8 @@ def shard_set_name(t_re: float) -> str:
     """The folder and job-name suffix of the shard set for `t_re`: t_re_0p3, t_re_1, ... (no '.':
     webdataset splits a tar member's key from its extension at the first dot)."""
     return "t_re_" + f"{t_re:.6f}".rstrip("0").rstrip(".").replace(".", "p")
+
+
+#: the source of each job kind (its config's ``kind``)
+SOURCES: dict[str, SourceFactory] = {"baseline": BaselineSource, "lowdensity": LowDensitySource,
+                                     "reconstruct": ReconstructSource}
