@@ -156,7 +156,7 @@ def lowdensity_cost(config: CostBenchConfig, *, device: str = "cpu") -> dict[str
                                DensityConfig(shrinkage=config.shrinkage))
     edges = np.percentile(reference.train_hardness.numpy(), [*config.percentiles, config.top_percentile]).tolist()
 
-    guidance.evals = 0
+    guidance.evals = guidance.unet_evals = 0
     generated = _timed_generation({
         "baseline": (config.num_baseline,
                      lambda idx, lab: generate_batch(model, config.sampling, config.seed, idx, lab)),
@@ -175,7 +175,7 @@ def lowdensity_cost(config: CostBenchConfig, *, device: str = "cpu") -> dict[str
     evals = config.sampling.evals_per_sample()
     cost = {"baseline": {"seconds": base_seconds + scoring_seconds, "unet_evals": config.num_baseline * evals},
             "guided": {"seconds": guided_seconds, "unet_evals": config.num_guided * evals,
-                       "all_evals": config.num_guided * evals + guidance.evals}}
+                       "all_evals": config.num_guided * evals + guidance.evals + guidance.unet_evals}}
     faithful = {side: (predict_logits(net, images).argmax(1) == labels).numpy()
                 for side, (images, labels, _) in generated.items()}
     bins = bin_costs(edges, scores, cost, faithful, resamples=config.resamples, seed=config.seed)

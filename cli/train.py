@@ -99,8 +99,9 @@ def run_guidance(args: argparse.Namespace) -> int:
     embeddings (hardness, Sehwag et al. 2022 Eq. 3; Ledoit-Wolf shrinkage where the sample covariance is
     singular), and (2) a real-vs-synthetic discriminator on the real training split and an equal number of
     baseline samples of --model (drawn with --sampler / --steps), with its own class Gaussians (Eq. 6). --input
-    fixes what both see while sampling: x0 (the denoised estimate x0_hat; plain classifiers) or xt (the noisy
-    x_t; timestep-aware classifiers, Gaussians per noise level). Everything is saved in --out, which `tailforge
+    fixes what both see while sampling: x0 (the denoised estimate x0_hat; plain classifiers), xt (the noisy
+    x_t; timestep-aware classifiers, Gaussians per noise level) or xt+x0 (both at once: Sastry et al.'s
+    denoise-augmented classifiers, whose gradient flows through the U-Net). Everything is saved in --out, which `tailforge
     gen lowdensity --guidance` reads."""
 
     from tailforge.train.config import GuidanceTrainConfig

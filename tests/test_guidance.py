@@ -1,9 +1,11 @@
 """Low-density guidance (Sehwag et al. 2022 Algorithm 1): the wrapped samplers against a literal Algorithm 1
-loop, the norm of the applied guidance, no guidance on the last step, DDIM, both guidance inputs,
+loop, the norm of the applied guidance, no guidance on the last step, DDIM, the three guidance inputs
+(Sastry et al. 2023's denoise-augmented "xt+x0" against finite differences through the denoiser),
 alpha = beta = 0 against the baseline bit for bit, guidance folders, shards."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -11,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from tailforge.eval.stats import decode_bits
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.core.images import uint8_to_float
 from tailforge.gen.core.noise import PerSampleNoise
+from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.data.shards.format import plan_shards
 from tailforge.gen.data.shards.read import iter_samples
 from tailforge.gen.diffusion.config import SamplingConfig
@@ -32,7 +36,7 @@ from tailforge.gen.diffusion.schedules import alphas_cumprod
 from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig
 from tailforge.gen.jobs.runner import run_job
 from tailforge.gen.jobs.sources import BaselineSource, LowDensitySource
-from tailforge.gen.methods.config import GuidanceConfig
+from tailforge.gen.methods.config import GuidanceConfig, guidance_in_chans
 from tailforge.gen.methods.lowdensity import (
     GuidanceModels,
     GuidanceNet,
@@ -40,6 +44,7 @@ from tailforge.gen.methods.lowdensity import (
     fit_class_gaussians,
     generate_guided_batch,
     guidance_direction,
+    guidance_net_input,
     hardness_matrix,
     loss_g1,
     loss_g2,
@@ -70,17 +75,19 @@ class GaussianEps(nn.Module):
 def make_net(input: str, num_classes: int, levels: torch.Tensor, seed: int) -> GuidanceNet:
     """A random-weight tinycnn with class Gaussians of its embeddings of random images."""
     torch.manual_seed(seed)
-    net = create_classifier("tinycnn", num_classes=num_classes, in_chans=1 + (input == "xt")).eval()
+    net = create_classifier("tinycnn", num_classes=num_classes, in_chans=guidance_in_chans(input, 1)).eval()
     images = torch.rand(120, 1, 8, 8) * 2 - 1
     labels = torch.arange(120) % num_classes
     gaussians = []
-    for sigma in levels.tolist():
-        inputs = images if input == "x0" else noisy_net_input(images + sigma * torch.randn_like(images), sigma)
+    for sigma in levels.tolist():  # "xt+x0": the clean images stand in for x0_hat
+        inputs = images if input == "x0" else guidance_net_input(input, images + sigma * torch.randn_like(images),
+                                                                 sigma, images)
         gaussians.append(fit_class_gaussians(embed(net, inputs), labels, num_classes, "ledoit_wolf"))
     return GuidanceNet(net, gaussians, levels, input)
 
 
 def make_models(input: str = "x0") -> GuidanceModels:
+    """Random guidance nets: one level for "x0", three for "xt" and "xt+x0"."""
     levels = torch.zeros(1) if input == "x0" else torch.tensor([0.01, 1.0, 20.0])
     return GuidanceModels(make_net(input, 10, levels, 0), make_net(input, 2, levels, 1), {"guidance_hash": "test"})
 
@@ -277,6 +284,7 @@ def test_train_guidance_writes_a_loadable_folder(tmp_path, tiny_model_dir, input
     info = train_guidance(config, tmp_path / "g", progress=False)
     assert info["input"] == input and info["num_real"] == info["num_synthetic"] == 60
     assert len(info["classifier_test_accuracy"]) == len(info["level_sigmas"]) == (1 if input == "x0" else 2)
+    check_test_correct(info, len(load_dataset("digits?n=60", "test")))
     models = load_guidance(tmp_path / "g")
     assert models.input == input and models.classifier.net.num_classes == 10 and models.discriminator.net.num_classes == 2
     assert len(models.classifier.gaussians) == len(info["level_sigmas"])
@@ -377,3 +385,164 @@ def test_guidance_net_runs_the_classifier_it_was_given_with_batch_norms_folded()
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in guided.net.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in guided.inference_net.modules())
+
+
+def check_test_correct(info, num_test):
+    """guidance.json's per-image correctness of the embedding classifier: one bit string per level
+    (the accuracy's keys), one bit per held-out test image, its mean the recorded accuracy."""
+    correct, accuracy = info["classifier_test_correct"], info["classifier_test_accuracy"]
+    assert correct.keys() == accuracy.keys()
+    for key, bits in correct.items():
+        assert len(bits) == num_test
+        assert decode_bits(bits).mean() == pytest.approx(accuracy[key], abs=5e-5)
+
+
+@pytest.fixture(scope="module")
+def null_model_dir(tmp_path_factory):
+    """tiny_model_dir's model with a null class (what label dropout trains): it denoises without labels."""
+    from diffusers import DDPMScheduler
+
+    from tailforge.gen.models.diffusion import ModelMeta, save_diffusion_model
+    from tailforge.gen.models.unet import build_unet
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_null_model")
+    save_diffusion_model(folder, build_unet("tiny", image_size=8, channels=1, num_classes=11),
+                         DDPMScheduler(num_train_timesteps=1000),
+                         ModelMeta(image_size=8, channels=1, num_classes=10, class_names=tuple("0123456789"),
+                                   null_class=10, dataset="digits"))
+    return folder
+
+
+class Unconditional(nn.Module):
+    """A smooth, label-free test denoiser with a non-diagonal Jacobian, recording each call's batch size
+    (and refusing labels: "xt+x0" nets must see x0_hat without the generated class)."""
+
+    sigma_min, sigma_max = 0.01, 80.0
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, labels=None):
+        assert labels is None
+        self.calls.append(len(x))
+        s = torch.as_tensor(sigma, dtype=x.dtype).expand(len(x)).view(-1, 1, 1, 1)
+        return torch.tanh(x / (1 + s**2).sqrt() + 0.3 * x.roll(1, dims=-1))
+
+
+def test_denoise_augmented_net_input_is_noisy_input_and_x0_hat_concatenated():
+    x, x0_hat, sigma = torch.randn(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.tensor(0.7)
+    got = guidance_net_input("xt+x0", x, sigma, x0_hat)
+    assert got.shape == (4, guidance_in_chans("xt+x0", 3), 8, 8) == (4, 2 * 3 + 1, 8, 8)
+    assert torch.equal(got, torch.cat([noisy_net_input(x, sigma), x0_hat], dim=1))
+    assert torch.equal(guidance_net_input("xt", x, sigma, x0_hat), noisy_net_input(x, sigma))
+    models = make_models("xt+x0")
+    images = torch.randn(2, 1, 8, 8)
+    assert models.classifier(images, sigma, images)[1].shape == (2, 10)
+    with pytest.raises(ConfigError, match="x0_hat"):
+        models.classifier(images, sigma)
+    with pytest.raises(ConfigError, match="unknown guidance input"):
+        guidance_in_chans("x0+xt", 1)
+
+
+def test_xt_x0_guidance_differentiates_through_the_denoiser():
+    models, den = make_models("xt+x0"), Unconditional()
+    x, sigma, labels = torch.randn(4, 1, 8, 8), torch.tensor(1.0), torch.arange(4)
+    config = GuidanceConfig(alpha=0.5, beta=0.5, tau=TAU)
+    direction = guidance_direction(models, x, sigma, labels, config, den)
+    assert den.calls == [8] and models.unet_evals == 8  # both losses' leaves, denoised as one batch
+    detached = guidance_direction(models, x, sigma, labels, config, lambda z, s, labels=None: den(z, s).detach())
+    assert (direction - detached).abs().max() > 1e-2
+    guidance_direction(models, x, sigma, labels, GuidanceConfig(alpha=0.5, beta=0.0), den)
+    assert den.calls[-1] == 4 and models.unet_evals == 8 + 8 + 4  # one loss: only its leaf is denoised
+    with pytest.raises(ConfigError, match="denoiser"):
+        guidance_direction(models, x, sigma, labels, config)
+
+
+def test_xt_x0_guidance_direction_matches_finite_differences():
+    """Normalize(grad L_g1) and Normalize(grad L_g2) of the exact losses (Eq. 4, Eq. 6) as functions of
+    x_t, both net inputs depending on it, by central differences in float64 on a tiny case."""
+    models, den = copy.deepcopy(make_models("xt+x0")).double(), Unconditional()
+    x, labels = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.arange(2)
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    cls, disc = models.classifier, models.discriminator
+    losses = (lambda z, y: loss_g1(hardness_matrix(cls(z, sigma, den(z, sigma))[0], cls.gaussians_at(sigma)), y, TAU),
+              lambda z, y: loss_g2(hardness_matrix(disc(z, sigma, den(z, sigma))[0], disc.gaussians_at(sigma)), TAU))
+    # every one-pixel step of every sample as one batch (eval mode: each row's loss is its own)
+    h, pixels = 1e-5, x[0].numel()
+    steps = (h * torch.eye(pixels, dtype=x.dtype)).view(1, pixels, *x.shape[1:])
+    rows = labels.repeat_interleave(pixels)
+    units = [normalize(((loss((x.unsqueeze(1) + steps).flatten(0, 1), rows)
+                         - loss((x.unsqueeze(1) - steps).flatten(0, 1), rows)) / (2 * h)).view_as(x))
+             for loss in losses]
+    config = GuidanceConfig(alpha=0.5, beta=0.7, tau=TAU)
+    torch.testing.assert_close(guidance_direction(models, x, sigma, labels, config, den),
+                               0.5 * units[0] + 0.7 * units[1], rtol=1e-5, atol=1e-7)
+
+
+def test_xt_x0_guided_step_takes_the_gradient_at_x_t_through_the_unlabelled_denoiser(denoiser):
+    models = make_models("xt+x0")
+    sigmas = sampler_sigmas("ddpm", denoiser, 10)
+    sigma, sigma_next = sigmas[6], sigmas[7]
+    guided = LowDensityGuidance(denoiser, models, GuidanceConfig(alpha=0.5, beta=0.5, tau=TAU), sigmas,
+                                step_rule("ddpm", {}))
+    x, labels, noise = torch.randn(4, 1, 8, 8) * sigma, torch.arange(4), torch.randn(4, 1, 8, 8)
+    applied = ddpm_step(x, guided(x, sigma.expand(4), labels), sigma, sigma_next, noise) \
+        - ddpm_step(x, denoiser(x, sigma.expand(4), labels), sigma, sigma_next, noise)
+    cls, disc = models.classifier, models.discriminator
+    n1 = unit_grad(lambda z: loss_g1(hardness_matrix(cls(z, sigma, denoiser(z, sigma))[0], cls.gaussians_at(sigma)),
+                                     labels, TAU), x)
+    n2 = unit_grad(lambda z: loss_g2(hardness_matrix(disc(z, sigma, denoiser(z, sigma))[0], disc.gaussians_at(sigma)),
+                                     TAU), x)
+    torch.testing.assert_close(applied, ddpm_posterior_std(sigma, sigma_next) * 0.5 * (n1 + n2), rtol=1e-3, atol=1e-5)
+
+
+def test_net_inputs_of_xt_and_xt_x0_share_the_noisy_images(denoiser):
+    from tailforge.train.guidance import net_inputs
+
+    test = load_dataset("digits?n=60", "test")
+    xt, both = net_inputs(test, 0.5, "xt", 10_001), net_inputs(test, 0.5, "xt+x0", 10_001, denoiser)
+    assert both.shape[1] == 3 and torch.equal(both[:, :2], xt)
+    noisy = test.float_images() + 0.5 * torch.randn(test.float_images().shape,
+                                                     generator=torch.Generator().manual_seed(10_001))
+    torch.testing.assert_close(both[:, 2:], denoiser(noisy, torch.tensor(0.5)))
+
+
+def test_train_guidance_xt_x0_writes_a_loadable_folder_that_guides(tmp_path, null_model_dir):
+    from tailforge.train.config import GuidanceTrainConfig
+    from tailforge.train.guidance import train_guidance
+
+    config = GuidanceTrainConfig(dataset="digits?n=60", model=str(null_model_dir), input="xt+x0", epochs=1, levels=2,
+                                 synthetic=SamplingConfig(sampler="ddim", steps=2))
+    info = train_guidance(config, tmp_path / "g", progress=False)
+    assert info["input"] == "xt+x0" and len(info["level_sigmas"]) == 2
+    check_test_correct(info, len(load_dataset("digits?n=60", "test")))
+    for name in ("classifier", "discriminator"):
+        saved = json.loads((tmp_path / "g" / name / "classifier.json").read_text())
+        assert (saved["in_chans"], saved["guidance_input"]) == (3, "xt+x0")
+    models = load_guidance(tmp_path / "g")
+    assert models.input == "xt+x0" and len(models.classifier.gaussians) == 2
+    model = load_diffusion_model(null_model_dir)
+    sampling, indices = SamplingConfig(sampler="ddpm", steps=3), [0, 1, 2]
+    labels = balanced_labels(indices, 10)
+    guide = GuidanceConfig(alpha=0.5, beta=0.5)
+    first = generate_guided_batch(model, models, sampling, guide, 4, indices, labels)
+    guided_steps = len(sampler_sigmas("ddpm", model.denoiser, 3)) - 2  # none on the last step
+    assert models.unet_evals == guided_steps * 2 * len(indices)
+    assert torch.equal(generate_guided_batch(model, models, sampling, guide, 4, indices, labels), first)
+    assert not torch.equal(first, generate_batch(model, sampling, 4, indices, labels))
+    assert models.sample_hardness(uint8_to_float(first), labels).isfinite().all()
+
+
+def test_xt_x0_refuses_a_model_that_cannot_denoise_without_labels(tmp_path, tiny_model_dir):
+    from tailforge.train.config import GuidanceTrainConfig
+    from tailforge.train.guidance import train_guidance
+
+    config = GuidanceTrainConfig(dataset="digits?n=60", model=str(tiny_model_dir), input="xt+x0", epochs=1, levels=2)
+    with pytest.raises(ConfigError, match="cannot denoise without labels") as err:
+        train_guidance(config, tmp_path / "g", progress=False)
+    assert str(tiny_model_dir) in str(err.value) and len(str(err.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="cannot denoise without labels"):
+        generate_guided_batch(load_diffusion_model(tiny_model_dir), make_models("xt+x0"), SamplingConfig(steps=2),
+                              GuidanceConfig(), 0, [0], torch.tensor([0]))

@@ -126,7 +126,8 @@ class GuidanceTrainConfig:
     dataset: str = "digits"  # dataset spec: its training split is the real data
     # diffusion model folder whose baseline samples are the discriminator's synthetic class
     model: str = dataclasses.field(kw_only=True)
-    # what the nets see while sampling: "x0" (x0_hat) or "xt" (noisy x_t, timestep-aware)
+    # what the nets see while sampling: "x0" (x0_hat), "xt" (noisy x_t, timestep-aware) or "xt+x0"
+    # (both: Sastry et al. 2023's denoise-augmented classifiers; needs a model trained with label dropout)
     input: Annotated[str, OneOf(GUIDANCE_INPUTS)] = "x0"
     classifier: str = "tinycnn"  # timm name of the embedding classifier (hardness, L_g1)
     discriminator: str = "tinycnn"  # timm name of the real-vs-synthetic discriminator (H', L_g2)
@@ -135,7 +136,7 @@ class GuidanceTrainConfig:
     lr: PositiveFloat = 3e-3  # AdamW peak learning rate (cosine decay)
     # class covariances: auto (Ledoit-Wolf where singular) | ledoit_wolf | none
     shrinkage: Annotated[str, OneOf(SHRINKAGE)] = "auto"
-    levels: PositiveInt = 10  # "xt" only: noise levels (evenly spaced timesteps) with their own class Gaussians
+    levels: PositiveInt = 10  # "xt" and "xt+x0": noise levels (evenly spaced timesteps) with their own class Gaussians
     synthetic: SamplingConfig = SamplingConfig()  # sampler of the baseline samples (paper: 250 DDPM steps)
     synthetic_shards: str = ""  # optional: read the baseline samples from this shard set instead
     synthetic_seed: NonNegativeInt = 1_000_000  # job seed of those samples, away from the seeds generation jobs use

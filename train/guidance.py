@@ -11,7 +11,15 @@
 classifiers on clean images (they score x0_hat); "xt" trains timestep-aware classifiers on images
 diffused to a uniformly drawn timestep (Dhariwal & Nichol 2021's noisy classifiers; the paper's
 classifiers are "conditioned on the diffusion process timestep") and fits the class Gaussians
-separately at ``levels`` noise levels. Everything goes into one folder (gen.models.guidance.save_guidance).
+separately at ``levels`` noise levels. "xt+x0" trains Sastry et al. 2023's denoise-augmented
+(DA) classifiers: as "xt", with every noisy batch also given its denoised estimate x0_hat from the
+diffusion model without labels (its null class, so a model trained with label dropout), under
+no_grad, as extra input channels; they report DA-classifiers more accurate on noisy inputs than
+noisy ("xt") classifiers. The held-out noise of each level is the same function of (seed, level)
+for every input, and guidance.json records, per level, which held-out images the embedding
+classifier got right (``classifier_test_correct``, eval.stats.encode_bits), so two folders of the
+same seed can be compared image by image (a paired bootstrap). Everything goes into one folder
+(gen.models.guidance.save_guidance).
 """
 
 from __future__ import annotations
@@ -28,13 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tailforge.eval.stats import encode_bits
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.core.files import config_dict
 from tailforge.gen.data.datasets import DatasetInfo, LabeledImages, load_dataset
 from tailforge.gen.diffusion.config import SamplingConfig
+from tailforge.gen.diffusion.denoiser import ClampDenoised, Denoiser
 from tailforge.gen.diffusion.samplers import balanced_labels, generate_batch
-from tailforge.gen.methods.lowdensity import GuidanceNet, fit_class_gaussians, noisy_net_input
+from tailforge.gen.methods.config import guidance_in_chans
+from tailforge.gen.methods.lowdensity import GuidanceNet, fit_class_gaussians, guidance_net_input
 from tailforge.gen.models.classifiers import create_classifier, embed, predict_logits
 from tailforge.gen.models.diffusion import DiffusionModel, load_diffusion_model
 from tailforge.gen.models.guidance import save_guidance
@@ -85,15 +96,31 @@ def noise_levels(train_sigmas: Tensor, levels: int) -> Tensor:
     return train_sigmas.cpu()[t]
 
 
+def denoised_estimates(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, batch_size: int = 256) -> Tensor:
+    """x0_hat of noisy images `x` (sigma-space, at `sigma`: a scalar or one per row) from `denoiser`
+    without labels, under no_grad, in batches on the denoiser's device; returned on the CPU."""
+    device = denoiser.train_sigmas.device
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(len(x))
+    with torch.no_grad():
+        return torch.cat([denoiser(x[i:i + batch_size].to(device), sigma[i:i + batch_size].to(device)).cpu()
+                          for i in range(0, len(x), batch_size)])
+
+
 def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, config: GuidanceTrainConfig, *,
-                         device: str = "cpu", progress: bool = True, log_path: Path | None = None) -> nn.Module:
-    """A timestep-aware classifier (input "xt"): each step draws a batch of images and, per image, a
-    timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through gen.methods.lowdensity.noisy_net_input
-    (noise-level channel). AdamW with a cosine decay over epochs * ceil(N / batch) steps. Each epoch's
-    loss, accuracy on its noisy batches, learning rate and samples/s go to the JSONL log ``log_path``
-    (the fields of the classifier trainer's log; a re-run starts it over)."""
+                         denoiser: Denoiser | None = None, device: str = "cpu", progress: bool = True,
+                         log_path: Path | None = None) -> nn.Module:
+    """A timestep-aware classifier (input "xt" or "xt+x0"): each step draws a batch of images and, per
+    image, a timestep t ~ U{0, T-1}; the network sees x0 + sigma_t * eps through
+    gen.methods.lowdensity.guidance_net_input (noise-level channel; for "xt+x0" also `denoiser`'s
+    x0_hat of it, without labels, under no_grad: the random draws are those of "xt"). AdamW with a
+    cosine decay over epochs * ceil(N / batch) steps. Each epoch's loss, accuracy on its noisy
+    batches, learning rate and samples/s go to the JSONL log ``log_path`` (the fields of the
+    classifier trainer's log; a re-run starts it over)."""
+    if config.input == "xt+x0" and denoiser is None:
+        raise ConfigError('a denoise-augmented ("xt+x0") classifier needs the denoiser of its x0_hat input')
     torch.manual_seed(config.seed)
-    net = create_classifier(name, num_classes=data.info.num_classes, in_chans=data.info.channels + 1).to(device).train()
+    net = create_classifier(name, num_classes=data.info.num_classes,
+                            in_chans=guidance_in_chans(config.input, data.info.channels)).to(device).train()
     x0, labels, train_sigmas = data.float_images(), data.labels, train_sigmas.cpu()
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     steps = config.epochs * steps_per_epoch
@@ -109,7 +136,8 @@ def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, c
             sigma = train_sigmas[torch.randint(len(train_sigmas), (config.batch_size,), generator=gen)]
             x = x0[index] + sigma.view(-1, 1, 1, 1) * torch.randn(x0[index].shape, generator=gen)
             target = labels[index].to(device)
-            logits = net(noisy_net_input(x, sigma).to(device))
+            denoised = denoised_estimates(denoiser, x, sigma) if config.input == "xt+x0" else None
+            logits = net(guidance_net_input(config.input, x, sigma, denoised).to(device))
             loss = F.cross_entropy(logits, target)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
@@ -133,34 +161,43 @@ def fit_noisy_classifier(name: str, data: LabeledImages, train_sigmas: Tensor, c
     return net.eval()
 
 
-def net_inputs(data: LabeledImages, sigma: float, input: str, seed: int) -> Tensor:
-    """What a guidance net sees for `data` at noise level `sigma` (noise drawn from `seed`)."""
+def net_inputs(data: LabeledImages, sigma: float, input: str, seed: int, denoiser: Denoiser | None = None) -> Tensor:
+    """What a guidance net sees for `data` at noise level `sigma`: the noise is drawn from `seed`
+    alone, the same for "xt" and "xt+x0" (whose x0_hat of the noisy images comes from `denoiser`)."""
     x0 = data.float_images()
     if input == "x0":
         return x0
-    return noisy_net_input(x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), sigma)
+    x = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return guidance_net_input(input, x, sigma, denoised_estimates(denoiser, x, sigma) if input == "xt+x0" else None)
 
 
 def fit_guidance_net(name: str, train: LabeledImages, test: LabeledImages, config: GuidanceTrainConfig,
-                     level_sigmas: Tensor, train_sigmas: Tensor, *, device: str = "cpu", progress: bool = True,
-                     log_path: Path | None = None) -> tuple[GuidanceNet, dict[str, float]]:
-    """Train one guidance net for `config.input` (per-epoch figures to the JSONL log ``log_path``),
-    fit its class Gaussians at every level, and measure its held-out accuracy at every level (clean
-    images for "x0"), keyed by sigma."""
+                     level_sigmas: Tensor, train_sigmas: Tensor, *, denoiser: Denoiser | None = None,
+                     device: str = "cpu", progress: bool = True, log_path: Path | None = None,
+                     ) -> tuple[GuidanceNet, dict[str, Tensor]]:
+    """Train one guidance net for `config.input` (per-epoch figures to the JSONL log ``log_path``;
+    `denoiser` gives "xt+x0"'s x0_hat), fit its class Gaussians at every level, and return with it
+    which held-out images it classifies correctly at every level (clean images for "x0"), keyed by
+    sigma: boolean tensors in the order of `test`."""
     if config.input == "x0":
         classifier_config = ClassifierTrainConfig(dataset=train.info.spec, model=name, epochs=config.epochs,
                                                   batch_size=config.batch_size, lr=config.lr, seed=config.seed)
         net = fit_classifier(classifier_config, train, test, device=device, progress=progress, log_path=log_path)
     else:
-        net = fit_noisy_classifier(name, train, train_sigmas, config, device=device, progress=progress,
-                                   log_path=log_path)
-    gaussians, accuracy = [], {}
+        net = fit_noisy_classifier(name, train, train_sigmas, config, denoiser=denoiser, device=device,
+                                   progress=progress, log_path=log_path)
+    gaussians, correct = [], {}
     for level, sigma in enumerate(level_sigmas.tolist()):
-        features = embed(net, net_inputs(train, sigma, config.input, config.seed + level))
+        features = embed(net, net_inputs(train, sigma, config.input, config.seed + level, denoiser))
         gaussians.append(fit_class_gaussians(features, train.labels, train.info.num_classes, config.shrinkage))
-        logits = predict_logits(net, net_inputs(test, sigma, config.input, config.seed + 10_000 + level))
-        accuracy[f"{sigma:.4g}"] = round(float((logits.argmax(1) == test.labels).float().mean()), 4)
-    return GuidanceNet(net, [g.to(device) for g in gaussians], level_sigmas, config.input).to(device), accuracy
+        logits = predict_logits(net, net_inputs(test, sigma, config.input, config.seed + 10_000 + level, denoiser))
+        correct[f"{sigma:.4g}"] = logits.argmax(1) == test.labels
+    return GuidanceNet(net, [g.to(device) for g in gaussians], level_sigmas, config.input).to(device), correct
+
+
+def accuracy_per_level(correct: dict[str, Tensor]) -> dict[str, float]:
+    """Held-out accuracy per level (4 decimals) from fit_guidance_net's per-image correctness."""
+    return {key: round(float(flags.float().mean()), 4) for key, flags in correct.items()}
 
 
 def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str | None = None,
@@ -173,6 +210,9 @@ def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str 
     real, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
     model = load_diffusion_model(config.model, device)
     meta = model.meta
+    if config.input == "xt+x0" and not meta.denoises_without_labels:
+        raise ConfigError(f'{config.model} cannot denoise without labels (no null class); "xt+x0" classifiers see '
+                          "x0_hat without labels: train the model with --label-dropout")
     if (meta.image_size, meta.channels, meta.num_classes) != (real.info.image_size, real.info.channels,
                                                              real.info.num_classes):
         raise ConfigError(f"model {config.model} makes {meta.channels}x{meta.image_size}px images of "
@@ -184,18 +224,23 @@ def train_guidance(config: GuidanceTrainConfig, out: str | Path, *, device: str 
         synthetic = baseline_samples(model, len(real), config.synthetic, config.synthetic_seed, progress=progress)
     train_sigmas = model.denoiser.train_sigmas.cpu()
     level_sigmas = torch.zeros(1) if config.input == "x0" else noise_levels(train_sigmas, config.levels)
-    classifier, classifier_acc = fit_guidance_net(config.classifier, real, test, config, level_sigmas, train_sigmas,
-                                                  device=device, progress=progress,
-                                                  log_path=out / "classifier_log.jsonl")
+    # x0_hat clamped to [-1, 1], as the sampler's (generate_batch's ClampDenoised, clip_denoised by default)
+    denoiser = ClampDenoised(model.denoiser) if config.input == "xt+x0" else None
+    classifier, classifier_correct = fit_guidance_net(config.classifier, real, test, config, level_sigmas,
+                                                      train_sigmas, denoiser=denoiser, device=device,
+                                                      progress=progress, log_path=out / "classifier_log.jsonl")
     disc_train, disc_held = real_vs_synthetic(real, synthetic, config.holdout, config.seed)
-    discriminator, disc_acc = fit_guidance_net(config.discriminator, disc_train, disc_held, config, level_sigmas,
-                                               train_sigmas, device=device, progress=progress,
-                                               log_path=out / "discriminator_log.jsonl")
-    common = {"in_chans": real.info.channels + (config.input == "xt"),
+    discriminator, disc_correct = fit_guidance_net(config.discriminator, disc_train, disc_held, config, level_sigmas,
+                                                   train_sigmas, denoiser=denoiser, device=device,
+                                                   progress=progress, log_path=out / "discriminator_log.jsonl")
+    common = {"in_chans": guidance_in_chans(config.input, real.info.channels),
               "image_size": real.info.image_size, "train_config": config_dict(config)}
     info = {"config": config_dict(config), "model_hash": model.model_hash, "num_real": len(real),
             "num_synthetic": len(synthetic),
-            "classifier_test_accuracy": classifier_acc, "discriminator_holdout_accuracy": disc_acc,
+            "classifier_test_accuracy": accuracy_per_level(classifier_correct),
+            # per held-out test image, in the test split's order: for paired comparisons of two folders
+            "classifier_test_correct": {key: encode_bits(flags.numpy()) for key, flags in classifier_correct.items()},
+            "discriminator_holdout_accuracy": accuracy_per_level(disc_correct),
             "classifier_shrinkage": [g.shrinkage.tolist() for g in classifier.gaussians],
             "discriminator_shrinkage": [g.shrinkage.tolist() for g in discriminator.gaussians]}
     return save_guidance(

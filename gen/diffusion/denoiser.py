@@ -135,7 +135,8 @@ class CheckFinite(DenoiserWrapper):
                 where = f"step {step} of {len(self.sigmas) - 1} (sigma {level:.4g})"
             else:
                 where = f"denoiser call {self.calls} (sigma {level:.4g})"
-            samples = [self.indices[r] for r in rows] if self.indices is not None else rows
+            # a guidance pass may denoise the batch twice over (rows N..2N-1: gen.methods.lowdensity's "xt+x0")
+            samples = [self.indices[r % len(self.indices)] for r in rows] if self.indices is not None else rows
             raise NonFiniteError(f"the model produced {kind} at sampling {where} for samples {samples[:8]}"
                                  f"{' ...' if len(samples) > 8 else ''}")
         return denoised

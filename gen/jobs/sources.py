@@ -145,7 +145,10 @@ class LowDensitySource(ShardSource):
     def batch(self, indices: list[int]) -> tuple[Tensor, list[int], list[dict[str, Any]]]:
         cfg = self.config
         labels = balanced_labels(indices, self.model.meta.num_classes)
+        unet_evals = self.guidance.unet_evals
         images = generate_guided_batch(self.model, self.guidance, cfg.sampling, cfg.guide, cfg.seed, indices, labels)
+        # "xt+x0" guidance denoises x_t again inside each guided step (Sastry et al. 2023): those passes count too
+        self.model_evals += self.guidance.unet_evals - unet_evals
         # Hardness (Eq. 3) of the image as stored (uint8), under the guidance classifier.
         scores = self.guidance.sample_hardness(uint8_to_float(images).to(self.device), labels.to(self.device))
         common = {**dataclasses.asdict(cfg.sampling), **self.meta}

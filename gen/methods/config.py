@@ -10,12 +10,21 @@ from tailforge.gen.core.errors import ConfigError
 
 #: class covariances: auto (Ledoit-Wolf where the sample covariance is singular) | ledoit_wolf | none
 SHRINKAGE = ("auto", "ledoit_wolf", "none")
-#: what the guidance networks see at each step: the noisy x_t (timestep-aware nets) or x0_hat
-GUIDANCE_INPUTS = ("xt", "x0")
+#: what the guidance networks see at each step: the noisy x_t (timestep-aware nets), x0_hat, or both
+#: (Sastry et al. 2023's denoise-augmented classifiers: x_t and the model's unconditional x0_hat(x_t))
+GUIDANCE_INPUTS = ("xt", "x0", "xt+x0")
 #: Algorithm 1's Sigma_theta as a scale: the posterior std, or its variance (see lowdensity.guidance_scale)
 GUIDANCE_SCALES = ("std", "variance")
 #: "hardness": Eq. 4 / Eq. 6 on class Gaussians of embeddings; "softmax": the probability variant
 GUIDANCE_LOSSES = ("hardness", "softmax")
+
+
+def guidance_in_chans(input: str, channels: int) -> int:
+    """Input channels of a guidance net for `channels`-channel images: the image ("x0"), x_t plus a
+    noise-level channel ("xt", lowdensity.noisy_net_input), or those and x0_hat ("xt+x0")."""
+    if input not in GUIDANCE_INPUTS:
+        raise ConfigError(f"unknown guidance input {input!r}; choose one of {GUIDANCE_INPUTS}")
+    return {"x0": channels, "xt": channels + 1, "xt+x0": 2 * channels + 1}[input]
 
 
 @dataclasses.dataclass(frozen=True)

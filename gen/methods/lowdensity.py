@@ -44,6 +44,15 @@ Choices Algorithm 1 leaves open, and what this module does:
   the noise level enters as an extra constant input channel) with class Gaussians fitted per noise
   level, or "x0", a plain classifier on the denoised estimate x0_hat, with the gradient taken with
   respect to x0_hat (no backward pass through the U-Net; DESIGN.md's reference runs).
+* "xt+x0", the denoise-augmented (DA) classifiers of Sastry et al. 2023: the nets see x_t (as for
+  "xt") and the model's denoised estimate x0_hat(x_t) as simultaneous inputs, x0_hat taken
+  *without* labels (the null class of a label-dropout model), so the class being generated never
+  reaches the classifier's input. The gradient is taken with respect to x_t through both inputs,
+  the second through the U-Net: their Theorem 1 has d x0_hat / d x_t = Cov[x0 | x_t] / sigma^2,
+  which is what aligns these gradients with the image. The leaves of the two losses are denoised as
+  one batch with grad enabled: one extra U-Net forward and backward per guided step (rows counted in
+  ``GuidanceModels.unet_evals``). A finished sample is scored at the lowest level with x0_hat = the
+  sample itself (see :meth:`GuidanceModels.sample_hardness`).
 * Sigma_theta in sigma-space (x = x_vp / sqrt(alpha_bar)) is ``ddpm_posterior_std``; the
   normalized gradient is a direction, so the update is the paper's VP-space update divided by
   sqrt(alpha_bar_{t-1}) like every other term of the step.
@@ -300,6 +309,22 @@ def noisy_net_input(x: Tensor, sigma: Tensor | float) -> Tensor:
     return torch.cat([x / (1 + s**2).sqrt(), level], dim=1)
 
 
+def guidance_net_input(input: str, image: Tensor, sigma: Tensor | float, denoised: Tensor | None = None) -> Tensor:
+    """What a guidance net of `input` sees (guidance_in_chans channels): "x0" the image itself; "xt"
+    :func:`noisy_net_input` of the noisy image; "xt+x0" that and the denoised estimate ``denoised``
+    (x0_hat of `image`, required there, unused otherwise) concatenated along channels, Sastry et
+    al. 2023's denoise-augmented input."""
+    if input == "x0":
+        return image
+    if input == "xt":
+        return noisy_net_input(image, sigma)
+    if input != "xt+x0":
+        raise ConfigError(f"unknown guidance input {input!r}; choose one of {GUIDANCE_INPUTS}")
+    if denoised is None:
+        raise ConfigError('a denoise-augmented ("xt+x0") guidance net needs the denoised estimate x0_hat too')
+    return torch.cat([noisy_net_input(image, sigma), denoised], dim=1)
+
+
 def fold_batch_norms(net: nn.Module) -> nn.Module:
     """A copy of an eval-mode `net` with every BatchNorm2d that directly follows a Conv2d in an
     nn.Sequential folded into that convolution (w' = w gamma / sqrt(var + eps), b' = (b - mean)
@@ -321,8 +346,9 @@ class GuidanceNet(nn.Module):
 
     ``input`` fixes what it is fed: "x0" a clean-looking image in [-1, 1] (x0_hat while sampling);
     "xt" a noisy image in sigma-space with its sigma, through :func:`noisy_net_input`, which makes
-    any timm classifier (built with one extra input channel) timestep-aware. ``gaussians[l]`` were
-    fitted at noise level ``level_sigmas[l]`` (one level, sigma 0, for "x0").
+    any timm classifier (built with one extra input channel) timestep-aware; "xt+x0" that plus the
+    denoised estimate x0_hat of the noisy image (:func:`guidance_net_input`, 2 C + 1 channels).
+    ``gaussians[l]`` were fitted at noise level ``level_sigmas[l]`` (one level, sigma 0, for "x0").
 
     ``net`` is the classifier as given (frozen, in eval mode; what a guidance folder saves);
     ``inference_net`` is the copy every pass runs, its batch norms folded into the convolutions
@@ -343,12 +369,10 @@ class GuidanceNet(nn.Module):
         self.register_buffer("level_sigmas", level_sigmas.float(), persistent=False)
         self.input = input
 
-    def net_input(self, image: Tensor, sigma: Tensor | float) -> Tensor:
-        return image if self.input == "x0" else noisy_net_input(image, sigma)
-
-    def forward(self, image: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(embeddings [N, k], logits [N, C]) through timm's forward_features / forward_head."""
-        feats = self.inference_net.forward_features(self.net_input(image, sigma))
+    def forward(self, image: Tensor, sigma: Tensor | float, denoised: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(embeddings [N, k], logits [N, C]) through timm's forward_features / forward_head;
+        ``denoised``: x0_hat of `image`, needed by "xt+x0" only (:func:`guidance_net_input`)."""
+        feats = self.inference_net.forward_features(guidance_net_input(self.input, image, sigma, denoised))
         return self.inference_net.forward_head(feats, pre_logits=True), self.inference_net.forward_head(feats)
 
     def gaussians_at(self, sigma: Tensor | float) -> ClassGaussians:
@@ -359,7 +383,7 @@ class GuidanceNet(nn.Module):
         return self.gaussians[int((self.level_sigmas.cpu().clamp_min(1e-8).log() - s).abs().argmin())]
 
     def clean_sigma(self) -> float:
-        """The sigma at which a finished (clean) sample is scored: 0 for "x0", the lowest level for "xt"."""
+        """The sigma at which a finished (clean) sample is scored: 0 for "x0", the lowest level otherwise."""
         return float(self.level_sigmas.min())
 
 
@@ -370,43 +394,50 @@ class GuidanceModels(nn.Module):
     def __init__(self, classifier: GuidanceNet, discriminator: GuidanceNet, info: dict[str, Any]):
         super().__init__()
         if classifier.input != discriminator.input:
-            raise ConfigError("the classifier and the discriminator must see the same input (x0 or xt)")
+            raise ConfigError(f"the classifier and the discriminator must see the same input, got "
+                              f"{classifier.input!r} and {discriminator.input!r}")
         self.classifier, self.discriminator, self.info = classifier, discriminator, info
         #: forward+backward passes of a guidance net (batch rows), for cost accounting
         self.evals = 0
+        #: U-Net forward+backward passes (batch rows) that "xt+x0" guidance adds to the sampler's own
+        self.unet_evals = 0
 
     @property
     def input(self) -> str:
         return self.classifier.input
 
     def sample_hardness(self, x0: Tensor, labels: Tensor) -> Tensor:
-        """H(x, y) (Eq. 3) of finished samples under the guidance classifier's Gaussians."""
+        """H(x, y) (Eq. 3) of finished samples under the guidance classifier's Gaussians. "xt+x0" nets
+        get the sample itself as its x0_hat: at the lowest level (sigma_min, 0.01 on DDPM's linear
+        schedule) the denoised estimate is the sample to within that noise, and no U-Net pass is spent."""
         with torch.no_grad():
             sigma = self.classifier.clean_sigma()
-            emb, _ = self.classifier(x0, sigma)
+            emb, _ = self.classifier(x0, sigma, x0)
             return hardness(emb, labels, self.classifier.gaussians_at(sigma))
 
-    def scores(self, net: GuidanceNet, image: Tensor, sigma: Tensor, loss: str) -> Tensor:
+    def scores(self, net: GuidanceNet, image: Tensor, sigma: Tensor, loss: str, denoised: Tensor | None = None,
+               ) -> Tensor:
         """Per-class scores a loss is built from: hardness H(x, j) (Eq. 3) or logits."""
-        emb, logits = net(image, sigma)
+        emb, logits = net(image, sigma, denoised)
         self.evals += len(image)
         return hardness_matrix(emb, net.gaussians_at(sigma)) if loss == "hardness" else logits
 
     def losses(self, images: tuple[Tensor, Tensor], sigma: Tensor, labels: Tensor, config: GuidanceConfig,
-               ) -> tuple[Tensor | None, Tensor | None]:
+               denoised: tuple[Tensor | None, Tensor | None] = (None, None)) -> tuple[Tensor | None, Tensor | None]:
         """Per-sample L_g1 (when alpha > 0) at ``images[0]`` and L_g2 (when beta > 0) at ``images[1]``,
         Eq. 4 / Eq. 6 or their softmax-probability variants, as
         :func:`~tailforge.gen.methods.lowdensity.direction_surrogate`: functions with the losses'
         normalized gradients that do not underflow when they saturate. (One input per loss, so that
-        one backward call can return the two gradients apart; pass the same image twice otherwise.)"""
+        one backward call can return the two gradients apart; pass the same image twice otherwise.)
+        ``denoised``: each image's x0_hat, for "xt+x0" nets."""
         suffix = "" if config.loss == "hardness" else "_softmax"
         l1 = l2 = None
         if config.alpha > 0:
-            l1 = direction_surrogate("g1" + suffix, self.scores(self.classifier, images[0], sigma, config.loss), labels,
-                                     config.tau)
+            l1 = direction_surrogate("g1" + suffix, self.scores(self.classifier, images[0], sigma, config.loss,
+                                                                denoised[0]), labels, config.tau)
         if config.beta > 0:
-            l2 = direction_surrogate("g2" + suffix, self.scores(self.discriminator, images[1], sigma, config.loss),
-                                     REAL_CLASS, config.tau)
+            l2 = direction_surrogate("g2" + suffix, self.scores(self.discriminator, images[1], sigma, config.loss,
+                                                                denoised[1]), REAL_CLASS, config.tau)
         return l1, l2
 
 
@@ -416,18 +447,39 @@ def normalize(u: Tensor, eps: float = 1e-12) -> Tensor:
     return u / norm.clamp_min(eps)
 
 
+def denoised_leaves(models: GuidanceModels, denoiser: Denoiser | None, leaves: tuple[Tensor, Tensor], sigma: Tensor,
+                    config: GuidanceConfig) -> tuple[Tensor | None, Tensor | None]:
+    """x0_hat of each leaf a loss uses (alpha > 0: leaf 0, beta > 0: leaf 1) for "xt+x0" nets, (None, None)
+    for the others: `denoiser` without labels, grad enabled, the used leaves as one batch."""
+    if models.input != "xt+x0":
+        return None, None
+    if denoiser is None:
+        raise ConfigError('"xt+x0" guidance needs the denoiser whose x0_hat(x_t) its nets see')
+    used = [i for i, weight in enumerate((config.alpha, config.beta)) if weight > 0]
+    if not used:
+        return None, None
+    n = len(leaves[0])
+    sigmas = torch.as_tensor(sigma, dtype=leaves[0].dtype, device=leaves[0].device).expand(n).repeat(len(used))
+    found = dict(zip(used, denoiser(torch.cat([leaves[i] for i in used]), sigmas).split(n)))
+    models.unet_evals += n * len(used)
+    return found.get(0), found.get(1)
+
+
 def guidance_direction(models: GuidanceModels, image: Tensor, sigma: Tensor, labels: Tensor,
-                       config: GuidanceConfig) -> Tensor:
+                       config: GuidanceConfig, denoiser: Denoiser | None = None) -> Tensor:
     """alpha * Normalize(grad L_g1) + beta * Normalize(grad L_g2), the gradients taken with respect
     to `image` (x_t or x0_hat, whatever the guidance nets see). The nets are in eval mode, so each
     sample's loss depends on that sample alone and the gradient of the summed loss gives every
     per-sample gradient. Each loss sees its own leaf copy of `image`, so a single autograd call
     runs both backward passes and still returns the two gradients apart (they are normalized
-    separately); two calls, one per loss, cost about a tenth more CPU time on the 2-core CPU."""
+    separately); two calls, one per loss, cost about a tenth more CPU time on the 2-core CPU.
+    For "xt+x0" nets each leaf's x0_hat comes from `denoiser` without labels (:func:`denoised_leaves`),
+    so the gradients flow through the U-Net too (Sastry et al. 2023); other inputs ignore `denoiser`."""
     with torch.enable_grad():
         leaves = (image.detach().requires_grad_(True), image.detach().requires_grad_(True))
+        denoised = denoised_leaves(models, denoiser, leaves, sigma, config)
         terms = [(weight, leaf, loss) for weight, leaf, loss in
-                 zip((config.alpha, config.beta), leaves, models.losses(leaves, sigma, labels, config))
+                 zip((config.alpha, config.beta), leaves, models.losses(leaves, sigma, labels, config, denoised))
                  if loss is not None]
         direction = torch.zeros_like(image)
         if terms:
@@ -493,9 +545,10 @@ class LowDensityGuidance(DenoiserWrapper):
         s, s_next = (t.to(device=x.device, dtype=x.dtype) for t in self.step_sigmas(torch.as_tensor(sigma)))
         if s_next == 0:  # Algorithm 1: s = 0 on the last step
             return denoised
-        target = x if self.models.input == "xt" else denoised
+        target = denoised if self.models.input == "x0" else x
         scale = guidance_scale(self.rule.sigma_theta(s, s_next), s_next, self.config.scale_by)
-        shift = scale * guidance_direction(self.models, target, s, labels, self.config)
+        # "xt+x0": the nets' x0_hat is the wrapped denoiser's own, called again without labels
+        shift = scale * guidance_direction(self.models, target, s, labels, self.config, self.inner)
         ones = torch.ones((), dtype=x.dtype, device=x.device)
         weight = self.rule.step(ones * 0, ones, s, s_next, ones * 0)  # d x_next / d denoised
         return denoised + shift / weight
@@ -512,5 +565,8 @@ def generate_guided_batch(model: DiffusionModel, guidance: GuidanceModels, sampl
                           guide: GuidanceConfig, seed: int, indices: list[int], labels: torch.Tensor) -> torch.Tensor:
     """Guided samples for global `indices` (uint8 NCHW): gen.diffusion.samplers.generate_batch with the
     denoiser wrapped by Algorithm 1's guidance."""
+    if guidance.input == "xt+x0" and not model.meta.denoises_without_labels:
+        raise ConfigError(f'{model.path} cannot denoise without labels (no null class); "xt+x0" guidance needs '
+                          "x0_hat without labels (a model trained with --label-dropout)")
     wrap = guided_wrapper(guidance, guide, sampling.sampler, sampling.sampler_settings())
     return generate_batch(model, sampling, seed, indices, labels.to(model.device), wrap=wrap)

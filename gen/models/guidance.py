@@ -1,12 +1,15 @@
 """Guidance folders (Sehwag et al. 2022's two guidance networks and their class Gaussians), written by
 `tailforge train guidance` and read by low-density generation:
 
-    DIR/guidance.json           input (x0 | xt), level sigmas, training config and figures, hashes
+    DIR/guidance.json           input (x0 | xt | xt+x0), level sigmas, training config and figures
+                                (held-out accuracy and per-image correctness per level), hashes
     DIR/classifier/             the embedding classifier (classifier.json + classifier.safetensors)
     DIR/discriminator/          the real-vs-synthetic discriminator (same format)
     DIR/gaussians.safetensors   class Gaussians of both, per noise level
 
 The folder's entries are published as one version (gen/models/folders.py), so they always belong together.
+Each net's classifier.json records its ``in_chans`` (gen.methods.config.guidance_in_chans: 2 C + 1 for
+"xt+x0", Sastry et al. 2023's denoise-augmented classifiers) and its ``guidance_input``.
 """
 
 from __future__ import annotations
