@@ -251,6 +251,25 @@ def report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default="tailforge evaluation report", help="report title")
 
 
+def run_emm_study(args: argparse.Namespace) -> int:
+    """Per seed 0..N-1, one fixed-epochs procedure for every run: the nested-size sweep with EMM (Gu et al.,
+    Def. 1); the variant-size subset with Gaussian-mixture dummy images (Yoon et al., Hypothesis 2), with random
+    and with unique labels (Gu et al., Sec. 6), each against the sweep's run at that size; and a majority and a
+    minority class alone (Yoon et al., Hypothesis 3). Every run is a Ray task, cached in OUT/seed-K/RUN. Each
+    finding: a two-sample bootstrap per seed, a t-interval across seeds, a verdict by the findings rule.
+    Writes OUT/emm-study.json (`tailforge eval report --results OUT` renders it)."""
+
+    from tailforge.eval.config import EMMStudyConfig
+    from tailforge.eval.emm_study import run_emm_study as study
+
+    result = study(config_from_args(EMMStudyConfig, args), args.out, address=args.address,
+                   in_process=args.in_process, progress=not args.quiet)
+    print_json({"out": str(Path(args.out) / "emm-study.json"), "emm": result["emm"], "findings": [
+        {k: v for k, v in row.items() if k != "per_seed"} for row in result["findings"]],
+        "wall_seconds": result["wall_seconds"]})
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     """Collect the JSON results of the eval commands (found by the kind each records, under each --results
     path), sample grids of shard sets (--samples NAME=DIR; sets generated with the same seed are paired), density
@@ -343,6 +362,11 @@ COMMANDS = [
     Command(
         "emm", "effective model memorization over nested training subsets (Gu et al.)", run=run_emm,
         config="tailforge.eval.config:EMMConfig", options=emm_options,
+        flags={"sizes": Flag(parse=training_set_sizes, show=lambda sizes: ",".join(str(n or "full") for n in sizes))}),
+    Command(
+        "emm-study", "memorization findings over several seeds: size, dummy data, random / unique labels, "
+        "a minority class (Gu et al.; Yoon et al.)", run=run_emm_study, config="tailforge.eval.config:EMMStudyConfig",
+        options=emm_options,
         flags={"sizes": Flag(parse=training_set_sizes, show=lambda sizes: ",".join(str(n or "full") for n in sizes))}),
     Command(
         "report", "gather evaluation results into report.json and a self-contained report.html", run=run_report,

@@ -68,6 +68,8 @@ CORRUPTIONS: dict[str, Corruption] = {c.name: c for c in [
 BUDGETS = ("epochs", "steps")
 #: EMM's conditioning: true labels | none (unconditional) | random | unique (Gu et al. 2023 Sec. 6)
 LABEL_MODES = ("true", "none", "random", "unique")
+#: the runs of an EMM study per seed (EMMStudyConfig.run_config)
+EMM_STUDY_RUNS = ("sizes", "dummy", "random", "unique", "imbalance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,22 @@ class DensityConfig:
         check_fields(self)
 
 
+def parse_class_counts(entries: tuple[str, ...]) -> dict[int, int]:
+    """EMMConfig.class_counts ("CLASS:IMAGES" entries) as {class: images}; one line naming a bad entry."""
+    counts: dict[int, int] = {}
+    for entry in entries:
+        head, sep, tail = str(entry).partition(":")
+        try:
+            cls, images = int(head), int(tail)
+        except ValueError:
+            cls = images = -1
+        if not sep or cls < 0 or images < 2 or cls in counts:
+            raise ConfigError(f"class_counts entry {entry!r}: expected CLASS:IMAGES with a class index >= 0 listed "
+                              "once and at least 2 images (the ratio criterion needs two nearest training images)")
+        counts[cls] = images
+    return counts
+
+
 @dataclasses.dataclass(frozen=True)
 class EMMConfig:
     """`tailforge eval emm`; copied into emm.json and every run's result."""
@@ -114,6 +132,9 @@ class EMMConfig:
     labels: Annotated[str, OneOf(LABEL_MODES)] = "true"
     random_classes: NonNegativeInt = 0  # C for random labels; 0 = the dataset's number of classes
     dummy: NonNegativeInt = 0  # Gaussian-mixture dummy images added as one extra class (Yoon et al. 2023 Hypothesis 2)
+    # CLASS:IMAGES entries: train on that many images of each listed class only, e.g. 0:100,1:5 for a majority
+    # and a minority class (Yoon et al. 2023 Hypothesis 3); the sizes must then be `full`
+    class_counts: tuple[str, ...] = ()
     # epochs: every size trains for the same number of epochs, so each image is drawn equally often
     # (Gu et al. 2023 App. B); steps: every size trains for the same number of optimizer steps
     budget: Annotated[str, OneOf(BUDGETS)] = "epochs"
@@ -140,8 +161,65 @@ class EMMConfig:
             raise ConfigError(f"the ratio criterion needs at least 2 training images; got sizes {self.sizes}")
         if self.dummy and self.labels != "true":
             raise ConfigError("dummy-data injection conditions on the dummy class: use it with labels=true")
+        if self.class_counts:
+            parse_class_counts(self.class_counts)
+            if self.sizes != (0,) or self.dummy or self.labels != "true":
+                raise ConfigError("class_counts chooses the training set itself: use it with sizes=full, labels=true "
+                                  "and no dummy images")
         if not 0 < self.epsilon < 1:
             raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMMStudyConfig:
+    """`tailforge eval emm-study`; copied into emm-study.json. Every run is an EMMConfig with these settings
+    (one training procedure: the same epochs, batch, model and sampler for every run)."""
+
+    dataset: str = "digits"  # dataset spec whose training split the subsets are drawn from
+    seeds: PositiveInt = 3  # seeds 0..N-1; seed K sets the models, batches, sampling and the subsets' permutation
+    sizes: tuple[int, ...] = (10, 25, 50, 100)  # nested training-set sizes of the Hypothesis 1 sweep (0 = full)
+    # subset size of the dummy-injection and random / unique label runs; one of the sizes (its sweep run is their control)
+    variant_size: PositiveInt = 25
+    # Gaussian-mixture dummy images added to that subset as one extra class (Yoon et al. 2023 App. B.2 adds 3 per real image)
+    dummy: PositiveInt = 75
+    # the imbalanced training set of Yoon et al. 2023 Hypothesis 3, CLASS:IMAGES: a majority and a minority class
+    class_counts: tuple[str, ...] = ("0:100", "1:5")
+    epochs: PositiveInt = 2000  # passes over each run's training set (Gu et al. 2023 App. B: the same for every size)
+    snapshots: PositiveInt = 2  # memorization measured at this many evenly spaced points of training (the highest counts)
+    batch_size: PositiveInt = 64  # training batch
+    lr: PositiveFloat = 2e-3  # AdamW learning rate
+    preset: Annotated[str, OneOf(UNET_PRESETS)] | None = None  # U-Net preset (None: tiny up to 16 px, small above)
+    num_samples: PositiveInt = 500  # generated images per run and snapshot
+    sampler: Annotated[str, OneOf(SAMPLERS)] = "ddim"  # sampler for the generated images
+    sampling_steps: PositiveInt = 50  # its steps
+    epsilon: PositiveFloat = 0.1  # EMM threshold: ratio >= 1 - epsilon (Gu et al. 2023 sets 0.1)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.seeds < 2:
+            raise ConfigError(f"seeds must be at least 2, got {self.seeds}: a t-interval across seeds needs a spread")
+        if self.variant_size not in self.sizes:
+            raise ConfigError(f"variant_size {self.variant_size} must be one of the sizes {self.sizes}: the sweep's run "
+                              "at that size is the control of the dummy and label runs")
+        if len(parse_class_counts(self.class_counts)) != 2 or len(set(parse_class_counts(self.class_counts).values())) != 2:
+            raise ConfigError(f"class_counts {','.join(self.class_counts)}: give two classes with different image "
+                              "counts (a majority and a minority)")
+        self.run_config("sizes", 0)  # every run's own checks
+
+    def run_config(self, variant: str, seed: int) -> "EMMConfig":
+        """The EMMConfig of one run: "sizes" (true labels, every size), "dummy", "random" and "unique" (at
+        variant_size) or "imbalance" (class_counts), for seed `seed`."""
+        common = dict(dataset=self.dataset, budget="epochs", epochs=self.epochs, snapshots=self.snapshots,
+                      batch_size=self.batch_size, lr=self.lr, preset=self.preset, num_samples=self.num_samples,
+                      sampler=self.sampler, sampling_steps=self.sampling_steps, epsilon=self.epsilon,
+                      subset_seed=seed, seed=seed)
+        if variant not in EMM_STUDY_RUNS:
+            raise ConfigError(f"unknown EMM study run {variant!r}; choose one of {EMM_STUDY_RUNS}")
+        variants = {"sizes": dict(sizes=self.sizes), "dummy": dict(sizes=(self.variant_size,), dummy=self.dummy),
+                    "random": dict(sizes=(self.variant_size,), labels="random"),
+                    "unique": dict(sizes=(self.variant_size,), labels="unique"),
+                    "imbalance": dict(sizes=(0,), class_counts=self.class_counts)}
+        return EMMConfig(**common, **variants[variant])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +256,10 @@ class MemorizationConfig:
             raise ConfigError("give exactly one of --shards DIR (generated samples) or --model DIR (generate first)")
 
 
+#: the far OOD sets eval ood builds at any dataset's size and channels (eval/ood.py default_ood_sets)
+FAR_OOD_SETS = ("mondrian", "gm", "ri", "noise", "digits")
+
+
 @dataclasses.dataclass(frozen=True)
 class OODConfig:
     """`tailforge eval ood`; copied into ood.json."""
@@ -186,7 +268,10 @@ class OODConfig:
     classifier: str | None = None  # classifier folder (None: train one, see holdout_classes)
     diffaug_ensemble: str | None = None  # diffusion model folder: evaluate DiffAug-Ensemble of the classifier
     ood: tuple[str, ...] = ()  # extra OOD dataset specs (their test split if they have one)
-    default_sets: bool = True  # add the rotated-ID near set and the procedural far sets
+    default_sets: bool = True  # add the rotated-ID near set and the far sets of `far`
+    # far OOD sets added with default_sets: Yoon et al. 2023's Mondrian, Gaussian-mixture and Random Ink images,
+    # i.i.d. Gaussian noise, and digits test images resized to the ID size (skipped when the ID data is digits)
+    far: tuple[Annotated[str, OneOf(FAR_OOD_SETS)], ...] = FAR_OOD_SETS
     num: PositiveInt = 500  # images per OOD set
     holdout_classes: tuple[int, ...] = ()  # open-set protocol: train without these, their test images are near-OOD
     model: str = "tinycnn"  # with holdout_classes: timm model to train

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tailforge.eval.config import EMMConfig
+from tailforge.eval.config import EMMConfig, parse_class_counts
 from tailforge.eval.results import tag_result
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.errors import ConfigError
@@ -119,6 +119,9 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
         return real.info.spec, None, []
     if config.labels == "true" and not config.dummy:
         return real.info.spec, num_classes, sorted(set(real.labels.tolist()))
+    if config.class_counts:  # the real images and labels, as a shard set of their own
+        return write_labeled_shards(run_dir / "trainset", real, real.info.class_names), num_classes, \
+            sorted(set(real.labels.tolist()))
     gen = torch.Generator().manual_seed(config.seed)
     if config.labels == "random":
         classes = config.random_classes or num_classes
@@ -142,7 +145,22 @@ def training_set(config: EMMConfig, real: LabeledImages, run_dir: Path) -> tuple
 
 #: bumped when a run's result would change for the same settings (2: samples only for classes
 #: that have training images), so results written by older code are recomputed, not reused
-RESULT_VERSION = 3  # 3: the training budget in epochs or steps, and memorization at several snapshots
+RESULT_VERSION = 4  # 3: the training budget in epochs or steps, and memorization at several snapshots;
+# 4: each snapshot's per-sample replicate bits and per-class ratios
+
+
+def class_subset(real: LabeledImages, counts: dict[int, int], seed: int) -> LabeledImages:
+    """The first counts[c] images of each class c in a seeded permutation of `real` (Yoon et al. 2023
+    Hypothesis 3's majority and minority classes), in permutation order; one line when a class has too few."""
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+    keep = []
+    for cls, images in counts.items():
+        members = order[real.labels[order] == cls]
+        if len(members) < images:
+            raise ConfigError(f"class_counts {cls}:{images}: {real.info.spec!r} has {len(members)} training images "
+                              f"of class {cls}")
+        keep.append(members[:images])
+    return real.subset(torch.cat(keep).sort().values.numpy())
 
 
 def training_steps(config: EMMConfig, num_images: int) -> int:
@@ -187,6 +205,8 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
         return saved
     device = default_device(device)
     real = load_dataset(subset_spec(config.dataset, size, config.subset_seed), "train")
+    if config.class_counts:
+        real = class_subset(real, parse_class_counts(config.class_counts), config.subset_seed)
     spec, model_classes, sample_classes = training_set(config, real, run)
     num_images = len(real) + (config.dummy if config.labels == "true" else 0)
     total = training_steps(config, num_images)
@@ -215,7 +235,8 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
         sampled = time.perf_counter()
         stats, nn2 = memorization_stats(images, torch.cat(labels) if per_class else None, real, device=device)
         snapshots.append({"step": step, "epochs": round(step * config.batch_size / num_images, 2),
-                          "memorization_ratio": stats["memorization_ratio"], "memorization": stats})
+                          "memorization_ratio": stats["memorization_ratio"], "replicate": stats["replicate"],
+                          "per_class": stats.get("per_class"), "memorization": stats})
         seconds = {"train": seconds["train"] + trained - mark, "sample": seconds["sample"] + sampled - trained,
                    "measure": seconds["measure"] + time.perf_counter() - sampled}
     save_png_atomic(nearest_pairs_grid(images, real.images, nn2), run / "nearest_pairs.png")
@@ -235,7 +256,8 @@ def run_point(config: EMMConfig, size: int, run_dir: str, device: str | None = N
     return result
 
 
-def _run_name(size: int) -> str:
+def run_name(size: int) -> str:
+    """A run's folder under OUT/runs: nN, or nfull for the whole training split."""
     return f"n{size}" if size else "nfull"
 
 
@@ -251,7 +273,7 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
     if too_big:
         raise ConfigError(f"sizes {too_big} exceed the {full} training images of {config.dataset!r}")
     started = time.perf_counter()
-    runs = {size: str(out / "runs" / _run_name(size)) for size in config.sizes}
+    runs = {size: str(out / "runs" / run_name(size)) for size in config.sizes}
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(runs), desc="EMM models", unit="model", disable=not progress)
     if in_process:
@@ -272,7 +294,7 @@ def run_emm(config: EMMConfig, out: str | Path, *, address: str | None = None, i
                "max_memorization_ratio": r["max_memorization_ratio"], "training_steps": r["training_steps"],
                "training_epochs": r["training_epochs"],
                "distinct_train_images_replicated": r["memorization"]["distinct_train_images_replicated"],
-               "median_ratio_d1_d2": r["memorization"]["median_ratio_d1_d2"], "run": _run_name(r["size"]),
+               "median_ratio_d1_d2": r["memorization"]["median_ratio_d1_d2"], "run": run_name(r["size"]),
                "seconds": r["seconds"]} for r in results]
     report = tag_result("emm", {
         "config": config_dict(config), "points": points,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from tailforge.eval.config import EMM_STUDY_RUNS
 from tailforge.eval.fidelity import DOMAINS as FAKE_DETECTION_DOMAINS
 from tailforge.eval.figures import class_columns, data_uri, image_grid
 from tailforge.eval.results import RESULT_VERSIONS
@@ -822,12 +823,19 @@ def memorization_section(section: Section, results: Results) -> None:
         {label: str(p) for (p, _), label in zip(results, hist)}))
 
 
+def _emm_folder(path: Path) -> str:
+    """An emm.json's folder as the report names it: OUT, or SEED/RUN inside an EMM study."""
+    return f"{path.parent.parent.name}/{path.parent.name}" if path.parent.name in EMM_STUDY_RUNS else path.parent.name
+
+
 def emm_section(section: Section, results: Results) -> None:
     series, markers, configs, rows = {}, {}, {}, []
     for path, obj in results:
         cfg = obj["config"]
+        budget = f"{cfg['epochs']} epochs" if cfg.get("budget") == "epochs" else f"{cfg['steps']} steps"
         label = f"labels={cfg['labels']}" + (f", +{cfg['dummy']} GM dummies" if cfg.get("dummy") else "") + \
-                f", {cfg['steps']} steps ({path.parent.name})"
+                (f", classes {','.join(cfg['class_counts'])}" if cfg.get("class_counts") else "") + \
+                f", {budget} ({_emm_folder(path)})"
         series[label] = ([p["size"] for p in obj["points"]], [p["memorization_ratio"] for p in obj["points"]])
         configs[label] = {**cfg, "source": str(path), "wall_seconds": obj.get("wall_seconds")}
         emm = obj["emm"]
@@ -924,6 +932,12 @@ def findings_section(rows: list[dict[str, Any]], where: str, rule: str = VERDICT
     interval and verdict; `where` says what they rest on (e.g. "digits, one training seed"), `rule`
     how the intervals were made (a study's are t-intervals across seeds)."""
     section = Section("findings", "Findings of the papers this run checks")
+    add_findings(section, rows, where, rule)
+    return section
+
+
+def add_findings(section: Section, rows: list[dict[str, Any]], where: str, rule: str) -> None:
+    """The findings table (one row per finding: interval, items x seeds, verdict) and its count of verdicts."""
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("reproduced", "contradicted", "inconclusive")}
     section.notes.append(f"{counts['reproduced']} reproduced, {counts['contradicted']} contradicted, "
                          f"{counts['inconclusive']} inconclusive of {len(rows)} findings on {where}.")
@@ -934,7 +948,33 @@ def findings_section(rows: list[dict[str, Any]], where: str, rule: str = VERDICT
                                   f"{r['items']} x {r['seeds']}", r["verdict"]] for r in rows],
                                 note=rule, row_classes=[r["verdict"] for r in rows]))
     section.data["findings"] = rows
-    return section
+
+
+#: how an EMM study's intervals are made (tailforge.eval.emm_study)
+EMM_STUDY_RULE = ("Each seed's interval is a 95 % two-sample bootstrap over the generated samples of the two runs "
+                  "compared (each ratio at its highest training snapshot); across seeds, the Student-t interval of "
+                  "the seeds' differences with their bootstrap half-width added in quadrature. A finding is reproduced "
+                  "when the whole interval lies on the paper's side of its threshold, contradicted when it lies on the "
+                  "other side, inconclusive otherwise.")
+
+
+def emm_study_section(section: Section, results: Results) -> None:
+    """tailforge eval emm-study: its findings across seeds, the highest ratio of every run and EMM."""
+    for path, obj in results:
+        cfg = obj["config"]
+        add_findings(section, obj["findings"], f"{cfg['dataset']}, {cfg['seeds']} seeds, {cfg['epochs']} epochs "
+                     f"for every run ({path})", EMM_STUDY_RULE)
+        section.tables.append(Table(f"highest memorization ratio per run ({path.parent.name})",
+                                    ["run", "training images", "epochs", "mean over seeds [95 % t-interval]",
+                                     "per seed"],
+                                    [[name, r["num_train"], r["epochs"], _interval_cell(r["interval"]),
+                                      ", ".join(f"{v:.3f}" for v in r["per_seed"])] for name, r in obj["ratios"].items()]))
+        emm = obj["emm"]
+        section.notes.append(f"EMM at epsilon = {cfg['epsilon']:g} per seed: "
+                             f"{', '.join('-' if v is None else f'{v:.1f}' for v in emm['per_seed'])}"
+                             + (f"; mean {_interval_cell(emm['interval'], 1)} (t over seeds)" if emm.get("interval")
+                                else f" ({emm.get('note')})"))
+        section.data[str(path)] = {k: obj[k] for k in ("config", "findings", "ratios", "emm")}
 
 
 def _flat_settings(config: Any, prefix: str = "") -> list[list[Any]]:
@@ -1000,6 +1040,8 @@ REPORT_SECTIONS: dict[str, SectionSpec] = {spec.kind: spec for spec in (
                 "no memorization results (tailforge eval memorization)"),
     SectionSpec("emm", "Memorization ratio vs training-set size and EMM (Gu et al. 2023 Def. 1)", emm_section,
                 "no emm results (tailforge eval emm)"),
+    SectionSpec("emm_study", "Memorization findings over several seeds (Gu et al. 2023; Yoon et al. 2023)",
+                emm_study_section, "no EMM study results (tailforge eval emm-study)"),
     SectionSpec("reconstruction", "Reconstructed data vs t_re: Frechet distance, precision/recall, fake detection, PCA "
                 "(Yamaguchi & Fukuda 2023)", reconstruction_section,
                 "no reconstruction results (tailforge eval reconstruction)"),

@@ -15,6 +15,7 @@ RESULT_VERSIONS: dict[str, int] = {
     "density": 2,  # tailforge eval density --json (2: "per_sample" values)
     "emm": 2,  # tailforge eval emm: emm.json (2: EMM over the snapshots' highest ratio, and emm_final)
     "emm_run": 2,  # one training-set size of an EMM study: runs/*/result.json, read through its emm.json
+    "emm_study": 1,  # tailforge eval emm-study: emm-study.json (findings across seeds)
     "entropy": 1,  # tailforge eval entropy --json
     "fidelity": 1,  # tailforge eval fidelity: fidelity.json
     "memorization": 2,  # tailforge eval memorization: memorization.json (2: per-sample "replicate")

@@ -97,6 +97,23 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
                     f"paired bootstrap ({resamples} resamples)", len(a), 1)
 
 
+def two_sample_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+                         resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Interval of mean(b) - mean(a) for items of two independent samples (e.g. the generated images of
+    two separately trained models): each side is resampled on its own, keeping its size (the percentile
+    interval; Efron & Tibshirani 1993, ch. 8)."""
+    _check_level(level)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or b.ndim != 1 or not len(a) or not len(b):
+        raise ConfigError(f"a two-sample bootstrap needs two non-empty 1-d arrays, got shapes {a.shape} and {b.shape}")
+    diffs = b[bootstrap_indices(len(b), resamples, seed + 1)].mean(axis=1) - \
+        a[bootstrap_indices(len(a), resamples, seed)].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return Interval(float(b.mean() - a.mean()), float(low), float(high), level,
+                    f"two-sample bootstrap ({resamples} resamples)", min(len(a), len(b)), 1)
+
+
 def bias_shifted_interval(estimate: float, draws: np.ndarray, *, level: float, method: str, items: int,
                           floor: float | None = None) -> Interval:
     """The percentile interval of bootstrap `draws` moved by their bias (their mean minus the

@@ -209,10 +209,10 @@ def test_report_sections_and_figures(written):
 def test_absent_inputs_are_reported_absent(tmp_path):
     report = write_report(tmp_path, results=[], samples={})
     assert report["present"] == [] and set(report["absent"]) == {
-        "samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm", "reconstruction",
-        "entropy"}
+        "samples", "density", "accuracy", "corruptions", "ood", "fidelity", "memorization", "emm", "emm_study",
+        "reconstruction", "entropy"}
     page = (tmp_path / "report.html").read_text()
-    assert page.count('data-absent="yes"') == 10 and "<img" not in page
+    assert page.count('data-absent="yes"') == 11 and "<img" not in page
 
 
 def _sections(page: str) -> dict[str, str]:
