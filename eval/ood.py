@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tailforge.eval.config import OODConfig
+from tailforge.eval.config import FAR_OOD_SETS, OODConfig
 from tailforge.eval.neighbors import knn
 from tailforge.eval.results import tag_result
 from tailforge.gen.core.errors import ConfigError
@@ -328,15 +328,34 @@ def _match(images: Tensor, size: int, channels: int) -> Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def default_ood_sets(id_test: LabeledImages, num: int = 500) -> dict[str, tuple[str, Tensor]]:
+def far_ood_set(name: str, id_test: LabeledImages, num: int) -> Tensor | None:
+    """One far OOD set at the ID images' size and channels (uint8), or None when it would be the ID data itself:
+    Yoon et al. 2023's procedural datasets (mondrian, gm, ri), i.i.d. Gaussian noise around mid-grey (std a
+    quarter of the range, clipped), or digits test images resized to the ID size (for any other ID dataset)."""
+    info = id_test.info
+    if name in ("mondrian", "gm", "ri"):
+        return load_dataset(f"{name}?size={info.image_size}&channels={info.channels}&test={num}&seed=1", "test").images
+    if name == "noise":
+        noise = torch.randn((num, info.channels, info.image_size, info.image_size),
+                            generator=torch.Generator().manual_seed(1))
+        return (127.5 + 64 * noise).round().clamp(0, 255).to(torch.uint8)
+    if name == "digits":
+        if info.spec.partition("?")[0].partition(":")[0].strip().lower() == "digits":
+            return None
+        return _match(load_dataset("digits", "test").images[:num], info.image_size, info.channels)
+    raise ConfigError(f"unknown far OOD set {name!r}")
+
+
+def default_ood_sets(id_test: LabeledImages, num: int = 500, far: Sequence[str] = FAR_OOD_SETS,
+                     ) -> dict[str, tuple[str, Tensor]]:
     """Near and far OOD sets for any dataset, built at its size and channels:
     near: the ID test images rotated by 90 degrees (same strokes and statistics, wrong geometry),
-    far:  Yoon et al. 2023's procedural datasets (Mondrian, Gaussian-mixture dummies, Random Ink)."""
-    info = id_test.info
+    far:  the sets named in `far` (:func:`far_ood_set`)."""
     sets = {"rotated90": ("near", id_test.images.rot90(1, dims=(2, 3)).contiguous())}
-    for name in ("mondrian", "gm", "ri"):
-        spec = f"{name}?size={info.image_size}&channels={info.channels}&test={num}&seed=1"
-        sets[name] = ("far", load_dataset(spec, "test").images)
+    for name in far:
+        images = far_ood_set(name, id_test, num)
+        if images is not None:
+            sets[name] = ("far", images)
     return sets
 
 
@@ -396,7 +415,7 @@ def run_ood(config: OODConfig, out: str | Path, *, device: str | None = None, pr
     classifier, described, train, test, held = _classifier_for(config, train, test, device, progress)
     sets = {} if held is None else {"heldout_classes": ("near", held)}
     if config.default_sets:
-        sets.update(default_ood_sets(test, config.num))
+        sets.update(default_ood_sets(test, config.num, config.far))
     for spec in config.ood:
         try:
             data = load_dataset(spec, "test")

@@ -131,7 +131,8 @@ def test_scorer_on_a_classifier_and_on_log_probabilities():
     test = load_dataset("digits", "test").subset(range(60))
     net = create_classifier("tinycnn", num_classes=10, in_chans=1).eval()
     sets = {name: images[:40] for name, (_, images) in default_ood_sets(test, num=40).items()}
-    assert set(sets) == {"rotated90", "mondrian", "gm", "ri"} and all(s.shape[1:] == (1, 8, 8) for s in sets.values())
+    # digits is the ID data here, so it is not one of its own far sets
+    assert set(sets) == {"rotated90", "mondrian", "gm", "ri", "noise"} and all(s.shape[1:] == (1, 8, 8) for s in sets.values())
     report = evaluate_ood(fit_scorer(net, train, knn_k=10), test.images, sets)
     assert report["scores_computed"] == ["msp", "maxlogit", "energy", "react", "ash", "scale", "mahalanobis", "knn"]
     for result in report["sets"].values():
@@ -158,3 +159,14 @@ def test_scale_of_an_all_zero_feature_vector_is_finite():
     scaled = scale_features(features, percentile=50)
     assert torch.isfinite(scaled).all() and scaled[0].abs().sum() == 0
     assert torch.allclose(scaled[1], features[1] * torch.exp(torch.tensor(10.0 / 7.0)))
+
+
+def test_far_sets_at_another_datasets_size_include_resized_digits_and_noise():
+    test = load_dataset("mondrian?size=16&channels=3&test=20", "test")
+    sets = default_ood_sets(test, num=30)
+    assert set(sets) == {"rotated90", "mondrian", "gm", "ri", "noise", "digits"}
+    assert all(images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8 for _, images in sets.values())
+    assert sets["digits"][1].shape[0] == 30 and sets["digits"][1].float().std() > 10  # strokes, not a blank
+    noise = sets["noise"][1].float()
+    assert abs(noise.mean() - 127.5) < 3 and 55 < noise.std() < 70
+    assert set(default_ood_sets(test, num=5, far=("noise",))) == {"rotated90", "noise"}
