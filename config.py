@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from tailforge.gen.core.checks import Check, NonNegativeInt, PositiveInt, check_fields
 from tailforge.gen.core.errors import ConfigError
 from tailforge.gen.diffusion.config import SamplingConfig
 from tailforge.gen.methods.config import GuidanceConfig
+
+if TYPE_CHECKING:
+    from tailforge.eval.config import EMMStudyConfig
 
 #: a noise, two blurs and contrast (with CIFAR-10-C's pixel parameters unscaled at 8 px, see
 #: DemoConfig.corruption_reference_size), at three severities, so that DiffAug-Ensemble (nine extra
@@ -61,11 +64,18 @@ class DemoConfig:
                               "the null class to denoise test images without their labels")
 
 
+#: the memorization study (eval emm-study) of a Fashion-MNIST study: EMMStudyConfig settings over its defaults
+FASHION_MEMORIZATION: dict[str, Any] = {"epochs": 1000, "class_counts": ("0:100", "1:5")}
+#: keys of a study preset that are not DemoConfig fields: the training split's size, the sampler's steps, and
+#: the EMMStudyConfig settings of the memorization study (its dataset and seeds are the study's)
+STUDY_ONLY_KEYS = ("train_images", "sampling_steps", "memorization")
+
 #: `tailforge study`'s datasets: the name a --dataset starts with -> its presets of demo settings by image
 #: size (None: the dataset's own size). Each preset is laid over DemoConfig's defaults; docs/evaluation.md,
 #: "Studies", gives the time each takes and how that was estimated.
 STUDY_PRESETS: dict[str, dict[int | None, dict[str, Any]]] = {
-    "digits": {None: {}},  # the demo's defaults: bundled, minutes per seed on a CPU
+    # the demo's defaults: bundled, minutes per seed on a CPU; the memorization study at EMMStudyConfig's defaults
+    "digits": {None: {"memorization": {}}},
     "fashion-mnist": {
         # the CPU preset (about an hour a seed on 2 quiet cores, docs/evaluation.md "Studies"): a 16x16
         # antialiased copy (28x28 does not fit), 10,000 of the 60,000 training images (the reconstructed set is
@@ -75,12 +85,13 @@ STUDY_PRESETS: dict[str, dict[int | None, dict[str, Any]]] = {
         16: {"diffusion_steps": 2000, "unet_preset": "tiny", "num_samples": 1000, "sampling_steps": 20,
              "guidance_epochs": 5, "classifier_epochs": 10, "reference_epochs": 10, "train_images": 10000,
              "corruptions": ("gaussian_noise", "motion_blur", "contrast"), "severities": (3,),
-             "corruption_reference_size": 32},
+             "corruption_reference_size": 32, "memorization": FASHION_MEMORIZATION},
         # the GPU preset (not yet timed): full size, every training image, the small U-Net, every corruption
         # that applies at CIFAR-10-C's 5 severities
         28: {"diffusion_steps": 20000, "unet_preset": "small", "num_samples": 10000, "sampling_steps": 100,
              "guidance_epochs": 10, "classifier_epochs": 30, "reference_epochs": 30, "train_images": None,
-             "corruptions": (), "severities": (1, 2, 3, 4, 5), "corruption_reference_size": 32},
+             "corruptions": (), "severities": (1, 2, 3, 4, 5), "corruption_reference_size": 32,
+             "memorization": FASHION_MEMORIZATION},
     },
 }
 
@@ -103,6 +114,9 @@ class StudyConfig:
     # samples per shard set that the sample-quality judge compares (a larger set is subsampled; unset: num_samples)
     judge_items: PositiveInt | None = None
     judge_resamples: PositiveInt = 200  # bootstrap resamples of each of the judge's Frechet distances
+    # YAML, TOML or JSON file of memorization-study settings (`tailforge eval emm-study --config`'s format) laid over
+    # the preset's; its dataset and seeds stay the study's
+    memorization_settings: str | None = None
 
     def __post_init__(self):
         check_fields(self)
@@ -132,7 +146,7 @@ class StudyConfig:
         options = [f"size={size}"] if size else []
         train_images = preset.get("train_images")
         options += [f"n={train_images}"] if train_images else []
-        settings = {k: v for k, v in preset.items() if k not in ("train_images", "sampling_steps")}
+        settings = {k: v for k, v in preset.items() if k not in STUDY_ONLY_KEYS}
         sampling = (dataclasses.replace(DemoConfig.sampling, steps=preset["sampling_steps"])
                     if "sampling_steps" in preset else DemoConfig.sampling)
         spec = self.dataset + (f"?{'&'.join(options)}" if options else "")
@@ -145,3 +159,23 @@ class StudyConfig:
                                   f"{spec!r}; the study's --dataset and its preset set it")
             base = build_config(DemoConfig, values, self.demo_settings, defaults=base)
         return dataclasses.replace(base, out=str(Path(self.out) / f"seed-{seed}"), seed=seed)
+
+    def memorization_config(self, gpu: bool) -> "EMMStudyConfig":
+        """The memorization study's settings: EMMStudyConfig's defaults, the preset's, then the
+        --memorization-settings file; the dataset at the preset's image size (EMM draws its own subsets, so
+        without the preset's training-split size) and the study's seeds."""
+        from tailforge.eval.config import EMMStudyConfig
+        from tailforge.gen.core.config_files import build_config, config_table, config_values, read_config_file
+
+        size, preset = self.preset(gpu)
+        spec = self.dataset + (f"?size={size}" if size else "")
+        base = EMMStudyConfig(**{**preset["memorization"], "dataset": spec, "seeds": self.seeds})
+        if self.memorization_settings:
+            data, saved = config_table(EMMStudyConfig, read_config_file(self.memorization_settings))
+            values = config_values(EMMStudyConfig, data, self.memorization_settings, saved=saved)
+            for key in ("dataset", "seeds"):
+                if values.get(key, getattr(base, key)) != getattr(base, key):
+                    raise ConfigError(f"{self.memorization_settings}: {key} {values[key]!r} differs from the study's "
+                                      f"{getattr(base, key)!r}; the study's --dataset and --seeds set it")
+            base = build_config(EMMStudyConfig, values, self.memorization_settings, defaults=base)
+        return base

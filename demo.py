@@ -6,9 +6,11 @@ On scikit-learn's bundled digits by default, on a local Ray instance (or the clu
 1. models: one diffusion model trained with label dropout, so that it is class-conditional
    (generation, guidance, reconstruction) and, given the null class, unconditional (DiffAug and
    DiffAug-Ensemble, which see no labels); an independent evaluation classifier that never guides;
-   and the guidance nets of Sehwag et al. 2022;
-2. shard sets on the actor pool: baseline and low-density samples from the same seeds, and the
-   training split reconstructed at t_re (Yamaguchi & Fukuda 2023), and the test split for Fig. 5's entropy;
+   and the guidance nets of Sehwag et al. 2022, on x0_hat, and as noisy and as denoise-augmented
+   classifiers (Sastry et al. 2023);
+2. shard sets on the actor pool: baseline and low-density samples from the same seeds (low-density ones
+   also guided by noisy and by denoise-augmented guidance classifiers, Sastry et al. 2023), the training
+   split reconstructed at t_re (Yamaguchi & Fukuda 2023), and the test split for Fig. 5's entropy;
 3. classifiers with the same architecture, seed, epochs and steps: real, real + baseline,
    real + low-density, real + reconstructed, real with DiffAug on the fly (Sastry et al. 2023);
 4. evaluations (accuracy, corruptions, OOD, DiffAug-Ensemble; density, fidelity, memorization),
@@ -57,11 +59,17 @@ from tailforge.train.config import REAL, ClassifierTrainConfig, DiffusionTrainCo
 from tailforge.train.diffusion import train_diffusion
 from tailforge.train.guidance import train_guidance
 
+#: Sastry et al. 2023's comparison of guidance classifiers: noisy classifiers (x_t only) against denoise-augmented
+#: ones (x_t and its denoised estimate), each trained as the guidance nets of a low-density set of its own
+GUIDANCE_COMPARISON = {"noisy": "xt", "da": "xt+x0"}
+
 
 def _paths(out: Path) -> dict[str, Path]:
     return {"diffusion": out / "models" / "diffusion",
             "reference": out / "models" / "reference-classifier", "guidance": out / "models" / "guidance",
+            **{f"guidance-{name}": out / "models" / f"guidance-{name}" for name in GUIDANCE_COMPARISON},
             "baseline": out / "shards" / "baseline", "lowdensity": out / "shards" / "lowdensity",
+            **{f"lowdensity-{name}": out / "shards" / f"lowdensity-{name}" for name in GUIDANCE_COMPARISON},
             "reconstructed": out / "shards" / "reconstructed",
             "reconstructed-test": out / "shards" / "reconstructed-test", "classifiers": out / "classifiers",
             "eval": out / "eval", "report": out / "report"}
@@ -90,9 +98,11 @@ def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
                                       epochs=config.reference_epochs, seed=config.seed + 1), paths["reference"])
     guidance = GuidanceTrainConfig(dataset=config.dataset, model=str(paths["diffusion"]), epochs=config.guidance_epochs,
                                    synthetic=config.sampling, seed=config.seed)
-    info = paths["guidance"] / "guidance.json"
-    if saved_result(info, config_dict(guidance)) is None:
-        train_guidance(guidance, paths["guidance"])
+    for folder, settings in [(paths["guidance"], guidance)] + [
+            (paths[f"guidance-{name}"], dataclasses.replace(guidance, input=input))
+            for name, input in GUIDANCE_COMPARISON.items()]:
+        if saved_result(folder / "guidance.json", config_dict(settings)) is None:
+            train_guidance(settings, folder)
 
 
 def generate_shards(config: DemoConfig, paths: dict[str, Path], address: str | None) -> None:
@@ -105,6 +115,10 @@ def generate_shards(config: DemoConfig, paths: dict[str, Path], address: str | N
                                   sampling=config.sampling, guide=config.guide, seed=config.seed,
                                   shard_size=baseline.shard_size)
     run_generation(paths["lowdensity"], lowdensity, actors=config.actors, address=address)
+    for name in GUIDANCE_COMPARISON:  # the same samples' seeds, guided by noisy or by DA classifiers
+        run_generation(paths[f"lowdensity-{name}"],
+                       dataclasses.replace(lowdensity, guidance=str(paths[f"guidance-{name}"])),
+                       actors=config.actors, address=address)
     for split in ("train", "test"):  # train: a training set (Yamaguchi & Fukuda 2023 Table 2); test: only for Fig. 5's entropy
         size = len(load_dataset(config.dataset, split))
         reconstruct = ReconstructConfig(model=model, dataset=config.dataset, split=split, t_re=config.t_re,
@@ -178,7 +192,7 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
         results["ood_by_classifier"][label] = _reuse(folder_out / "ood.json", config_dict(ood),
                                                      lambda c=ood, o=folder_out: run_ood(c, o))
     density = DensityConfig()
-    for name in ("baseline", "lowdensity"):
+    for name in ("baseline", "lowdensity", *(f"lowdensity-{n}" for n in GUIDANCE_COMPARISON)):
         target = ev / "density" / f"{name}.json"
 
         def compute_density(name=name, target=target) -> dict[str, Any]:
@@ -190,6 +204,8 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
             return {"shards": str(paths[name]), "classifier": ref, "dataset": config.dataset, **config_dict(density)}
 
         results["density"][name] = _reuse(target, density_key(name), compute_density)
+        if name not in ("baseline", "lowdensity"):
+            continue
         fidelity = FidelityConfig(shards=str(paths[name]), dataset=config.dataset, classifier=ref)
         results["fidelity"][name] = _reuse(ev / "fidelity" / name / "fidelity.json", config_dict(fidelity),
                                            lambda f=fidelity, n=name: run_fidelity(f, ev / "fidelity" / n))
@@ -197,6 +213,9 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
     results["memorization"] = _reuse(ev / "memorization" / "memorization.json", config_dict(memorization),
                                      lambda: run_memorization(memorization, ev / "memorization"))
     results["entropy"] = reconstruction_entropy(config, paths)
+    # each guidance classifier's correctness per held-out image and noise level, as its training measured it
+    results["guidance_classifiers"] = {name: read_json(paths[f"guidance-{name}"] / "guidance.json", "guidance description")
+                                       for name in GUIDANCE_COMPARISON}
     return results
 
 
@@ -235,8 +254,8 @@ def write_demo_report(config: DemoConfig, rows: list[dict[str, Any]]) -> dict[st
     paths = _paths(Path(config.out))
     return write_report(
         paths["report"], results=[str(paths["eval"])],
-        samples={"baseline": str(paths["baseline"]), "lowdensity": str(paths["lowdensity"]),
-                 "reconstructed": str(paths["reconstructed"])},
+        samples={name: str(paths[name]) for name in ("baseline", "lowdensity", "reconstructed",
+                                                       *(f"lowdensity-{n}" for n in GUIDANCE_COMPARISON))},
         classifier=str(paths["reference"]), dataset=config.dataset, title="tailforge demo",
         lead=[demo_findings(rows, config_dict(config))], settings=config)
 

@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tailforge.config import DemoConfig, StudyConfig
 from tailforge.demo import run_demo
+from tailforge.eval.emm_study import run_emm_study
 from tailforge.eval.fidelity import frechet_distance_interval
 from tailforge.eval.findings import combine_seeds
 from tailforge.eval.report import Section, Table, findings_section, settings_section, write_report
@@ -181,15 +183,18 @@ def quality_section(combined: dict[str, Any], per_seed: list[dict[str, Any]]) ->
     return section
 
 
-def times_section(seconds: list[dict[str, float]], memory: dict[str, float]) -> Section:
+def times_section(seconds: list[dict[str, float]], memory: dict[str, float], memorization: float) -> Section:
     section = Section("times", "Seconds per stage and peak memory")
     columns = [*STAGES, "sample quality"]
     rows = [[seed, *(s.get(c, 0.0) for c in columns), round(sum(s.get(c, 0.0) for c in columns), 1)]
             for seed, s in enumerate(seconds)]
+    total = round(sum(row[-1] for row in rows) + memorization, 1)
     section.tables.append(Table(
-        "seconds per stage", ["seed", *columns, "total"], rows,
+        "seconds per stage", ["seed", *columns, "total"], rows + [["memorization study, every seed", *[""] * len(columns),
+                                                                     memorization], ["study", *[""] * len(columns), total]],
         note="wall seconds of the sitting that finished each stage of each seed (a stage an earlier, stopped "
-             "sitting had begun counts only the rest)"))
+             "sitting had begun counts only the rest); the memorization study trains all its seeds' models as "
+             "parallel tasks, so it has one figure"))
     section.notes.append(f"peak resident memory: {memory['self']:.2f} GiB in the study's process, {memory['children']:.2f} "
                          "GiB in the largest finished child process (ru_maxrss)")
     section.data = {"seconds": seconds, "peak_memory_gib": memory}
@@ -219,15 +224,15 @@ def peak_memory_gib() -> dict[str, float]:
             for who, flag in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
 
 
-def _stage_seconds(demo: DemoConfig, summary: dict[str, Any]) -> dict[str, float]:
-    """The seconds per stage of the sitting that first finished the seed: kept in OUT/seed-K/stage-seconds.json,
-    since a later sitting reuses every stage and its own summary.json records only the reuse."""
-    target, key = Path(demo.out) / "stage-seconds.json", config_dict(demo)
+def first_sitting_seconds(target: Path, key: dict[str, Any], seconds: Any) -> Any:
+    """The seconds of the sitting that first finished a part of the study (a seed's stages, the memorization
+    study), kept in `target` for the config `key`: a later sitting reuses every stage and would record only
+    the reuse."""
     saved = saved_result(target, key)
     if saved is None:
-        saved = {"config": key, "seconds": summary["seconds"]}
+        saved = {"config": key, "seconds": seconds}
         write_json_atomic(target, saved)
-    return dict(saved["seconds"])
+    return saved["seconds"]
 
 
 def run_study(config: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -238,26 +243,42 @@ def run_study(config: StudyConfig, *, address: str | None = None) -> dict[str, A
     demos = [config.demo_config(seed, gpu) for seed in range(config.seeds)]
     items = config.judge_items or demos[0].num_samples
     findings, quality, seconds, reports = [], [], [], []
+    # the study's own bar (stderr, one step per seed and one for the memorization study) over the demo's
+    # per-stage lines and bars
+    bar = tqdm(total=config.seeds + 1, desc="study", unit="part", position=0, leave=True)
     for demo in demos:
         print(f"\n=== seed {demo.seed + 1} of {config.seeds}: {demo.dataset} -> {demo.out}", flush=True)
         summary = run_demo(demo, address=address)
         quality.append(_judge(demo, items, config.judge_resamples))
-        seconds.append({**_stage_seconds(demo, summary), "sample quality": quality[-1]["seconds"]})
+        stages = first_sitting_seconds(Path(demo.out) / "stage-seconds.json", config_dict(demo), summary["seconds"])
+        seconds.append({**stages, "sample quality": quality[-1]["seconds"]})
         findings.append(summary["findings"])
         reports.append(summary["report"])
-    combined = combine_seeds(findings)
+        bar.update(1)
+    print(f"\n=== memorization study ({config.seeds} seeds) -> {out / 'memorization'}", flush=True)
+    started = time.perf_counter()
+    # actors = 0 (no Ray) for the demo's jobs means the same for the memorization study's runs
+    memorization = run_emm_study(config.memorization_config(gpu), out / "memorization", address=address,
+                                 in_process=demos[0].actors == 0)
+    memorization_seconds = float(first_sitting_seconds(out / "memorization" / "study-seconds.json",
+                                                       memorization["config"], round(time.perf_counter() - started, 1)))
+    bar.update(1)
+    bar.close()
+    combined = combine_seeds(findings) + memorization["findings"]
     combined_quality = combine_quality(quality)
     memory = peak_memory_gib()
     lead = [study_findings(combined, demos[0].dataset), quality_section(combined_quality, quality),
-            times_section(seconds, memory), seed_reports_section(reports, out),
+            times_section(seconds, memory, memorization_seconds), seed_reports_section(reports, out),
             _demo_settings(demos[0])]
     report_dir = out / "report"
-    write_report(report_dir, results=[str(Path(d.out) / "eval") for d in demos],
+    write_report(report_dir, results=[str(Path(d.out) / "eval") for d in demos] + [str(out / "memorization")],
                  samples={name: str(Path(demos[0].out) / "shards" / name) for name in JUDGED_SETS},
                  title=f"tailforge study: {demos[0].dataset}, {config.seeds} seeds", lead=lead, settings=config)
     study = {"config": config_dict(config), "gpu": gpu, "image_size": size, "demo_config": config_dict(demos[0]),
              "findings": combined, "sample_quality": {"combined": combined_quality, "per_seed": quality},
-             "seconds": seconds, "peak_memory_gib": memory, "seed_reports": reports,
+             "seconds": seconds, "memorization_seconds": memorization_seconds,
+             "memorization": {k: memorization[k] for k in ("config", "emm", "ratios")},
+             "peak_memory_gib": memory, "seed_reports": reports,
              "report": str(report_dir / "report.html")}
     write_json_atomic(out / "study.json", study)
     print_study(study)

@@ -20,6 +20,9 @@ The claims, by paper:
 * Sastry et al. 2023: DiffAug keeps clean accuracy and raises accuracy under corruptions;
   DiffAug-Ensemble adds to that robustness; DiffAug-trained classifiers detect OOD inputs better
   (AUROC of ASH, MSP, ReAct and Scale, every OOD set pooled), with DiffAug-Ensemble as well.
+* Sastry et al. 2023 (denoise-augmented classifiers): guidance classifiers fed x_t and its denoised
+  estimate are more accurate on noisy images than noisy classifiers fed x_t alone, and their guidance
+  gives better samples (here: higher precision of the low-density samples they guide).
 * Gu et al. 2023 / Yoon et al. 2023: a model trained on the full training set generates new
   images, not copies (memorization ratio near 0).
 """
@@ -106,6 +109,25 @@ def _ood_auroc(plain: str, better: str, score: str) -> Callable[[dict[str, Any]]
 DIFFAUG_OOD_SCORES = ("ash", "msp", "react", "scale")
 
 
+def guidance_correct(results: dict[str, Any], name: str, levels: list[str]) -> np.ndarray:
+    """Per (noise level, held-out image) correctness of guidance classifier `name` (its guidance.json's
+    classifier_test_correct), the levels in the order given."""
+    correct = results["guidance_classifiers"][name]["classifier_test_correct"]
+    if sorted(correct) != sorted(levels):
+        raise ConfigError(f"guidance classifier {name!r} was measured at noise levels {sorted(correct)}, not {sorted(levels)}")
+    return np.concatenate([decode_bits(correct[level]) for level in levels])
+
+
+def _guidance_accuracy(plain: str, better: str) -> Callable[[dict[str, Any]], Interval]:
+    """Held-out accuracy of guidance classifier `better` minus `plain`, pooled over every noise level: both were
+    measured on the same noisy images (train/guidance.py draws the noise from the seed and the level)."""
+    def measure(results: dict[str, Any]) -> Interval:
+        levels = sorted(results["guidance_classifiers"][plain]["classifier_test_correct"], key=float)
+        return paired_bootstrap(guidance_correct(results, plain, levels), guidance_correct(results, better, levels))
+
+    return measure
+
+
 def _density(metric: str) -> Callable[[dict[str, Any]], Interval]:
     return lambda r: paired_bootstrap(per_sample(r, "baseline", metric), per_sample(r, "lowdensity", metric),
                                       statistic=_median)
@@ -149,6 +171,13 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("Sastry et al. 2023", "DiffAug-Ensemble improves a DiffAug-trained classifier's OOD detection (MSP AUROC)",
           "AUROC of msp, with - without DiffAug-Ensemble (DiffAug-trained classifier)", "greater", 0.0,
           _ood_auroc("real+diffaug", "real+diffaug + DiffAug-Ensemble", "msp")),
+    Claim("Sastry et al. 2023", "denoise-augmented guidance classifiers (x_t and its denoised estimate) are more "
+          "accurate than noisy classifiers (x_t only)", "held-out accuracy over every noise level, DA-classifier - "
+          "noisy classifier (the same noisy images)", "greater", 0.0, _guidance_accuracy("noisy", "da")),
+    Claim("Sastry et al. 2023", "guidance by DA-classifiers gives better samples than by noisy classifiers: higher "
+          "precision", "precision, DA-guided - noisy-guided low-density samples (sample i of both shares its seed)",
+          "greater", 0.0, lambda r: paired_bootstrap(per_sample(r, "lowdensity-noisy", "inside_real_manifold"),
+                                                     per_sample(r, "lowdensity-da", "inside_real_manifold"))),
     Claim("Gu et al. 2023; Yoon et al. 2023", "a model trained on the full training set generates new images, not "
           "copies (memorization ratio below 5 %)", "memorization ratio - 0.05", "less", 0.0,
           lambda r: _shift(proportion_interval(decode_bits(r["memorization"]["replicate"])), 0.05)),

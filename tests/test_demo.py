@@ -34,8 +34,8 @@ def test_demo_writes_every_stage_and_a_report_led_by_the_findings(demo_runs):
     for row in first["classifiers"].values():
         assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["mean_corruption_accuracy"] <= 1.0
     # baseline and low-density: --num-samples; reconstructed: the digits training and test splits
-    for shard_set, expected in (("baseline", 20), ("lowdensity", 20), ("reconstructed", 1437),
-                                ("reconstructed-test", 360)):
+    for shard_set, expected in (("baseline", 20), ("lowdensity", 20), ("lowdensity-noisy", 20), ("lowdensity-da", 20),
+                                ("reconstructed", 1437), ("reconstructed-test", 360)):
         info = json.loads((out / "shards" / shard_set / "_info.json").read_text())
         assert info["splits"]["train"]["num_samples"] == info["planned"]["samples"] == expected
     report = json.loads((out / "report" / "report.json").read_text())
@@ -54,6 +54,12 @@ def test_demo_writes_every_stage_and_a_report_led_by_the_findings(demo_runs):
         assert row["verdict"] == verdict(Interval(row["estimate"], row["low"], row["high"], row["level"],
                                                   row["method"], row["items"], row["seeds"]),
                                          row["direction"], row["min_effect"])
+    # Sastry et al. 2023's guidance classifiers: a noisy and a denoise-augmented one, guiding the same seeds
+    guidance = {name: json.loads((out / "models" / f"guidance-{name}" / "guidance.json").read_text())
+                for name in ("noisy", "da")}
+    assert [g["input"] for g in guidance.values()] == ["xt", "xt+x0"]
+    assert guidance["noisy"]["classifier_test_correct"].keys() == guidance["da"]["classifier_test_correct"].keys()
+    assert sum("DA-classifier" in row["difference"] or "DA-guided" in row["difference"] for row in findings) == 2
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "95 % interval" in html
 

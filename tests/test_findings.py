@@ -50,10 +50,15 @@ def results(paper_holds: bool, n: int = N, gap: int = 60) -> dict:
             "baseline": {"samples": {"per_sample": {"hardness": hardness.tolist(), "avg_knn": hardness.tolist(),
                                                     "lof": hardness.tolist(), "faithful": bits(n, n),
                                                     "inside_real_manifold": bits(int(0.8 * n), n)}}},
+            **{name: {"samples": {"per_sample": {"inside_real_manifold": bits(int(fraction * n), n)}}}
+               for name, fraction in (("lowdensity-noisy", 0.5), ("lowdensity-da", 0.5 + s * 0.2))},
             "lowdensity": {"samples": {"per_sample": {
                 "hardness": (hardness + s).tolist(), "avg_knn": (hardness + s).tolist(), "lof": (hardness + s).tolist(),
                 "faithful": bits(int((0.6 + s * 0.3) * n), n),
                 "inside_real_manifold": bits(int((0.4 + s * 0.3) * n), n)}}}},
+        "guidance_classifiers": {  # two noise levels, the DA-classifier ahead by `gap` images at each
+            "noisy": {"classifier_test_correct": {"0.01": bits(base, n), "2.5": bits(base - gap, n)}},
+            "da": {"classifier_test_correct": {"0.01": bits(base + s * gap, n), "2.5": bits(base - gap + s * gap, n)}}},
         "entropy": {"test": {"real": [0.5] * n, "reconstructed": (0.5 - s * 0.1 + 0.01 * rng.random(n)).tolist()}},
         "memorization": {"replicate": bits(0 if paper_holds else n // 4, n)},
         "ood_by_classifier": {name: ood(shift) for name, shift in (
@@ -81,3 +86,12 @@ def test_a_one_item_gap_on_few_items_is_inconclusive_for_classifier_comparisons(
                     "DiffAug raises accuracy on corrupted images"):
         assert rows[finding]["verdict"] == "inconclusive", rows[finding]
         assert rows[finding]["items"] == 40 and rows[finding]["seeds"] == 1
+
+
+def test_guidance_classifiers_measured_at_other_noise_levels_are_refused():
+    from tailforge.gen.core.errors import ConfigError
+
+    data = results(paper_holds=True)
+    data["guidance_classifiers"]["da"]["classifier_test_correct"] = {"0.5": bits(10)}
+    with pytest.raises(ConfigError, match="guidance classifier 'da' was measured at noise levels"):
+        decide(data)

@@ -83,6 +83,20 @@ def test_each_seed_runs_its_datasets_preset_in_its_own_folder(tmp_path):
         StudyConfig(dataset="fashion-mnist", demo_settings=str(settings)).demo_config(0, gpu=False)
 
 
+def test_the_memorization_study_runs_at_the_studys_dataset_size_and_seeds(tmp_path):
+    fashion = StudyConfig(dataset="fashion-mnist", seeds=4).memorization_config(gpu=False)
+    # EMM draws its own nested subsets, so the training split's size option of the demo is not passed on
+    assert fashion.dataset == "fashion-mnist?size=16" and fashion.seeds == 4 and fashion.epochs == 1000
+    assert StudyConfig(dataset="digits").memorization_config(gpu=True).dataset == "digits"
+    settings = tmp_path / "emm.json"
+    settings.write_text(json.dumps({"epochs": 3, "sizes": [5, 10], "variant_size": 5}))
+    toy = StudyConfig(dataset="digits", memorization_settings=str(settings)).memorization_config(gpu=False)
+    assert (toy.epochs, toy.sizes, toy.seeds) == (3, (5, 10), 3)
+    settings.write_text(json.dumps({"seeds": 5}))
+    with pytest.raises(ConfigError, match="emm.json: seeds 5 differs from the study's 3"):
+        StudyConfig(dataset="digits", memorization_settings=str(settings)).memorization_config(gpu=False)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"seeds": 1}, "at least 2"), ({"dataset": "cifar10:/data"}, "digits or fashion-mnist"),
     ({"dataset": "fashion-mnist?size=8"}, "sets the dataset's options"), ({"dataset": "digits", "size": 16}, "no preset"),
@@ -120,20 +134,27 @@ TOY = {"diffusion_steps": 8, "num_samples": 20, "sampling": {"steps": 3}, "guida
        "reference_epochs": 1, "corruptions": ["gaussian_noise"], "severities": [5], "actors": 0}
 
 
+TOY_MEMORIZATION = {"sizes": [6, 12], "variant_size": 6, "dummy": 6, "class_counts": ["0:8", "1:3"], "epochs": 4,
+                    "batch_size": 16, "num_samples": 12, "sampling_steps": 2}
+#: what each sitting rewrites from its parts' cached results
+SUMMARIES = ("summary.json", "study.json", "emm.json", "emm-study.json")
+
+
 @pytest.fixture(scope="module")
 def study_runs(tmp_path_factory):
     from tailforge.cli import main
 
     out = tmp_path_factory.mktemp("study")
-    settings = out.parent / "toy-settings.json"
+    settings, memorization = out.parent / "toy-settings.json", out.parent / "toy-memorization.json"
     settings.write_text(json.dumps(TOY))
+    memorization.write_text(json.dumps(TOY_MEMORIZATION))
     command = ["study", "--dataset", "digits", "--seeds", "2", "--out", str(out), "--demo-settings", str(settings),
-               "--judge-resamples", "50"]
+               "--memorization-settings", str(memorization), "--judge-resamples", "50"]
     assert main(command) == 0
     first = json.loads((out / "study.json").read_text())
     # everything a stage made (not the reports and summaries, which each sitting rewrites)
     made = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
-            if p.is_file() and "report" not in p.parts and p.name not in ("summary.json", "study.json")}
+            if p.is_file() and "report" not in p.parts and p.name not in SUMMARIES}
     assert main(command) == 0
     return out, first, json.loads((out / "study.json").read_text()), made
 
@@ -143,6 +164,10 @@ def study_runs(tmp_path_factory):
 def test_study_combines_both_seeds_for_every_finding_and_judges_every_shard_set(study_runs):
     out, first, _, _ = study_runs
     assert len(first["findings"]) >= 8
+    # the memorization study's findings follow the demo's, over the same seeds
+    assert [r["paper"] for r in first["findings"][-5:]] == ["Gu et al. 2023; Yoon et al. 2023", "Yoon et al. 2023",
+                                                             "Gu et al. 2023", "Gu et al. 2023", "Yoon et al. 2023"]
+    assert first["memorization"]["config"]["seeds"] == 2 and first["memorization_seconds"] > 0
     for r in first["findings"]:
         assert r["seeds"] == 2 and len(r["per_seed"]) == 2 and r["items"] >= 20
         # the combined interval is seeds_interval of the seeds' own intervals, decided by the one rule
@@ -181,3 +206,29 @@ def test_a_second_run_reuses_every_stage_of_every_seed(study_runs):
     assert second["findings"] == first["findings"] and second["sample_quality"] == first["sample_quality"]
     # each seed's stage times are those of the sitting that finished it, not of the reuse
     assert second["seconds"] == first["seconds"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (make and CI install it)")
+def test_a_toy_fashion_mnist_study_runs_every_part_on_the_cpu_preset(tmp_path):
+    """The Fashion-MNIST CPU preset (16 px, 10,000 training images, the full test split) end to end with toy
+    steps: every finding combined over 2 seeds, the judge, the memorization study and the report."""
+    from tailforge.cli import main
+
+    settings, memorization = tmp_path / "toy.json", tmp_path / "toy-memorization.json"
+    settings.write_text(json.dumps({**TOY, "num_samples": 20}))
+    memorization.write_text(json.dumps(TOY_MEMORIZATION))
+    out = tmp_path / "study"
+    assert main(["study", "--dataset", "fashion-mnist", "--seeds", "2", "--out", str(out), "--demo-settings",
+                 str(settings), "--memorization-settings", str(memorization), "--judge-resamples", "20"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["image_size"] == 16 and study["demo_config"]["dataset"] == "fashion-mnist?size=16&n=10000"
+    assert all(r["seeds"] == 2 for r in study["findings"]) and len(study["findings"]) >= 20
+    accuracy = json.loads((out / "seed-0" / "eval" / "accuracy" / "real.json").read_text())
+    assert accuracy["n"] == 10_000  # the full test split
+    ood = json.loads((out / "seed-0" / "eval" / "ood" / "ood.json").read_text())
+    assert {"digits", "noise", "rotated90"} <= set(ood["sets"])  # far: digits upscaled to 16 px, Gaussian noise
+    assert study["memorization"]["config"]["dataset"] == "fashion-mnist?size=16"
+    assert (out / "report" / "report.html").is_file()
