@@ -87,6 +87,7 @@ def test_the_memorization_study_runs_at_the_studys_dataset_size_and_seeds(tmp_pa
     fashion = StudyConfig(dataset="fashion-mnist", seeds=4).memorization_config(gpu=False)
     # EMM draws its own nested subsets, so the training split's size option of the demo is not passed on
     assert fashion.dataset == "fashion-mnist?size=16" and fashion.seeds == 4 and fashion.epochs == 1000
+    assert fashion.sizes == (10, 25, 50) and fashion.variant_size == 10
     assert StudyConfig(dataset="digits").memorization_config(gpu=True).dataset == "digits"
     settings = tmp_path / "emm.json"
     settings.write_text(json.dumps({"epochs": 3, "sizes": [5, 10], "variant_size": 5}))
