@@ -35,7 +35,7 @@ from tailforge.demo import run_demo
 from tailforge.eval.emm_study import run_emm_study
 from tailforge.eval.fidelity import frechet_distance_interval
 from tailforge.eval.findings import combine_seeds
-from tailforge.eval.report import Section, Table, findings_section, settings_section, write_report
+from tailforge.eval.report import VERDICT_DECISION, Section, Table, findings_section, settings_section, write_report
 from tailforge.eval.stats import Interval, proportion_interval, t_interval, verdict
 from tailforge.gen.core.device import default_device
 from tailforge.gen.core.files import config_dict, saved_result, write_json_atomic
@@ -55,9 +55,7 @@ STAGES = ("models", "shards", "classifiers", "evaluation", "report")
 #: how a study's findings intervals are made (the report's note under the findings table)
 STUDY_RULE = ("Each interval is a 95 % Student-t interval of the mean over the seeds of the difference each seed "
               "measured, widened in quadrature by the seeds' mean bootstrap half-width over the test items (the "
-              "per-seed intervals are in the per-seed table); a finding is reproduced when "
-              "the whole interval lies on the paper's side of its threshold, contradicted when it lies on the other "
-              "side, inconclusive otherwise.")
+              "per-seed intervals are in the per-seed table); " + VERDICT_DECISION)
 
 
 # --------------------------------------------------------------------------------------------

@@ -884,10 +884,12 @@ def entropy_section(section: Section, results: Results) -> None:
 # Lead and closing sections that are not built from result files
 
 
+#: the verdict rule (eval/stats.py verdict) in words, the end of every findings table's note
+VERDICT_DECISION = ("a finding is reproduced when the whole interval lies on the paper's side of its threshold, "
+                    "contradicted when it lies on the other side, inconclusive otherwise.")
 VERDICT_RULE = ("Each interval is a 95 % paired bootstrap over the items both sides were measured on (test images, "
                 "corrupted test images, or generated samples that share their seeds; exact binomial for a rate "
-                "against a threshold); a finding is reproduced when the whole interval lies on the paper's side of "
-                "its threshold, contradicted when it lies on the other side, inconclusive otherwise.")
+                "against a threshold); " + VERDICT_DECISION)
 
 
 def _interval_cell(interval: dict[str, Any], digits: int = 3) -> str:
@@ -953,9 +955,7 @@ def add_findings(section: Section, rows: list[dict[str, Any]], where: str, rule:
 #: how an EMM study's intervals are made (tailforge.eval.emm_study)
 EMM_STUDY_RULE = ("Each seed's interval is a 95 % two-sample bootstrap over the generated samples of the two runs "
                   "compared (each ratio at its highest training snapshot); across seeds, the Student-t interval of "
-                  "the seeds' differences with their bootstrap half-width added in quadrature. A finding is reproduced "
-                  "when the whole interval lies on the paper's side of its threshold, contradicted when it lies on the "
-                  "other side, inconclusive otherwise.")
+                  "the seeds' differences with their bootstrap half-width added in quadrature; " + VERDICT_DECISION)
 
 
 def emm_study_section(section: Section, results: Results) -> None:
