@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from tailforge.config import DemoConfig, StudyConfig
-from tailforge.demo import run_demo
+from tailforge.demo import GUIDANCE_COMPARISON, run_demo
 from tailforge.eval.emm_study import run_emm_study
 from tailforge.eval.fidelity import frechet_distance_interval
 from tailforge.eval.findings import combine_seeds
@@ -42,8 +42,9 @@ from tailforge.gen.core.files import config_dict, saved_result, write_json_atomi
 from tailforge.gen.data.datasets import LabeledImages, load_dataset
 from tailforge.gen.models.classifiers import embed, load_classifier, predict_logits
 
-#: the shard sets of every seed the judge measures: name -> folder under the seed's shards/
-JUDGED_SETS = ("baseline", "lowdensity", "reconstructed")
+#: the shard sets of every seed the judge measures (folders under the seed's shards/), the sets guided by
+#: noisy and by DA classifiers among them
+JUDGED_SETS = ("baseline", "lowdensity", "reconstructed", *(f"lowdensity-{name}" for name in GUIDANCE_COMPARISON))
 #: what class-conditional samples should reach: this fraction assigned to their class, and a Frechet
 #: distance at most this multiple of the real-vs-real floor
 AGREEMENT_TARGET = 0.8

@@ -178,7 +178,8 @@ def test_study_combines_both_seeds_for_every_finding_and_judges_every_shard_set(
         assert r["verdict"] == verdict(Interval(**{k: r[k] for k in ("estimate", "low", "high", "level", "method",
                                                                      "items", "seeds")}), r["direction"], r["min_effect"])
     quality = first["sample_quality"]
-    assert set(quality["combined"]["sets"]) == {"baseline", "lowdensity", "reconstructed"}
+    assert set(quality["combined"]["sets"]) == {"baseline", "lowdensity", "reconstructed", "lowdensity-noisy",
+                                                "lowdensity-da"}
     for seed in quality["per_seed"]:
         floor = seed["floor"]["frechet_distance"]
         assert seed["items"] == 20 and floor["low"] <= floor["estimate"] <= floor["high"]
