@@ -197,15 +197,7 @@ def _drain(new_actor: Callable[[], Any], count: int, root: str, pending: Sequenc
             done_indices.add(spec.index)
             finish(record)
         top_up()
-    # copies of finished shards still running: stop their actors and collect how their tasks end, so no copy
-    # is left writing (or reporting its temporary gone) after the job has removed its stale temporaries
-    for actor, _ in in_flight.values():
-        ray.kill(actor, no_restart=True)
-    for ref in in_flight:
-        try:
-            ray.get(ref, timeout=30)
-        except ray.exceptions.RayError:
-            pass
+    # actors still holding copies of finished shards end with the pool's handles
 
 
 @ray.remote
