@@ -546,3 +546,23 @@ def test_xt_x0_refuses_a_model_that_cannot_denoise_without_labels(tmp_path, tiny
     with pytest.raises(ConfigError, match="cannot denoise without labels"):
         generate_guided_batch(load_diffusion_model(tiny_model_dir), make_models("xt+x0"), SamplingConfig(steps=2),
                               GuidanceConfig(), 0, [0], torch.tensor([0]))
+
+
+def test_baseline_samples_are_drawn_once_per_process_for_the_same_model_and_settings(tiny_model_dir, monkeypatch):
+    """The demo's three guidance folders share one set of discriminator samples: the second request for the
+    same model, count, sampler and seed draws nothing and returns the same images, whatever the batch size."""
+    import tailforge.train.guidance as guidance
+    from tailforge.gen.models.diffusion import load_diffusion_model
+
+    model = load_diffusion_model(tiny_model_dir)
+    sampling = SamplingConfig(sampler="ddim", steps=2)
+    calls = []
+    real_generate = guidance.generate_batch
+    monkeypatch.setattr(guidance, "generate_batch", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    first = guidance.baseline_samples(model, 12, sampling, seed=3, batch_size=5, progress=False)
+    drawn = len(calls)
+    again = guidance.baseline_samples(model, 12, sampling, seed=3, batch_size=12, progress=False)
+    assert again is first and len(calls) == drawn == 3
+    other = guidance.baseline_samples(model, 12, sampling, seed=4, progress=False)  # another seed: drawn anew
+    assert len(calls) == drawn + 1 and not torch.equal(other.images, first.images)
+    assert torch.equal(first.labels, other.labels)

@@ -56,9 +56,25 @@ from tailforge.train.run_folder import open_log
 SYNTHETIC, REAL = 0, 1  # discriminator classes (Eq. 6: class one is real)
 
 
+#: baseline samples already drawn in this process, by what they depend on (model hash, count, sampler, seed):
+#: the demo trains three guidance folders on one model (x0, noisy and DA nets), and each would otherwise draw
+#: the same discriminator samples again (on Fashion-MNIST's CPU preset, 10,000 samples of 20 steps each)
+_BASELINE_SAMPLES: dict[tuple, LabeledImages] = {}
+
+
 def baseline_samples(model: DiffusionModel, num: int, sampling: SamplingConfig, seed: int, batch_size: int = 256,
                      progress: bool = True) -> LabeledImages:
-    """`num` class-balanced baseline samples (uint8), sample i seeded by (seed, i) as in a baseline job."""
+    """`num` class-balanced baseline samples (uint8), sample i seeded by (seed, i) as in a baseline job (so
+    the same samples whatever `batch_size`); drawn once per process for the same model, count, sampler and seed."""
+    key = (model.model_hash, num, sampling, seed)
+    if key not in _BASELINE_SAMPLES:
+        _BASELINE_SAMPLES.clear()  # one set at a time: a later model's samples replace an earlier one's
+        _BASELINE_SAMPLES[key] = _draw_baseline_samples(model, num, sampling, seed, batch_size, progress)
+    return _BASELINE_SAMPLES[key]
+
+
+def _draw_baseline_samples(model: DiffusionModel, num: int, sampling: SamplingConfig, seed: int, batch_size: int,
+                           progress: bool) -> LabeledImages:
     meta = model.meta
     if meta.num_classes is None:
         raise ConfigError(f"{model.path} is unconditional; guidance needs a class-conditional model")
