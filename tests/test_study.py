@@ -136,7 +136,7 @@ TOY = {"diffusion_steps": 8, "num_samples": 20, "sampling": {"steps": 3}, "guida
 
 
 TOY_MEMORIZATION = {"sizes": [6, 12], "variant_size": 6, "dummy": 6, "class_counts": ["0:8", "1:3"], "epochs": 4,
-                    "batch_size": 16, "num_samples": 12, "sampling_steps": 2}
+                    "batch_size": 16, "num_samples": 20, "sampling_steps": 2}
 #: what each sitting rewrites from its parts' cached results
 SUMMARIES = ("summary.json", "study.json", "emm.json", "emm-study.json")
 
@@ -170,7 +170,8 @@ def test_study_combines_both_seeds_for_every_finding_and_judges_every_shard_set(
                                                              "Gu et al. 2023", "Gu et al. 2023", "Yoon et al. 2023"]
     assert first["memorization"]["config"]["seeds"] == 2 and first["memorization_seconds"] > 0
     for r in first["findings"]:
-        assert r["seeds"] == 2 and len(r["per_seed"]) == 2 and r["items"] >= 20
+        # (the minority-class finding compares each class's half of the 20 samples)
+        assert r["seeds"] == 2 and len(r["per_seed"]) == 2 and r["items"] >= 10
         # the combined interval is seeds_interval of the seeds' own intervals, decided by the one rule
         expected = seeds_interval([Interval(**{k: s[k] for k in ("estimate", "low", "high", "level", "method",
                                                                  "items", "seeds")}) for s in r["per_seed"]])
@@ -208,29 +209,3 @@ def test_a_second_run_reuses_every_stage_of_every_seed(study_runs):
     assert second["findings"] == first["findings"] and second["sample_quality"] == first["sample_quality"]
     # each seed's stage times are those of the sitting that finished it, not of the reuse
     assert second["seconds"] == first["seconds"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed (make and CI install it)")
-def test_a_toy_fashion_mnist_study_runs_every_part_on_the_cpu_preset(tmp_path):
-    """The Fashion-MNIST CPU preset (16 px, 10,000 training images, the full test split) end to end with toy
-    steps: every finding combined over 2 seeds, the judge, the memorization study and the report."""
-    from tailforge.cli import main
-
-    settings, memorization = tmp_path / "toy.json", tmp_path / "toy-memorization.json"
-    settings.write_text(json.dumps({**TOY, "num_samples": 20}))
-    memorization.write_text(json.dumps(TOY_MEMORIZATION))
-    out = tmp_path / "study"
-    assert main(["study", "--dataset", "fashion-mnist", "--seeds", "2", "--out", str(out), "--demo-settings",
-                 str(settings), "--memorization-settings", str(memorization), "--judge-resamples", "20"]) == 0
-    study = json.loads((out / "study.json").read_text())
-    assert study["image_size"] == 16 and study["demo_config"]["dataset"] == "fashion-mnist?size=16&n=10000"
-    assert all(r["seeds"] == 2 for r in study["findings"]) and len(study["findings"]) >= 20
-    accuracy = json.loads((out / "seed-0" / "eval" / "accuracy" / "real.json").read_text())
-    assert accuracy["n"] == 10_000  # the full test split
-    ood = json.loads((out / "seed-0" / "eval" / "ood" / "ood.json").read_text())
-    assert {"digits", "noise", "rotated90"} <= set(ood["sets"])  # far: digits upscaled to 16 px, Gaussian noise
-    assert study["memorization"]["config"]["dataset"] == "fashion-mnist?size=16"
-    assert (out / "report" / "report.html").is_file()
