@@ -143,7 +143,6 @@ class StudyConfig:
     def demo_config(self, seed: int, gpu: bool) -> DemoConfig:
         """Seed `seed`'s demo settings: DemoConfig's defaults, the preset, then the --demo-settings file
         (which may not change the dataset; its out and seed are replaced); its output folder OUT/seed-SEED."""
-        from tailforge.gen.core.config_files import build_config, config_table, config_values, read_config_file
 
         size, preset = self.preset(gpu)
         options = [f"size={size}"] if size else []
@@ -155,12 +154,7 @@ class StudyConfig:
         spec = self.dataset + (f"?{'&'.join(options)}" if options else "")
         base = DemoConfig(**settings, sampling=sampling, dataset=spec)
         if self.demo_settings:
-            data, saved = config_table(DemoConfig, read_config_file(self.demo_settings))
-            values = config_values(DemoConfig, data, self.demo_settings, saved=saved)
-            if values.get("dataset", spec) != spec:
-                raise ConfigError(f"{self.demo_settings}: dataset {values['dataset']!r} differs from the study's "
-                                  f"{spec!r}; the study's --dataset and its preset set it")
-            base = build_config(DemoConfig, values, self.demo_settings, defaults=base)
+            base = _settings_file_over(base, self.demo_settings, fixed=("dataset",))
         return dataclasses.replace(base, out=str(Path(self.out) / f"seed-{seed}"), seed=seed)
 
     def memorization_config(self, gpu: bool) -> "EMMStudyConfig":
@@ -168,17 +162,24 @@ class StudyConfig:
         --memorization-settings file; the dataset at the preset's image size (EMM draws its own subsets, so
         without the preset's training-split size) and the study's seeds."""
         from tailforge.eval.config import EMMStudyConfig
-        from tailforge.gen.core.config_files import build_config, config_table, config_values, read_config_file
 
         size, preset = self.preset(gpu)
         spec = self.dataset + (f"?size={size}" if size else "")
         base = EMMStudyConfig(**{**preset["memorization"], "dataset": spec, "seeds": self.seeds})
         if self.memorization_settings:
-            data, saved = config_table(EMMStudyConfig, read_config_file(self.memorization_settings))
-            values = config_values(EMMStudyConfig, data, self.memorization_settings, saved=saved)
-            for key in ("dataset", "seeds"):
-                if values.get(key, getattr(base, key)) != getattr(base, key):
-                    raise ConfigError(f"{self.memorization_settings}: {key} {values[key]!r} differs from the study's "
-                                      f"{getattr(base, key)!r}; the study's --dataset and --seeds set it")
-            base = build_config(EMMStudyConfig, values, self.memorization_settings, defaults=base)
+            base = _settings_file_over(base, self.memorization_settings, fixed=("dataset", "seeds"))
         return base
+
+
+def _settings_file_over(base: Any, path: str, *, fixed: tuple[str, ...]) -> Any:
+    """The settings of the YAML, TOML or JSON file `path` laid over the config `base` (of the same class);
+    a setting in `fixed` that differs from base's (the study's --dataset, --seeds) is one line naming it."""
+    from tailforge.gen.core.config_files import build_config, config_table, config_values, read_config_file
+
+    data, saved = config_table(type(base), read_config_file(path))
+    values = config_values(type(base), data, path, saved=saved)
+    for key in fixed:
+        if values.get(key, getattr(base, key)) != getattr(base, key):
+            raise ConfigError(f"{path}: {key} {values[key]!r} differs from the study's {getattr(base, key)!r}; the "
+                              f"study's --{key} (and its preset) set it")
+    return build_config(type(base), values, path, defaults=base)
