@@ -18,8 +18,10 @@ Options that change the training set, each written as a shard set the trainer re
   dataset at the same size and channels) as one extra class; samples are drawn only for the real
   classes and compared with the real training images.
 - ``labels``: ``true`` (the dataset's classes), ``none`` (unconditional model), ``random`` (each
-  image gets a uniformly random label among C classes) or ``unique`` (image i gets class i): seed
-  002 Section 6, where random and unique labels raise memorization.
+  image gets a uniformly random label among C classes) or ``unique`` (image i gets class i): Gu et
+  al. 2023 Section 6, where random labels memorize like true ones and unique labels more.
+- ``class_counts``: only the listed classes, CLASS:IMAGES each (a majority and a minority class, Yoon
+  et al. 2023 Hypothesis 3); the per-class ratios of the samples generated for each class compare them.
 """
 
 from __future__ import annotations
