@@ -29,6 +29,9 @@ class DemoConfig:
     out: str = "demo-out"  # output folder (models, shards, classifiers, evaluations, report)
     dataset: str = "digits"  # any dataset spec; digits is bundled with scikit-learn
     diffusion_steps: PositiveInt = 800  # the diffusion model's training steps
+    # a diffusion model folder (trained with label dropout) that every stage uses instead of training one into
+    # OUT/models/diffusion; diffusion_steps, label_dropout, unet_preset and diffusion_batch_size then do nothing
+    diffusion_model: str | None = None
     # labels replaced by the null class in training (Ho & Salimans 2022's p_uncond): the one model also
     # denoises without labels for DiffAug, instead of a second, unconditional model (about 2 min on the CPU)
     label_dropout: float = 0.2
@@ -47,11 +50,17 @@ class DemoConfig:
     synthetic_weight: float = 0.5  # sampling weight of a synthetic set next to real = 1
     reference_classifier: str = "tinycnn_wide"  # independent evaluation classifier (never guides)
     reference_epochs: PositiveInt = 20  # its epochs
+    # the dataset spec the evaluation classifier trains on (unset: `dataset`): a judge trained on more of the
+    # same data (the Fashion-MNIST study: the full training split, while the compared classifiers see 10,000)
+    reference_dataset: str | None = None
     corruptions: tuple[str, ...] = DEMO_CORRUPTIONS  # corruption suite (empty, `all` as a flag: every one that applies)
     severities: tuple[int, ...] = DEMO_SEVERITIES  # CIFAR-10-C severities evaluated
     # image size CIFAR-10-C's pixel parameters are stated for; 8 applies them unscaled to digits (scaled to
     # 8 px, blurs stay below a pixel and change nothing: README, "Corruptions at small sizes")
     corruption_reference_size: PositiveInt = 8
+    # corrupted test images per (corruption, severity): the first N of the test split (0: all); DiffAug-Ensemble
+    # costs nine U-Net passes per image, so the CPU preset of Fashion-MNIST corrupts part of its 10,000
+    corruption_items: NonNegativeInt = 0
     diffaug_actors: int = 0  # DiffAug served by this many AugmentActors (0: in the training process)
     # Ray actors of the generation jobs (None: one per GPU, or 2 on a CPU); 0: no Ray
     actors: NonNegativeInt | None = None
@@ -69,9 +78,10 @@ class DemoConfig:
 #: 1,000 times; about a quarter of the digits study's passes in 8 px terms)
 FASHION_MEMORIZATION: dict[str, Any] = {"sizes": (10, 25, 50), "variant_size": 10, "dummy": 30, "epochs": 1000,
                                         "class_counts": ("0:50", "1:5"), "num_samples": 300, "snapshots": 1}
-#: keys of a study preset that are not DemoConfig fields: the training split's size, the sampler's steps, and
-#: the EMMStudyConfig settings of the memorization study (its dataset and seeds are the study's)
-STUDY_ONLY_KEYS = ("train_images", "sampling_steps", "memorization")
+#: keys of a study preset that are not DemoConfig fields: the training split's size, the sampler's steps, the
+#: EMMStudyConfig settings of the memorization study (its dataset and seeds are the study's), whether the
+#: evaluation classifier trains on the full training split, and whether every seed uses seed 0's diffusion model
+STUDY_ONLY_KEYS = ("train_images", "sampling_steps", "memorization", "reference_full_split", "shared_diffusion")
 
 #: `tailforge study`'s datasets: the name a --dataset starts with -> its presets of demo settings by image
 #: size (None: the dataset's own size). Each preset is laid over DemoConfig's defaults; docs/evaluation.md,
@@ -80,15 +90,18 @@ STUDY_PRESETS: dict[str, dict[int | None, dict[str, Any]]] = {
     # the demo's defaults: bundled, minutes per seed on a CPU; the memorization study at EMMStudyConfig's defaults
     "digits": {None: {"memorization": {}}},
     "fashion-mnist": {
-        # the CPU preset (about an hour a seed on 2 quiet cores, docs/evaluation.md "Studies"): a 16x16
-        # antialiased copy (28x28 does not fit), 10,000 of the 60,000 training images (the reconstructed set is
-        # the whole training split), the full 10,000-image test split, 20 DDPM steps, and three CIFAR-10-C
-        # benchmark corruptions (noise, blur, digital) at the middle severity, scaled from 32 px:
-        # DiffAug-Ensemble's nine U-Net passes per test image make each (corruption, severity) cost 4 minutes
+        # the CPU preset (docs/evaluation.md "Studies" has its measured times): a 16x16 antialiased copy (28x28
+        # does not fit), one diffusion model (seed 0's: its 2,000 steps are a third of a seed) that every seed
+        # samples, guides, reconstructs and augments with; 10,000 of the 60,000 training images for the compared
+        # classifiers and the guidance nets (the reconstructed set is that whole split), the evaluation classifier
+        # on all 60,000 (90 % needs them at 16 px); the full 10,000-image test split, 20 DDPM steps, and three
+        # CIFAR-10-C benchmark corruptions (noise, blur, digital) at the middle severity, scaled from 32 px, on the
+        # first 2,000 test images: DiffAug-Ensemble's nine U-Net passes per image cost 2 minutes per 10,000
         16: {"diffusion_steps": 2000, "unet_preset": "tiny", "num_samples": 1000, "sampling_steps": 20,
              "guidance_epochs": 5, "classifier_epochs": 10, "reference_epochs": 10, "train_images": 10000,
+             "reference_full_split": True, "shared_diffusion": True,
              "corruptions": ("gaussian_noise", "motion_blur", "contrast"), "severities": (3,),
-             "corruption_reference_size": 32, "memorization": FASHION_MEMORIZATION},
+             "corruption_items": 2000, "corruption_reference_size": 32, "memorization": FASHION_MEMORIZATION},
         # the GPU preset (not yet timed): full size, every training image, the small U-Net, every corruption
         # that applies at CIFAR-10-C's 5 severities
         28: {"diffusion_steps": 20000, "unet_preset": "small", "num_samples": 10000, "sampling_steps": 100,
@@ -145,13 +158,16 @@ class StudyConfig:
         (which may not change the dataset; its out and seed are replaced); its output folder OUT/seed-SEED."""
 
         size, preset = self.preset(gpu)
-        options = [f"size={size}"] if size else []
+        full = self.dataset + (f"?size={size}" if size else "")  # the whole training split
         train_images = preset.get("train_images")
-        options += [f"n={train_images}"] if train_images else []
+        spec = full + (("&" if size else "?") + f"n={train_images}" if train_images else "")
         settings = {k: v for k, v in preset.items() if k not in STUDY_ONLY_KEYS}
+        if preset.get("reference_full_split"):
+            settings["reference_dataset"] = full
+        if preset.get("shared_diffusion") and seed > 0:
+            settings["diffusion_model"] = str(Path(self.out) / "seed-0" / "models" / "diffusion")
         sampling = (dataclasses.replace(DemoConfig.sampling, steps=preset["sampling_steps"])
                     if "sampling_steps" in preset else DemoConfig.sampling)
-        spec = self.dataset + (f"?{'&'.join(options)}" if options else "")
         base = DemoConfig(**settings, sampling=sampling, dataset=spec)
         if self.demo_settings:
             base = _settings_file_over(base, self.demo_settings, fixed=("dataset",))

@@ -64,8 +64,9 @@ from tailforge.train.guidance import train_guidance
 GUIDANCE_COMPARISON = {"noisy": "xt", "da": "xt+x0"}
 
 
-def _paths(out: Path) -> dict[str, Path]:
-    return {"diffusion": out / "models" / "diffusion",
+def _paths(config: DemoConfig) -> dict[str, Path]:
+    out = Path(config.out)
+    return {"diffusion": Path(config.diffusion_model) if config.diffusion_model else out / "models" / "diffusion",
             "reference": out / "models" / "reference-classifier", "guidance": out / "models" / "guidance",
             **{f"guidance-{name}": out / "models" / f"guidance-{name}" for name in GUIDANCE_COMPARISON},
             "baseline": out / "shards" / "baseline", "lowdensity": out / "shards" / "lowdensity",
@@ -89,13 +90,15 @@ def _classifier(config: ClassifierTrainConfig, out: Path) -> float:
 
 
 def train_models(config: DemoConfig, paths: dict[str, Path]) -> None:
-    """Stage 1: the diffusion model, the evaluation classifier and the guidance nets."""
-    common = dict(dataset=config.dataset, preset=config.unet_preset, batch_size=config.diffusion_batch_size,
-                  seed=config.seed)
-    train_diffusion(DiffusionTrainConfig(steps=config.diffusion_steps, label_dropout=config.label_dropout, **common),
-                    paths["diffusion"])
-    _classifier(ClassifierTrainConfig(dataset=config.dataset, model=config.reference_classifier,
-                                      epochs=config.reference_epochs, seed=config.seed + 1), paths["reference"])
+    """Stage 1: the diffusion model (unless one is given), the evaluation classifier and the guidance nets."""
+    if not config.diffusion_model:
+        train_diffusion(DiffusionTrainConfig(dataset=config.dataset, preset=config.unet_preset,
+                                             batch_size=config.diffusion_batch_size, seed=config.seed,
+                                             steps=config.diffusion_steps, label_dropout=config.label_dropout),
+                        paths["diffusion"])
+    _classifier(ClassifierTrainConfig(dataset=config.reference_dataset or config.dataset,
+                                      model=config.reference_classifier, epochs=config.reference_epochs,
+                                      seed=config.seed + 1), paths["reference"])
     guidance = GuidanceTrainConfig(dataset=config.dataset, model=str(paths["diffusion"]), epochs=config.guidance_epochs,
                                    synthetic=config.sampling, seed=config.seed)
     for folder, settings in [(paths["guidance"], guidance)] + [
@@ -176,7 +179,8 @@ def evaluate(config: DemoConfig, paths: dict[str, Path], classifiers: dict[str, 
         for wrapped in ([None, uncond] if name in ensemble_of else [None]):
             suite = CorruptionSuiteConfig(classifier=str(folder), dataset=config.dataset,
                                           corruptions=config.corruptions, severities=config.severities,
-                                          reference_size=config.corruption_reference_size, diffaug_ensemble=wrapped)
+                                          reference_size=config.corruption_reference_size,
+                                          limit=config.corruption_items, diffaug_ensemble=wrapped)
             label = name + (" + DiffAug-Ensemble" if wrapped else "")
             folder_out = ev / "corruptions" / (name + ("-de" if wrapped else ""))
             results["corruptions"][label] = _reuse(folder_out / "corruptions.json", config_dict(suite),
@@ -251,7 +255,7 @@ def write_demo_report(config: DemoConfig, rows: list[dict[str, Any]]) -> dict[st
     """Stage 5: the report, from what the earlier stages saved under --out (evaluation results,
     shard sets, the evaluation classifier) and the findings; run_demo calls it, and
     :func:`rerender_report` calls it for a finished run without re-running any stage."""
-    paths = _paths(Path(config.out))
+    paths = _paths(config)
     return write_report(
         paths["report"], results=[str(paths["eval"])],
         samples={name: str(paths[name]) for name in ("baseline", "lowdensity", "reconstructed",
@@ -275,7 +279,7 @@ def rerender_report(config: DemoConfig) -> dict[str, Any]:
 def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = _paths(out)
+    paths = _paths(config)
     seconds: dict[str, float] = {}
 
     def stage(number: int, name: str, what: str, fn: Callable[[], Any]) -> Any:

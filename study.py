@@ -49,6 +49,9 @@ JUDGED_SETS = ("baseline", "lowdensity", "reconstructed", *(f"lowdensity-{name}"
 #: distance at most this multiple of the real-vs-real floor
 AGREEMENT_TARGET = 0.8
 FD_RATIO_TARGET = 3.0
+#: the test accuracy the evaluation classifier, trained on real images alone, should reach: the lower end of
+#: small CNNs on Fashion-MNIST (Xiao et al. 2017's benchmark, 90-93 %)
+REAL_ACCURACY_TARGET = 0.9
 #: a target's verdict (eval/stats.py verdict of the t-interval against it) in the judge's words
 TARGET_WORDS = {"reproduced": "met", "contradicted": "missed", "inconclusive": "inconclusive"}
 #: the demo's stages in its summary.json "seconds", in order
@@ -70,13 +73,15 @@ def _take(count: int, items: int, rng: np.random.Generator) -> np.ndarray:
 
 def sample_quality(classifier: torch.nn.Module, sets: dict[str, LabeledImages], real_pool: LabeledImages,
                    real_test: LabeledImages, *, items: int, seed: int, resamples: int) -> dict[str, Any]:
-    """Per shard set (at most `items` samples, chosen with `seed`): the fraction `classifier` assigns to
+    """The test accuracy of `classifier` on `real_test` (exact interval); per shard set (at most `items`
+    samples, chosen with `seed`): the fraction `classifier` assigns to
     the label each sample was requested with (exact interval), and the Frechet distance of their
     embeddings to `real_test`'s (bias-shifted bootstrap interval); and the real-vs-real floor: the same
     distance for `items` images of `real_pool` (real images outside `real_test`), at the same sizes. Each
     distance's interval rests on `resamples` bootstrap refits of both Gaussians."""
     rng = np.random.default_rng(seed)
     test_features = embed(classifier, real_test.images)
+    correct = predict_logits(classifier, real_test.images).argmax(1) == real_test.labels
     pool = real_pool.images[torch.from_numpy(_take(len(real_pool), items, rng))]
     floor = frechet_distance_interval(embed(classifier, pool), test_features, resamples=resamples, seed=seed)
     judged = {}
@@ -88,6 +93,7 @@ def sample_quality(classifier: torch.nn.Module, sets: dict[str, LabeledImages], 
         judged[name] = {"class_agreement": proportion_interval(assigned.numpy()).as_dict(),
                         "frechet_distance": distance.as_dict(), "fd_over_floor": distance.estimate / floor.estimate}
     return {"items": int(min(items, len(pool))), "real_test_items": len(real_test),
+            "classifier_accuracy": proportion_interval(correct.numpy()).as_dict(),
             "floor": {"frechet_distance": floor.as_dict(), "real_items": len(pool)}, "sets": judged}
 
 
@@ -122,8 +128,12 @@ def combine_quality(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     distance and its ratio to the floor, with the verdict of each against its target (the one rule,
     eval/stats.py verdict, in TARGET_WORDS); the floor's t-interval."""
     items = min(q["items"] for q in per_seed)
-    combined: dict[str, Any] = {"floor": _across([q["floor"]["frechet_distance"]["estimate"] for q in per_seed], items),
-                                "sets": {}}
+    accuracy = [q["classifier_accuracy"]["estimate"] for q in per_seed]
+    combined: dict[str, Any] = {
+        "floor": _across([q["floor"]["frechet_distance"]["estimate"] for q in per_seed], items),
+        "classifier_accuracy": {**_across(accuracy, per_seed[0]["real_test_items"]), "target": TARGET_WORDS[
+            verdict(t_interval([a - REAL_ACCURACY_TARGET for a in accuracy]), "greater")]},
+        "sets": {}}
     for name in per_seed[0]["sets"]:
         rows = [q["sets"][name] for q in per_seed]
         agreement = [r["class_agreement"]["estimate"] for r in rows]
@@ -173,6 +183,12 @@ def quality_section(combined: dict[str, Any], per_seed: list[dict[str, Any]]) ->
               f"and the real test split's embeddings in that classifier; floor: the same distance for as many real "
               f"training images, {_interval(floor)}. Target columns: the verdict of the t-interval against the "
               f"target: met or missed when the whole interval lies on one side of it, else inconclusive.")))
+    accuracy = combined["classifier_accuracy"]
+    section.notes.append(
+        f"The evaluation classifier, trained on real images alone: test accuracy {_interval(accuracy)} (mean over "
+        f"{accuracy['seeds']} seeds, {accuracy['items']} test images; each seed's: "
+        f"{', '.join(_interval(q['classifier_accuracy']) for q in per_seed)}); target >= {REAL_ACCURACY_TARGET:.0%}: "
+        f"{accuracy['target']}.")
     section.tables.append(Table(
         "each seed", ["seed", "shard set", "class agreement [exact 95 %]", "FD [bootstrap 95 %]", "floor [bootstrap 95 %]"],
         [[seed, name, _interval(row["class_agreement"]), _interval(row["frechet_distance"]),
@@ -290,7 +306,10 @@ def print_study(study: dict[str, Any]) -> None:
         print(f"[{row['verdict']:>12}] {row['paper']}: {row['finding']}")
         print(f"{'':15}{row['difference']}: {Interval(row['estimate'], row['low'], row['high'], row['level'], row['method'], row['items'], row['seeds'])} "
               f"({row['items']} items, {row['seeds']} seeds)")
-    print(f"\n{'shard set':<16}{'class agreement':>28}{'FD / floor':>24}")
+    accuracy = study["sample_quality"]["combined"]["classifier_accuracy"]
+    print(f"\nevaluation classifier (real images only): test accuracy {_interval(accuracy)}, "
+          f">= {REAL_ACCURACY_TARGET:.0%} {accuracy['target']}")
+    print(f"{'shard set':<16}{'class agreement':>28}{'FD / floor':>24}")
     for name, row in study["sample_quality"]["combined"]["sets"].items():
         print(f"{name:<16}{_interval(row['class_agreement']):>28}{_interval(row['fd_over_floor'], 2):>24}")
     total = sum(sum(s.values()) for s in study["seconds"])

@@ -67,8 +67,13 @@ def test_each_seed_runs_its_datasets_preset_in_its_own_folder(tmp_path):
     cpu = StudyConfig(out=str(tmp_path), dataset="fashion-mnist", seeds=3).demo_config(2, gpu=False)
     assert cpu.out == str(tmp_path / "seed-2") and cpu.seed == 2
     assert cpu.dataset == "fashion-mnist?size=16&n=10000" and cpu.corruption_reference_size == 32
+    # the CPU preset: the evaluation classifier on the whole training split, every seed on seed 0's diffusion model
+    assert cpu.reference_dataset == "fashion-mnist?size=16" and cpu.corruption_items == 2000
+    assert cpu.diffusion_model == str(tmp_path / "seed-0" / "models" / "diffusion")
+    assert StudyConfig(out=str(tmp_path), dataset="fashion-mnist").demo_config(0, gpu=False).diffusion_model is None
     gpu = StudyConfig(dataset="fashion-mnist:/data/fm").demo_config(0, gpu=True)
     assert gpu.dataset == "fashion-mnist:/data/fm?size=28" and gpu.unet_preset == "small"
+    assert gpu.diffusion_model is None and gpu.reference_dataset is None  # each seed trains its own model
     assert StudyConfig(dataset="fashion-mnist", size=28).demo_config(0, gpu=False).dataset == "fashion-mnist?size=28"
     # digits: the demo's own defaults, only out and seed differ
     digits = StudyConfig(dataset="digits").demo_config(1, gpu=True)
@@ -107,28 +112,34 @@ def test_bad_study_settings_are_one_line_naming_the_field(fields, message):
         StudyConfig(**fields)
 
 
-def quality(agreement: float, distance: float, floor: float) -> dict:
+def quality(agreement: float, distance: float, floor: float, accuracy: float) -> dict:
     """One seed's sample-quality figures as study.sample_quality writes them (only what combining reads)."""
     def point(value: float) -> dict:
         return {"estimate": value}
-    return {"items": 500, "floor": {"frechet_distance": point(floor)},
+    return {"items": 500, "floor": {"frechet_distance": point(floor)}, "real_test_items": 10000,
+            "classifier_accuracy": point(accuracy),
             "sets": {"set": {"class_agreement": point(agreement), "frechet_distance": point(distance),
                              "fd_over_floor": distance / floor}}}
 
 
-@pytest.mark.parametrize("agreements, distances, targets", [
-    ([0.90, 0.92, 0.94], [1.2, 1.3, 1.4], ("met", "met")),  # well inside both targets
-    ([0.50, 0.52, 0.54], [5.0, 5.2, 5.4], ("missed", "missed")),
-    ([0.70, 0.80, 0.90], [2.0, 3.0, 4.0], ("inconclusive", "inconclusive"))])  # the seeds straddle both
-def test_sample_quality_is_combined_by_t_intervals_and_judged_against_its_targets(agreements, distances, targets):
+@pytest.mark.parametrize("agreements, distances, accuracies, targets", [
+    ([0.90, 0.92, 0.94], [1.2, 1.3, 1.4], [0.925, 0.93, 0.935], ("met", "met", "met")),  # well inside the targets
+    ([0.50, 0.52, 0.54], [5.0, 5.2, 5.4], [0.85, 0.86, 0.87], ("missed", "missed", "missed")),
+    # the seeds straddle every target
+    ([0.70, 0.80, 0.90], [2.0, 3.0, 4.0], [0.88, 0.90, 0.92], ("inconclusive", "inconclusive", "inconclusive"))])
+def test_sample_quality_is_combined_by_t_intervals_and_judged_against_its_targets(agreements, distances, accuracies,
+                                                                                   targets):
     from tailforge.study import combine_quality
 
-    combined = combine_quality([quality(a, d, 1.0) for a, d in zip(agreements, distances)])
+    combined = combine_quality([quality(a, d, 1.0, c) for a, d, c in zip(agreements, distances, accuracies)])
     row = combined["sets"]["set"]
     assert row["class_agreement"]["estimate"] == pytest.approx(sum(agreements) / 3)
     assert row["fd_over_floor"]["high"] - row["fd_over_floor"]["estimate"] == pytest.approx(
         T_975_2 * (distances[2] - distances[1]) / math.sqrt(3))  # equally spaced: sample std = the spacing
-    assert (row["agreement_target"], row["fd_target"]) == targets and combined["floor"]["seeds"] == 3
+    accuracy = combined["classifier_accuracy"]
+    assert (row["agreement_target"], row["fd_target"], accuracy["target"]) == targets
+    assert combined["floor"]["seeds"] == 3 and accuracy["items"] == 10000
+    assert accuracy["estimate"] == pytest.approx(sum(accuracies) / 3)
 
 
 TOY = {"diffusion_steps": 8, "num_samples": 20, "sampling": {"steps": 3}, "guidance_epochs": 1, "classifier_epochs": 1,
