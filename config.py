@@ -125,6 +125,9 @@ class StudyConfig:
     seeds: PositiveInt = 3  # training seeds 0..N-1 (at least 2: the t-interval across seeds needs a spread)
     # image size of a dataset with several presets (fashion-mnist: 16 or 28); unset: 28 with a GPU, 16 on a CPU
     size: Annotated[int, Check(_study_size, "an image size with a preset (16 or 28)")] | None = None
+    # training images of the compared classifiers, the guidance nets and the reconstructed set, drawn from the
+    # training split (unset: the preset's; fashion-mnist's CPU preset: 10,000); smaller for a trial run
+    train_images: PositiveInt | None = None
     # YAML, TOML or JSON file of demo settings laid over the preset (`tailforge demo --config`'s format)
     demo_settings: str | None = None
     # samples per shard set that the sample-quality judge compares (a larger set is subsampled; unset: num_samples)
@@ -159,7 +162,7 @@ class StudyConfig:
 
         size, preset = self.preset(gpu)
         full = self.dataset + (f"?size={size}" if size else "")  # the whole training split
-        train_images = preset.get("train_images")
+        train_images = self.train_images or preset.get("train_images")
         spec = full + (("&" if size else "?") + f"n={train_images}" if train_images else "")
         settings = {k: v for k, v in preset.items() if k not in STUDY_ONLY_KEYS}
         if preset.get("reference_full_split"):

@@ -54,6 +54,7 @@ from tailforge.gen.data.datasets import load_dataset
 from tailforge.gen.jobs.config import BaselineConfig, LowDensityConfig, ReconstructConfig
 from tailforge.gen.jobs.runner import run_generation
 from tailforge.gen.models.classifiers import CLASSIFIER_CONFIG, load_classifier, predict_logits
+from tailforge.gen.models.diffusion import load_diffusion_model
 from tailforge.train.classifier import train_classifier
 from tailforge.train.config import REAL, ClassifierTrainConfig, DiffusionTrainConfig, GuidanceTrainConfig, MixSource
 from tailforge.train.diffusion import train_diffusion
@@ -276,7 +277,31 @@ def rerender_report(config: DemoConfig) -> dict[str, Any]:
     return write_demo_report(config, summary["findings"])
 
 
+def check_inputs(config: DemoConfig) -> None:
+    """Refuse, before any stage runs, a given diffusion model or an evaluation classifier's dataset whose images
+    differ from the demo dataset's, and a model DiffAug cannot call without labels (one line naming it)."""
+    ours = load_dataset(config.dataset, "test").info
+    shape = (ours.image_size, ours.channels, ours.num_classes)
+    given = []
+    if config.diffusion_model:
+        meta = load_diffusion_model(config.diffusion_model).meta
+        if meta.num_classes is None or not meta.denoises_without_labels:
+            raise ConfigError(f"diffusion_model {config.diffusion_model}: the demo needs a class-conditional model "
+                              "trained with label dropout (guidance needs labels, DiffAug a null class)")
+        given.append(("diffusion_model", config.diffusion_model, (meta.image_size, meta.channels, meta.num_classes)))
+    if config.reference_dataset:
+        theirs = load_dataset(config.reference_dataset, "test").info
+        given.append(("reference_dataset", config.reference_dataset,
+                      (theirs.image_size, theirs.channels, theirs.num_classes)))
+    for field, value, found in given:
+        if found != shape:
+            raise ConfigError(f"{field} {value!r}: its images ({found[0]} px, {found[1]} channels, {found[2]} "
+                              f"classes) differ from those of dataset {config.dataset!r} ({shape[0]} px, {shape[1]} "
+                              f"channels, {shape[2]} classes)")
+
+
 def run_demo(config: DemoConfig, *, address: str | None = None) -> dict[str, Any]:
+    check_inputs(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = _paths(config)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_idx import write_idx_folder
 
 from tailforge.cli import main
 from tailforge.gen.core.errors import CheckpointError, DatasetError, ShardError
@@ -129,6 +130,26 @@ def test_output_folder_holds_a_different_job(capsys, tiny_model_dir, tmp_path):
     capsys.readouterr()
     err = cli_error(capsys, *baseline_argv(tiny_model_dir, tmp_path / "out", "--seed", "9"))
     assert "already holds a different job (fields that differ: seed)" in err
+
+
+def test_demo_given_a_diffusion_model_it_cannot_use(capsys, tiny_model_dir, tmp_path):
+    # refused before any stage runs: the demo's folder stays empty
+    demo = ["demo", "--out", str(tmp_path / "demo"), "--diffusion-model"]
+    assert "model folder does not exist" in cli_error(capsys, *demo, str(tmp_path / "none"))
+    assert "trained with label dropout" in cli_error(capsys, *demo, str(tiny_model_dir))
+    not_dropout = json.loads((tiny_model_dir / "tailforge.json").read_text())
+    dropout_model = tmp_path / "dropout"
+    shutil.copytree(tiny_model_dir, dropout_model)
+    (dropout_model / "tailforge.json").write_text(json.dumps({**not_dropout, "null_class": 10, "image_size": 16}))
+    err = cli_error(capsys, *demo, str(dropout_model))
+    assert "its images (16 px, 1 channels, 10 classes) differ from those of dataset 'digits' (8 px" in err
+    rng = np.random.default_rng(0)
+    write_idx_folder(tmp_path / "idx", {"train": rng.integers(0, 256, (6, 4, 4)), "test": rng.integers(0, 256, (3, 4, 4))},
+                     {"train": np.arange(6) % 3, "test": np.arange(3)}, gz=False)
+    spec = f"mnist:{tmp_path / 'idx'}"
+    err = cli_error(capsys, "demo", "--out", str(tmp_path / "demo"), "--reference-dataset", spec)
+    assert f"reference_dataset {spec!r}: its images (4 px, 1 channels, 3 classes) differ" in err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_corrupt_job_file_in_output_folder(capsys, tiny_model_dir, tmp_path):

@@ -1,5 +1,6 @@
 """`tailforge study`: findings combined across seeds (exact t-intervals, every verdict), the presets
-each seed runs with, and a toy-size study end to end that resumes without recomputing anything."""
+each seed runs with, and a toy-size Fashion-MNIST study (its CPU preset on a small folder in the
+idx layout) end to end that resumes without recomputing anything."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from test_idx import write_idx_folder
 
 from tailforge.config import DemoConfig, StudyConfig
 from tailforge.eval.findings import combine_seeds
@@ -152,6 +155,17 @@ TOY_MEMORIZATION = {"sizes": [6, 12], "variant_size": 6, "dummy": 6, "class_coun
 SUMMARIES = ("summary.json", "study.json", "emm.json", "emm-study.json")
 
 
+def write_toy_fashion_mnist(root: Path) -> None:
+    """A Fashion-MNIST folder in its idx layout (gzipped) with 200 training and 100 test images: scikit-learn's
+    digits, 8x8 upscaled 3x and padded to 28x28, at 0-255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.pad(np.kron(digits.images, np.ones((3, 3))) * 255 / 16, ((0, 0), (2, 2), (2, 2))).round()
+    write_idx_folder(root, {"train": images[:200], "test": images[200:300]},
+                     {"train": digits.target[:200], "test": digits.target[200:300]}, gz=True)
+
+
 @pytest.fixture(scope="module")
 def study_runs(tmp_path_factory):
     from tailforge.cli import main
@@ -160,8 +174,13 @@ def study_runs(tmp_path_factory):
     settings, memorization = out.parent / "toy-settings.json", out.parent / "toy-memorization.json"
     settings.write_text(json.dumps(TOY))
     memorization.write_text(json.dumps(TOY_MEMORIZATION))
-    command = ["study", "--dataset", "digits", "--seeds", "2", "--out", str(out), "--demo-settings", str(settings),
-               "--memorization-settings", str(memorization), "--judge-resamples", "50"]
+    fashion = out.parent / "fashion-mnist"
+    write_toy_fashion_mnist(fashion)
+    # the CPU preset (16 px, seed 0's diffusion model for every seed, the evaluation classifier on the whole
+    # training split) with the toy's steps and a 150-image training draw
+    command = ["study", "--dataset", f"fashion-mnist:{fashion}", "--size", "16", "--train-images", "150", "--seeds",
+               "2", "--out", str(out), "--demo-settings", str(settings), "--memorization-settings", str(memorization),
+               "--judge-resamples", "50"]
     assert main(command) == 0
     first = json.loads((out / "study.json").read_text())
     # everything a stage made (not the reports and summaries, which each sitting rewrites)
@@ -208,6 +227,14 @@ def test_study_combines_both_seeds_for_every_finding_and_judges_every_shard_set(
     assert report["present"][:4] == ["findings", "sample-quality", "times", "seed-reports"]
     assert report["sections"]["findings"]["data"]["findings"] == first["findings"]
     assert all((out / f"seed-{k}" / "report" / "report.html").is_file() for k in (0, 1))
+    # seed 1 sampled, guided and augmented with seed 0's diffusion model and trained none of its own
+    assert first["demo_config"]["diffusion_model"] is None and not (out / "seed-1" / "models" / "diffusion").exists()
+    seed_1 = json.loads((out / "seed-1" / "shards" / "baseline" / "_info.json").read_text())
+    assert seed_1["job"]["model"] == str(out / "seed-0" / "models" / "diffusion")
+    accuracy = quality["combined"]["classifier_accuracy"]
+    assert accuracy["items"] == 100 and accuracy["target"] in {"met", "missed", "inconclusive"}
+    reference = json.loads((out / "seed-0" / "models" / "reference-classifier" / "classifier.json").read_text())
+    assert reference["train_config"]["dataset"] == f"fashion-mnist:{out.parent / 'fashion-mnist'}?size=16"
 
 
 @pytest.mark.slow
