@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tailforge demo
 
-# every finding over 3 seeds on Fashion-MNIST (16 px on a CPU: the seeds took 2 h 5 min on 2 cores, docs/evaluation.md; 28 px with a GPU), cached in study-out
+# every finding over 3 seeds on Fashion-MNIST (16 px on a CPU: 2 h 26 min on 2 cores plus the first diffusion model, docs/evaluation.md; 28 px with a GPU), cached in study-out
 study: $(STAMP)
 	$(VENV)/bin/tailforge study --dataset fashion-mnist --out study-out
 
